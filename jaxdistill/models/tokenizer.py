@@ -1,0 +1,102 @@
+"""Tokenizers and chat templates from transformers, for GGUF files and HF directories."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+# Gemma 3 GGUF files ship without a chat template; this is Gemma 3's (text turns only).
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{%- endif -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
+FALLBACK_CHAT_TEMPLATES = {"gemma3": GEMMA3_CHAT_TEMPLATE}
+# Tokens that end an assistant turn, besides the tokenizer's own EOS.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|endoftext|>")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("JAXDISTILL_CACHE", Path.home() / ".cache" / "jaxdistill"))
+
+
+@dataclasses.dataclass
+class Tokenizer:
+    """A transformers tokenizer plus what generation needs: stop ids and a pad id."""
+
+    hf: object  # transformers.PreTrainedTokenizerBase
+    eos_ids: tuple[int, ...]
+    pad_id: int
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.hf)
+
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        return list(self.hf(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def chat(self, messages: Sequence[dict], *, add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of a conversation rendered by the model's own chat template."""
+        if not self.hf.chat_template:
+            raise ValueError("this tokenizer has no chat template; pass raw prompts instead of messages.")
+        text = self.hf.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+        # The template writes BOS itself where the model wants one.
+        return self.encode(text, add_special_tokens=False)
+
+    def chat_text(self, messages: Sequence[dict], *, add_generation_prompt: bool = True) -> str:
+        return self.hf.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _file_key(path: Path) -> str:
+    """A cheap identity for a large file: size, and hashes of its head and tail."""
+    h = hashlib.sha256(str(path.stat().st_size).encode())
+    with path.open("rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(path.stat().st_size - (1 << 20), 0))
+        h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def load_tokenizer(path: Path, *, arch: str) -> Tokenizer:
+    """Tokenizer of a GGUF file (converted once, then cached) or of an HF directory."""
+    from transformers import AutoTokenizer
+
+    if path.is_dir():
+        hf = AutoTokenizer.from_pretrained(path)
+    else:
+        cached = cache_dir() / "tokenizers" / f"{path.stem}-{_file_key(path)}"
+        if not (cached / "tokenizer_config.json").exists():
+            hf = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=cached.parent))
+            hf.save_pretrained(tmp)
+            try:
+                tmp.rename(cached)  # atomic: readers never see a half-written directory
+            except OSError:  # another process got there first
+                shutil.rmtree(tmp, ignore_errors=True)
+        hf = AutoTokenizer.from_pretrained(cached)
+    if not hf.chat_template and arch in FALLBACK_CHAT_TEMPLATES:
+        hf.chat_template = FALLBACK_CHAT_TEMPLATES[arch]
+    vocab = hf.get_vocab()
+    eos = {hf.eos_token_id} | {vocab[t] for t in END_OF_TURN_TOKENS if t in vocab}
+    eos.discard(None)
+    pad = hf.pad_token_id if hf.pad_token_id is not None else hf.eos_token_id
+    return Tokenizer(hf=hf, eos_ids=tuple(sorted(eos)), pad_id=int(pad))

@@ -1,0 +1,199 @@
+"""Jitted autoregressive generation with a KV cache.
+
+Prompts are left-padded into a batch; positions count real tokens only, so every row
+sees exactly what it would see alone. Batch size, prompt length and the number of new
+tokens are rounded up to buckets, so a run compiles a handful of times.
+
+The next-token rule is pluggable: any hashable callable
+`rule(logits [B, V] float32, key, step) -> tokens [B] int32`. `Greedy` and `Sample`
+are the standard ones; guided sampling and the multi-teacher aggregator supply their
+own. Reported log-probs are the model's own (temperature 1, untruncated).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxdistill.models.transformer import Decoder, KVCache
+
+Rule = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Greedy:
+    def __call__(self, logits, key, step):
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """Temperature sampling, optionally restricted to the top-k and/or the top-p mass."""
+
+    temperature: float = 1.0
+    top_k: int = 0  # 0: no top-k cut
+    top_p: float = 1.0  # 1.0: no nucleus cut
+
+    def __post_init__(self):
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 (use Greedy() for argmax), got {self.temperature}.")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}.")
+
+    def __call__(self, logits, key, step):
+        return jax.random.categorical(key, filter_logits(logits / self.temperature, self.top_k, self.top_p))
+
+
+def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+    """Set to -inf every logit outside the top-k and outside the smallest top-p mass."""
+    if top_k:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1.0:
+        ordered = jnp.sort(logits, axis=-1)[..., ::-1]
+        probs = jax.nn.softmax(ordered, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        kept = jnp.where(mass_before < top_p, ordered, jnp.inf)  # the first token is always kept
+        logits = jnp.where(logits < jnp.min(kept, axis=-1, keepdims=True), -jnp.inf, logits)
+    return logits
+
+
+def rule_from_config(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0) -> Rule:
+    return Greedy() if temperature == 0 else Sample(temperature, top_k, top_p)
+
+
+@dataclasses.dataclass
+class Generation:
+    tokens: np.ndarray  # [B, N] int32, pad_id after a row stopped
+    logprobs: np.ndarray  # [B, N] float32, the model's log-prob of each token
+    mask: np.ndarray  # [B, N] bool: generated tokens (the stop token included)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.mask.sum(axis=1)
+
+    def sequences(self) -> list[list[int]]:
+        return [row[m].tolist() for row, m in zip(self.tokens, self.mask)]
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+    """The next power of two at or above n (and at least `minimum`)."""
+    return max(minimum, 1 << max(n - 1, 0).bit_length())
+
+
+def left_pad(prompts: Sequence[Sequence[int]], length: int, rows: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    tokens = np.full((rows, length), pad_id, np.int32)
+    mask = np.zeros((rows, length), bool)
+    for i, p in enumerate(prompts):
+        if len(p):
+            tokens[i, -len(p):] = p
+            mask[i, -len(p):] = True
+    return tokens, mask
+
+
+def generate(
+    model: Decoder,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    rule: Rule = Greedy(),
+    rng: jax.Array | int = 0,
+    eos_ids: Sequence[int] = (),
+    pad_id: int = 0,
+) -> Generation:
+    """Generate up to `max_new_tokens` after each prompt (lists of token ids)."""
+    if not prompts:
+        raise ValueError("generate() needs at least one prompt.")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (add BOS or a chat template).")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+    longest = max(len(p) for p in prompts)
+    limit = model.config.max_seq_len
+    if longest + max_new_tokens > limit:
+        raise ValueError(
+            f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context of {limit}."
+        )
+    rows = bucket(len(prompts), minimum=1)
+    tokens, mask = left_pad(prompts, bucket(longest), rows, pad_id)
+    key = jax.random.key(rng) if isinstance(rng, int) else rng
+    graphdef, state = nnx.split(model)
+    out = _generate_jit(
+        graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), key, jnp.int32(max_new_tokens),
+        new_slots=bucket(max_new_tokens), rule=rule, eos_ids=tuple(sorted(set(eos_ids))), pad_id=int(pad_id),
+    )
+    n = len(prompts)
+    toks, logprobs, gen_mask = (np.asarray(x)[:n, :max_new_tokens] for x in out)
+    return Generation(tokens=toks, logprobs=logprobs, mask=gen_mask)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "new_slots", "rule", "eos_ids", "pad_id"))
+def _generate_jit(graphdef, state, tokens, mask, key, max_new, *, new_slots, rule, eos_ids, pad_id):
+    model = nnx.merge(graphdef, state)
+    return decode_loop(model, tokens, mask, key, max_new, new_slots=new_slots, rule=rule, eos_ids=eos_ids,
+                       pad_id=pad_id)
+
+
+def decode_loop(model: Decoder, tokens, mask, key, max_new, *, new_slots: int, rule: Rule,
+                eos_ids: tuple[int, ...], pad_id: int):
+    """Prefill the left-padded prompts, then sample token by token (traceable)."""
+    batch, prompt_len = tokens.shape
+    cache = KVCache.empty(model.config, batch, prompt_len + new_slots, model.compute_dtype)
+    hidden, cache = model.hidden_states(tokens, None, mask, cache=cache)
+    logits = model.logits(hidden[:, -1])
+    next_pos = mask.sum(axis=-1).astype(jnp.int32)
+    done = ~mask.any(axis=-1)  # filler rows of the batch bucket start finished
+    eos = jnp.asarray(eos_ids or (-1,), jnp.int32)
+    out_tokens = jnp.full((batch, new_slots), pad_id, jnp.int32)
+    out_logprobs = jnp.zeros((batch, new_slots), jnp.float32)
+    out_mask = jnp.zeros((batch, new_slots), bool)
+
+    def cond(carry):
+        step, done = carry[0], carry[3]
+        return (step < max_new) & ~jnp.all(done)
+
+    def body(carry):
+        step, cache, logits, done, pos, key, out_tokens, out_logprobs, out_mask = carry
+        key, sub = jax.random.split(key)
+        live = ~done
+        tok = jnp.where(live, rule(logits, sub, step).astype(jnp.int32), pad_id)
+        logprob = jnp.take_along_axis(jax.nn.log_softmax(logits), tok[:, None], axis=-1)[:, 0]
+        out_tokens = out_tokens.at[:, step].set(tok)
+        out_logprobs = out_logprobs.at[:, step].set(jnp.where(live, logprob, 0.0))
+        out_mask = out_mask.at[:, step].set(live)
+        done = done | jnp.isin(tok, eos)
+        hidden, cache = model.hidden_states(tok[:, None], pos[:, None], live[:, None], cache=cache)
+        logits = model.logits(hidden[:, -1])
+        return step + 1, cache, logits, done, pos + 1, key, out_tokens, out_logprobs, out_mask
+
+    carry = (jnp.int32(0), cache, logits, done, next_pos, key, out_tokens, out_logprobs, out_mask)
+    carry = jax.lax.while_loop(cond, body, carry)
+    return carry[6], carry[7], carry[8]
+
+
+def chat(
+    model: Decoder,
+    tokenizer,
+    conversations: Sequence[Sequence[dict]] | Sequence[dict] | str,
+    *,
+    max_new_tokens: int = 128,
+    rule: Rule = Greedy(),
+    rng: jax.Array | int = 0,
+) -> list[str]:
+    """Reply to one or more conversations (or a bare user message) with the chat template."""
+    if isinstance(conversations, str):
+        conversations = [[{"role": "user", "content": conversations}]]
+    elif conversations and isinstance(conversations[0], dict):
+        conversations = [conversations]
+    prompts = [tokenizer.chat(messages) for messages in conversations]
+    out = generate(model, prompts, max_new_tokens=max_new_tokens, rule=rule, rng=rng,
+                   eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id)
+    return [tokenizer.decode(seq) for seq in out.sequences()]
