@@ -94,7 +94,7 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh
                     rules: Mapping[str, tuple[str, ...] | None] = LOGICAL_RULES) -> PartitionSpec:
     """PartitionSpec for an array with these logical axes, skipping splits that do not divide."""
     spec, used = [], set()
-    for name, dim in zip(axes, shape):
+    for name, dim in zip(axes, shape, strict=True):
         mesh_axes = rules.get(name) if name else None
         chosen = []
         for axis in mesh_axes or ():

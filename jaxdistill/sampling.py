@@ -81,7 +81,7 @@ class Generation:
         return self.mask.sum(axis=1)
 
     def sequences(self) -> list[list[int]]:
-        return [row[m].tolist() for row, m in zip(self.tokens, self.mask)]
+        return [row[m].tolist() for row, m in zip(self.tokens, self.mask, strict=True)]
 
 
 def bucket(n: int, minimum: int = 16) -> int:

@@ -1,0 +1,5 @@
+import sys
+
+from jaxdistill.main import main
+
+sys.exit(main())

@@ -1,0 +1,51 @@
+"""Shared fixtures. JAX gets 8 fake CPU devices (set before it starts) for sharding tests;
+everything else runs on device 0 as usual."""
+
+import os
+
+os.environ["XLA_FLAGS"] = " ".join(
+    [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    + ["--xla_force_host_platform_device_count=8"]
+)
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+def _hf_reference(path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    if path.is_dir():
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    from jaxdistill.models import load
+
+    return load("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def gemma3():
+    from jaxdistill.models import load
+
+    return load("gemma3-270m")
+
+
+@pytest.fixture(scope="session")
+def hf_reference():
+    """name -> transformers PyTorch model on the same weights (built once per session)."""
+    from jaxdistill.models.loading import resolve
+
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = _hf_reference(resolve(name))
+        return cache[name]
+
+    return get
