@@ -120,24 +120,26 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(batch_axes, *([None] * (ndim - 1))))
 
 
-def model_shardings(model, mesh: Mesh):
-    """The NamedSharding of every parameter of an NNX model, as a state tree."""
-    from flax import nnx
+def put_global(host: np.ndarray, sharding: NamedSharding, dtype=None) -> jax.Array:
+    """A host array (the same on every process) -> a global array with this sharding.
 
-    def spec(variable):
-        axes = variable.get_metadata().get("axes") or (None,) * variable.get_value().ndim
-        return variable.replace(param_sharding(mesh, axes, variable.get_value().shape))
-
-    return jax.tree.map(spec, nnx.state(model), is_leaf=lambda x: isinstance(x, nnx.Variable))
+    Each process copies only its own shards, so this works across hosts too.
+    """
+    host = np.asarray(host, dtype=dtype)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 def shard_model(model, mesh: Mesh):
-    """Move an NNX model's parameters into their mesh shardings (in place)."""
+    """Move an NNX model's parameters into their mesh shardings (in place); returns the model."""
     from flax import nnx
 
-    state = nnx.state(model)
-    shardings = model_shardings(model, mesh)
-    nnx.update(model, jax.device_put(state, shardings))
+    def put(variable):
+        value = variable.get_value()
+        axes = variable.get_metadata().get("axes") or (None,) * value.ndim
+        return variable.replace(put_global(np.asarray(value), param_sharding(mesh, axes, value.shape)))
+
+    state = jax.tree.map(put, nnx.state(model), is_leaf=lambda x: isinstance(x, nnx.Variable))
+    nnx.update(model, state)
     return model
 
 

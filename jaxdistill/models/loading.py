@@ -274,8 +274,7 @@ def build_model(
             value = jnp.asarray(array, param_dtype)
         else:
             sharding = mesh_lib.param_sharding(mesh, variable.get_metadata()["axes"], array.shape)
-            host = array.astype(param_dtype)
-            value = jax.make_array_from_callback(array.shape, sharding, lambda idx, host=host: host[idx])
+            value = mesh_lib.put_global(array, sharding, dtype=param_dtype)
         flat.append((path, variable.replace(value)))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
