@@ -80,6 +80,11 @@ def load_tokenizer(path: Path, *, arch: str) -> Tokenizer:
     from transformers import AutoTokenizer
 
     if path.is_dir():
+        if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+            raise FileNotFoundError(
+                f"{path} has no tokenizer files (tokenizer.json or tokenizer.model with tokenizer_config.json); "
+                "copy them from the original model directory."
+            )
         hf = AutoTokenizer.from_pretrained(path)
     else:
         cached = cache_dir() / "tokenizers" / f"{path.stem}-{_file_key(path)}"
