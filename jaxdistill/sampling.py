@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxdistill.models.transformer import Decoder, KVCache
+from jaxdistill.models.transformer import Decoder
 
 Rule = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
@@ -146,8 +146,7 @@ def decode_loop(model: Decoder, tokens, mask, key, max_new, *, new_slots: int, r
                 eos_ids: tuple[int, ...], pad_id: int):
     """Prefill the left-padded prompts, then sample token by token (traceable)."""
     batch, prompt_len = tokens.shape
-    cache = KVCache.empty(model.config, batch, prompt_len + new_slots, model.compute_dtype)
-    hidden, cache = model.hidden_states(tokens, None, mask, cache=cache)
+    hidden, cache = model.prefill(tokens, mask, slots=prompt_len + new_slots)
     logits = model.logits(hidden[:, -1])
     next_pos = mask.sum(axis=-1).astype(jnp.int32)
     done = ~mask.any(axis=-1)  # filler rows of the batch bucket start finished

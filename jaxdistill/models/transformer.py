@@ -29,19 +29,29 @@ _MASKED = -1e30  # finite so a fully masked (padding) query row stays NaN-free
 class KVCache:
     """Keys and values of every layer, plus the position held in each slot (-1: empty)."""
 
-    k: jax.Array  # [layers, batch, slots, kv_heads, head_dim]
+    k: jax.Array  # [layers, batch, kv_heads, slots, head_dim]: (batch, head) lead, as attention wants
     v: jax.Array
     positions: jax.Array  # [batch, slots] int32
     index: jax.Array  # [] int32: the next slot to write
 
     @classmethod
     def empty(cls, config: ModelConfig, batch: int, slots: int, dtype=jnp.float32) -> KVCache:
-        shape = (config.num_layers, batch, slots, config.num_kv_heads, config.head_dim)
+        shape = (config.num_layers, batch, config.num_kv_heads, slots, config.head_dim)
         return cls(
             k=jnp.zeros(shape, dtype),
             v=jnp.zeros(shape, dtype),
             positions=jnp.full((batch, slots), -1, jnp.int32),
             index=jnp.zeros((), jnp.int32),
+        )
+
+    def write(self, k: jax.Array, v: jax.Array, positions: jax.Array) -> KVCache:
+        """Store new keys/values [layers, B, K, T, D] and their positions [B, T] at `index`."""
+        start = (0, 0, 0, self.index, 0)
+        return KVCache(
+            k=jax.lax.dynamic_update_slice(self.k, k.astype(self.k.dtype), start),
+            v=jax.lax.dynamic_update_slice(self.v, v.astype(self.v.dtype), start),
+            positions=jax.lax.dynamic_update_slice(self.positions, positions, (0, self.index)),
+            index=self.index + positions.shape[1],
         )
 
 
@@ -134,6 +144,17 @@ class Decoder(nnx.Module):
 
     def hidden_states(self, tokens, positions=None, mask=None, *, cache: KVCache | None = None):
         """Final-normed hidden states [B, T, d_model] and the updated cache (or None)."""
+        hidden, k, v, positions = self._run(tokens, positions, mask, cache)
+        return hidden, (None if cache is None else cache.write(k, v, positions))
+
+    def prefill(self, tokens, mask=None, *, slots: int):
+        """Run prompts and return their hidden states and a fresh `slots`-slot cache holding them."""
+        hidden, k, v, positions = self._run(tokens, None, mask, None)
+        cache = KVCache.empty(self.config, tokens.shape[0], slots, self.compute_dtype)
+        return hidden, cache.write(k, v, positions)
+
+    def _run(self, tokens, positions, mask, cache):
+        """Hidden states plus this call's keys/values [layers, B, K, T, D] and positions."""
         c = self.config
         tokens = jnp.asarray(tokens)
         mask = jnp.ones(tokens.shape, bool) if mask is None else jnp.asarray(mask, bool)
@@ -145,34 +166,35 @@ class Decoder(nnx.Module):
         if c.embed_scale:
             x = x * jnp.asarray(c.d_model**0.5, self.compute_dtype)
 
-        if cache is None:
-            key_positions = positions
-        else:
-            key_positions = jax.lax.dynamic_update_slice(cache.positions, positions, (0, cache.index))
-        visible = (key_positions[:, None, :] >= 0) & (key_positions[:, None, :] <= positions[:, :, None])
         window = c.sliding_window or 1
-        visible_local = visible & (positions[:, :, None] - key_positions[:, None, :] < window)
+        masks_new = _visibility(positions, positions, window)
+        masks_old = _visibility(positions, cache.positions, window) if cache is not None else None
 
         rope_global = _rope_tables(positions, c.head_dim, c.rope_theta, c)
         rope_local = _rope_tables(positions, c.head_dim, c.local_rope_theta or c.rope_theta, c)
 
         def block(x, scanned):
-            p, is_local, k_cache, v_cache = scanned
-            attn_mask = jnp.where(is_local, visible_local, visible)
-            cos = jnp.where(is_local, rope_local[0], rope_global[0])
-            sin = jnp.where(is_local, rope_local[1], rope_global[1])
-            x, k_cache, v_cache = _block(c, self.compute_dtype, p, x, attn_mask, cos, sin, cache, k_cache, v_cache)
-            return x, (k_cache, v_cache)
+            p, is_local, k_old, v_old = scanned
+            pick = lambda pair: jnp.where(is_local, pair[1], pair[0])  # noqa: E731
+            old = (k_old, v_old, pick(masks_old)) if cache is not None else None
+            x, k_new, v_new = _block(c, self.compute_dtype, p, x, pick(masks_new), old,
+                                     pick((rope_global[0], rope_local[0])), pick((rope_global[1], rope_local[1])))
+            return x, (k_new, v_new)
 
         if self.remat:
             block = jax.checkpoint(block, policy=jax.checkpoint_policies.nothing_saveable)
         is_local = jnp.asarray(np.array(c.layer_is_local))
-        kv = (cache.k, cache.v) if cache is not None else (None, None)
-        x, (k, v) = jax.lax.scan(block, x, (self.layers.arrays(), is_local, *kv))
-        hidden = _rms_norm(x, self.final_norm[...], c.norm_eps)
-        if cache is None:
-            return hidden, None
-        return hidden, KVCache(k=k, v=v, positions=key_positions, index=cache.index + tokens.shape[1])
+        old_kv = (cache.k, cache.v) if cache is not None else (None, None)
+        # The scan emits only this call's keys/values; the caller writes them into the cache once.
+        x, (k_new, v_new) = jax.lax.scan(block, x, (self.layers.arrays(), is_local, *old_kv))
+        return _rms_norm(x, self.final_norm[...], c.norm_eps), k_new, v_new, positions
+
+
+def _visibility(query_positions, key_positions, window):
+    """[B, Tq, Tk] masks (global, local): real key, not in the future, and (local) within the window."""
+    q, k = query_positions[:, :, None], key_positions[:, None, :]
+    visible = (k >= 0) & (k <= q)
+    return visible, visible & (q - k < window)
 
 
 def _rms_norm(x, scale, eps):
@@ -194,7 +216,12 @@ def _apply_rope(x, cos, sin):
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def _block(c: ModelConfig, dtype, p, x, attn_mask, cos, sin, cache, k_cache, v_cache):
+def _block(c: ModelConfig, dtype, p, x, mask_new, old, cos, sin):
+    """One transformer block. `old`: (k, v, mask) of the cached tokens, or None.
+
+    Returns the new x and this call's keys/values [B, K, T, D] for the cache.
+    """
+
     def w(name):
         return p[name].astype(dtype)
 
@@ -208,20 +235,23 @@ def _block(c: ModelConfig, dtype, p, x, attn_mask, cos, sin, cache, k_cache, v_c
         q, k = _rms_norm(q, p["q_norm"], c.norm_eps), _rms_norm(k, p["k_norm"], c.norm_eps)
     q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
     q = q * jnp.asarray(c.attention_scale, dtype)
-
-    if cache is not None:
-        start = (0, cache.index, 0, 0)
-        k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
-        v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
-        k, v = k_cache.astype(dtype), v_cache.astype(dtype)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, D]; only the new tokens move
 
     b, t, heads, dh = q.shape
-    groups = heads // c.num_kv_heads
-    q = q.reshape(b, t, c.num_kv_heads, groups, dh)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = jnp.where(attn_mask[:, None, None], scores, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    attn = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, heads, dh)
+    q = q.reshape(b, t, c.num_kv_heads, heads // c.num_kv_heads, dh).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, D]
+    blocks = [(k, v, mask_new)]
+    if old is not None:  # attend over [cache, new tokens] without copying the cache
+        blocks.insert(0, (old[0].astype(dtype), old[1].astype(dtype), old[2]))
+    scores = [
+        jnp.where(m[:, None, None], jnp.einsum("bkgtd,bksd->bkgts", q, kb, preferred_element_type=jnp.float32),
+                  _MASKED)
+        for kb, _, m in blocks
+    ]
+    probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1).astype(dtype)
+    sizes = np.cumsum([kb.shape[2] for kb, _, _ in blocks])[:-1]
+    attn = sum(jnp.einsum("bkgts,bksd->bkgtd", pb, vb)
+               for pb, (_, vb, _) in zip(jnp.split(probs, sizes, axis=-1), blocks, strict=True))
+    attn = attn.transpose(0, 3, 1, 2, 4).reshape(b, t, heads, dh)
     attn = jnp.einsum("bthk,hkd->btd", attn, w("wo"))
     if c.sandwich_norm:
         attn = _rms_norm(attn, p["attn_post_norm"], c.norm_eps)
@@ -233,4 +263,4 @@ def _block(c: ModelConfig, dtype, p, x, attn_mask, cos, sin, cache, k_cache, v_c
     mlp = jnp.einsum("btf,fd->btd", act * jnp.einsum("btd,df->btf", h, w("w_up")), w("w_down"))
     if c.sandwich_norm:
         mlp = _rms_norm(mlp, p["mlp_post_norm"], c.norm_eps)
-    return x + mlp, k_cache, v_cache
+    return x + mlp, k, v
