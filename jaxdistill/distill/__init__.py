@@ -1,0 +1,1 @@
+"""Self-distillation with privileged information: prompts, targets, losses, train step, loop."""
