@@ -9,7 +9,7 @@ float32 [B, T, V] logits of student and teacher are never all live at once.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

@@ -1,0 +1,191 @@
+"""Self-distillation train step: jaxdistill against a straightforward PyTorch step, same everything.
+
+    .venv/bin/python benchmarks/distill_step.py                  # SmolLM2-135M, 4 problems, 64 generated tokens
+    .venv/bin/python benchmarks/distill_step.py --problems=8 --generated=96
+
+Both implementations load the same GGUF weights, build the same aligned batch (pCoT and
+pTeacher contexts with the same 64 generated tokens), form the same entropy-matched
+blend target (teacher weight 0.75), take forward KL(target || student) over the
+generated tokens, and apply AdamW. PyTorch runs the teacher under no_grad and the
+student with gradients (two forwards); we run one forward over both contexts, as
+jaxdistill's step does. Each side runs in its own process. tokens/s counts generated
+tokens per second, over warm steps. Memory is the peak resident memory during the
+steps (optimizer state included) above the process's memory just before them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import threading
+import time
+
+
+class PeakMemory:
+    """Samples this process's resident memory in a thread; reports the peak above the start."""
+
+    def __init__(self):
+        import psutil
+
+        self.process = psutil.Process()
+        self.start = self.peak = self.process.memory_info().rss
+        self.running = True
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+
+    def _watch(self):
+        while self.running:
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(0.005)
+
+    def stop_mb(self) -> float:
+        self.running = False
+        self.thread.join()
+        return (self.peak - self.start) / 2**20
+
+
+def make_batch(args):
+    import numpy as np
+
+    from jaxdistill.data.synthetic import synthetic_records
+    from jaxdistill.distill.prompts import prompt_pair
+    from jaxdistill.distill.step import build_batch
+    from jaxdistill.models.loading import resolve
+    from jaxdistill.models.tokenizer import load_tokenizer
+
+    path = resolve(args.model)
+    tok = load_tokenizer(path, arch="llama" if "smollm" in args.model else "gemma3")
+    records = synthetic_records(args.problems, seed=0)
+    pairs = [prompt_pair(tok, r) for r in records]
+    rng = np.random.default_rng(0)
+    completions = [rng.integers(100, 40000, size=args.generated).tolist() for _ in records]
+    return path, build_batch([p[0] for p in pairs], [p[1] for p in pairs], completions, pad_id=tok.pad_id)
+
+
+def run_jax(args):
+    import jax
+
+    from jaxdistill.distill import step as step_lib
+    from jaxdistill.distill.losses import LossConfig
+    from jaxdistill.models import load
+
+    _, batch = make_batch(args)
+    model, _ = load(args.model)
+    memory = PeakMemory()
+    tx = step_lib.make_optimizer(step_lib.OptimConfig(lr=1e-5, warmup_steps=1, total_steps=100))
+    graphdef, state = step_lib.init_state(model, tx)
+    del model
+    train_step = step_lib.make_train_step(graphdef, tx, loss=LossConfig(chunk=args.chunk),
+                                          combined_forward=not args.separate_teacher)
+    step = step_lib.jit_train_step(train_step, state)
+    start = time.perf_counter()
+    state, metrics = step(state, batch, jax.random.key(0))
+    jax.block_until_ready(metrics)
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        state, metrics = step(state, batch, jax.random.key(0))
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    return {"seconds": min(times), "compile_s": first - min(times), "peak_mb": memory.stop_mb(),
+            "loss": float(metrics["loss"])}
+
+
+def torch_entropy_matched_target(teacher, student, weight=0.75, iters=50):
+    """Bisection on log k so that H(softmax(z/k)) = H(softmax(student)), as a user would write it."""
+    import torch
+
+    z = weight * teacher + student
+    h_target = -(torch.softmax(student, -1) * torch.log_softmax(student, -1)).sum(-1)
+    lo = torch.full(z.shape[:-1], -6.9078, dtype=z.dtype)
+    hi = torch.full(z.shape[:-1], 6.9078, dtype=z.dtype)
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        u = z / mid.exp()[..., None]
+        h = -(torch.softmax(u, -1) * torch.log_softmax(u, -1)).sum(-1)
+        hot = h > h_target
+        hi = torch.where(hot, mid, hi)
+        lo = torch.where(hot, lo, mid)
+    return z / ((lo + hi) / 2).exp()[..., None]
+
+
+def run_torch(args):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path, batch = make_batch(args)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    model.train()
+    tokens = torch.tensor(batch["tokens"], dtype=torch.long)
+    mask = torch.tensor(batch["mask"], dtype=torch.long)
+    target_mask = torch.tensor(batch["target_mask"])
+    b, gen = target_mask.shape
+    width = tokens.shape[1] - gen
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    memory = PeakMemory()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0)
+
+    def step():
+        region = slice(width - 1, width - 1 + gen)
+        with torch.no_grad():
+            teacher = model(input_ids=tokens[b:], attention_mask=mask[b:], position_ids=positions[b:])
+            teacher = teacher.logits[:, region]
+        student = model(input_ids=tokens[:b], attention_mask=mask[:b], position_ids=positions[:b]).logits[:, region]
+        target = torch_entropy_matched_target(teacher, student.detach())
+        log_t, log_s = torch.log_softmax(target, -1), torch.log_softmax(student, -1)
+        kl = (log_t.exp() * (log_t - log_s)).sum(-1)
+        loss = (kl * target_mask).sum() / target_mask.sum()
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        return float(loss)
+
+    step()  # warm-up
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        loss = step()
+        times.append(time.perf_counter() - start)
+    return {"seconds": min(times), "compile_s": 0.0, "peak_mb": memory.stop_mb(), "loss": loss}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--problems", type=int, default=4)
+    parser.add_argument("--generated", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--chunk", type=int, default=64)
+    parser.add_argument("--impl", choices=["both", "jax", "torch"], default="both")
+    parser.add_argument("--separate-teacher", action="store_true",
+                        help="ours with the teacher in a second, gradient-free forward (combined_forward=False)")
+    args = parser.parse_args()
+    if args.impl != "both":
+        result = (run_jax if args.impl == "jax" else run_torch)(args)
+        print("RESULT " + json.dumps(result))
+        return
+    results = {}
+    for impl in ("jax", "torch"):
+        cmd = [sys.executable, __file__, f"--impl={impl}"] + [a for a in sys.argv[1:] if not a.startswith("--impl")]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        results[impl] = json.loads(out.split("RESULT ", 1)[1])
+    tokens = args.problems * args.generated
+    j, t = results["jax"], results["torch"]
+    print(f"# {args.model}: {args.problems} problems x {args.generated} generated tokens, float32, AdamW\n")
+    print("| implementation | step s | generated tok/s | peak step memory MB | loss | compile s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    layout = "teacher in a 2nd forward" if args.separate_teacher else "one forward, both contexts"
+    ours = f"jaxdistill ({layout})"
+    for name, r in ((ours, j), ("PyTorch (teacher no_grad + student)", t)):
+        print(f"| {name} | {r['seconds']:.2f} | {tokens / r['seconds']:.1f} | {r['peak_mb']:.0f} | "
+              f"{r['loss']:.5f} | {r['compile_s']:.1f} |")
+    print(f"\nspeed ratio (ours / PyTorch): {t['seconds'] / j['seconds']:.2f}x; "
+          f"memory ratio (ours / PyTorch): {j['peak_mb'] / max(t['peak_mb'], 1):.2f}")
+
+
+if __name__ == "__main__":
+    main()

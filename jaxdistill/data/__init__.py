@@ -1,0 +1,51 @@
+"""Data sources for the distillation jobs: synthetic tasks, JSONL files, TFDS.
+
+`load_records(config)` returns (train, eval) lists of `Record`s; `config.source` picks:
+- "synthetic": generated problems (knobs: steps, max_start, max_operand), the default;
+- "jsonl": `train_path` and `eval_path` (GSM8K, generic or conversation form);
+- "tfds": `tfds_name` (gsm8k) from `tfds_data_dir`, already prepared by the user.
+"""
+
+from __future__ import annotations
+
+from jaxdistill.data.records import DataError, Record, extract_answer, parse_record, read_jsonl
+from jaxdistill.data.synthetic import SyntheticConfig, synthetic_records
+
+__all__ = ["DataError", "Record", "SyntheticConfig", "extract_answer", "load_records", "read_jsonl",
+           "synthetic_records", "tfds_records"]
+
+
+def tfds_records(name: str, split: str, data_dir: str | None, limit: int = 0) -> list[Record]:
+    """Records of a prepared TFDS dataset in GSM8K form, read through tfds.data_source."""
+    import tensorflow_datasets as tfds
+
+    try:
+        source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    except Exception as e:  # tfds raises several types for "not prepared"
+        raise FileNotFoundError(
+            f"TFDS dataset {name!r} (split {split!r}) is not prepared in {data_dir or '~/tensorflow_datasets'} ({e}). "
+            f"Prepare it once on a machine with internet access (`tfds build {name} --file_format=array_record`) "
+            "and point data.tfds_data_dir at it."
+        ) from e
+    count = len(source) if not limit else min(limit, len(source))
+    records = []
+    for i in range(count):
+        raw = {k: v.decode() if isinstance(v, bytes) else v for k, v in source[i].items()}
+        records.append(parse_record(raw, f"tfds {name}/{split}, record {i}", uid=f"{name}-{split}-{i}"))
+    return records
+
+
+def load_records(config) -> tuple[list[Record], list[Record]]:
+    source = config.source
+    if source == "synthetic":
+        task = SyntheticConfig(steps=config.steps, max_start=config.max_start, max_operand=config.max_operand)
+        return (synthetic_records(config.train_size, config.seed, task, "train"),
+                synthetic_records(config.eval_size, config.seed, task, "test"))
+    if source == "jsonl":
+        train = read_jsonl(config.train_path)
+        evaluation = read_jsonl(config.eval_path) if config.get("eval_path") else train[: config.eval_size]
+        return train, evaluation[: config.eval_size] if config.eval_size else evaluation
+    if source == "tfds":
+        return (tfds_records(config.tfds_name, "train", config.get("tfds_data_dir"), config.get("train_size", 0)),
+                tfds_records(config.tfds_name, "test", config.get("tfds_data_dir"), config.eval_size))
+    raise ValueError(f"data.source {source!r} is not one of 'synthetic', 'jsonl', 'tfds'.")

@@ -1,0 +1,111 @@
+"""The record every source produces, and reading records from JSONL files.
+
+A record is a problem, a solution the teacher sees as a hint, and (when verifiable) an
+exact answer. Three JSONL forms are read:
+- GSM8K: {"question", "answer"} where the answer ends with "#### N";
+- generic: {"prompt", "solution", "answer"?};
+- conversations: {"messages": [{"role", "content"}, ...]}, where the last assistant
+  message (the reply the user accepted) is the solution and the messages before it
+  are the problem; there is no exact answer (the non-verifiable case).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    uid: str
+    problem: str  # the user's request; for conversations, the earlier turns rendered as text
+    solution: str  # the reference the teacher sees as a hint
+    answer: str | None = None  # exact answer when the task is verifiable
+    history: tuple[tuple[str, str], ...] = ()  # earlier (role, content) turns of a conversation
+
+
+class DataError(ValueError):
+    """A malformed record: the message names the file, the record and the field."""
+
+
+_ANSWER = re.compile(r"####\s*(.+?)\s*$", re.S)
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def extract_answer(text: str) -> str | None:
+    """The answer after '####', else the last number in the text; normalised (no commas, no .0)."""
+    m = _ANSWER.search(text)
+    candidate = m.group(1) if m else None
+    numbers = _NUMBER.findall(candidate if candidate else text)
+    if not numbers:
+        return candidate.strip() if candidate else None
+    value = numbers[0] if candidate else numbers[-1]
+    value = value.replace(",", "")
+    if "." in value:
+        value = value.rstrip("0").rstrip(".")
+    return value
+
+
+def _require(record: dict, field: str, where: str, kind=str) -> Any:
+    if field not in record:
+        raise DataError(f"{where}: missing field {field!r} (fields present: {sorted(record)}).")
+    if not isinstance(record[field], kind):
+        raise DataError(f"{where}: field {field!r} must be {kind.__name__}, got {type(record[field]).__name__}.")
+    return record[field]
+
+
+def parse_record(record: Any, where: str, uid: str) -> Record:
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}.")
+    if "messages" in record:
+        messages = _require(record, "messages", where, list)
+        turns = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict):
+                raise DataError(f"{where}: messages[{i}] must be an object with 'role' and 'content'.")
+            place = f"{where} messages[{i}]"
+            turns.append((_require(m, "role", place), _require(m, "content", place)))
+        last = max((i for i, (role, _) in enumerate(turns) if role == "assistant"), default=None)
+        if last is None or last == 0 or turns[last - 1][0] != "user":
+            raise DataError(f"{where}: field 'messages' needs a user message followed by the accepted assistant reply.")
+        history = tuple(turns[: last - 1])
+        return Record(uid=uid, problem=turns[last - 1][1], solution=turns[last][1], answer=None, history=history)
+    if "question" in record:  # GSM8K
+        question = _require(record, "question", where)
+        full = _require(record, "answer", where)
+        if "####" not in full:
+            raise DataError(f"{where}: field 'answer' has no '#### <final answer>' line (GSM8K form).")
+        return Record(uid=uid, problem=question, solution=full.strip(), answer=extract_answer(full))
+    if "prompt" in record:
+        answer = record.get("answer")
+        if answer is not None and not isinstance(answer, (str, int, float)):
+            raise DataError(f"{where}: field 'answer' must be a string or a number.")
+        return Record(uid=uid, problem=_require(record, "prompt", where), solution=_require(record, "solution", where),
+                      answer=None if answer is None else extract_answer(str(answer)) or str(answer))
+    raise DataError(
+        f"{where}: unknown record form (fields: {sorted(record)}); expected 'question'+'answer' (GSM8K), "
+        "'prompt'+'solution' (generic) or 'messages' (conversation)."
+    )
+
+
+def read_jsonl(path: str | Path) -> list[Record]:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"data file {path} does not exist.")
+    records = []
+    with path.open() as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}, record {len(records) + 1} (line {line_no})"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: not valid JSON ({e.msg}).") from None
+            records.append(parse_record(obj, where, uid=f"{path.stem}-{line_no}"))
+    if not records:
+        raise DataError(f"{path} holds no records.")
+    return records

@@ -1,0 +1,170 @@
+"""Batches and the jitted train step of self-distillation (and of the SFT baseline).
+
+Batch layout. Row i of the student half is [pad, pCoT_i, genCoT_i, pad]; row i of the
+teacher half is [pad, pTeacher_i, genCoT_i, pad]. Prompts are left-padded to a shared
+width P, so genCoT_i sits in the same columns P .. P+G-1 of both rows and positions count
+real tokens only. One forward over all 2B rows scores genCoT under both contexts; the
+logits at columns P-1 .. P+G-2 predict the genCoT tokens, and `target_mask` [B, G] marks
+which of them are real generated tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxdistill.distill.losses import LossConfig, TargetConfig, chunked_distill_loss
+
+
+def round_up(n: int, multiple: int) -> int:
+    return max(multiple, -(-n // multiple) * multiple)
+
+
+def build_batch(student_prompts: Sequence[Sequence[int]], teacher_prompts: Sequence[Sequence[int]] | None,
+                completions: Sequence[Sequence[int]], *, pad_id: int, multiple: int = 32) -> dict[str, np.ndarray]:
+    """The aligned batch (see the module docstring). Without teacher prompts: student rows only (SFT)."""
+    prompts = list(student_prompts) + list(teacher_prompts or [])
+    if any(len(c) == 0 for c in completions):
+        raise ValueError("every completion needs at least one token.")
+    width = round_up(max(len(p) for p in prompts), multiple)
+    gen = round_up(max(len(c) for c in completions), multiple)
+    rows = len(prompts)
+    tokens = np.full((rows, width + gen), pad_id, np.int32)
+    mask = np.zeros((rows, width + gen), bool)
+    target_mask = np.zeros((len(completions), gen), bool)
+    for r, prompt in enumerate(prompts):
+        completion = completions[r % len(completions)]
+        tokens[r, width - len(prompt) : width] = prompt
+        tokens[r, width : width + len(completion)] = completion
+        mask[r, width - len(prompt) : width + len(completion)] = True
+    for r, completion in enumerate(completions):
+        target_mask[r, : len(completion)] = True
+    return {"tokens": tokens, "mask": mask, "target_mask": target_mask}
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    step: jax.Array
+    params: nnx.State
+    opt_state: optax.OptState
+    teacher_params: nnx.State | None = None  # a frozen teacher; None: the live weights teach
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-5
+    warmup_steps: int = 2
+    total_steps: int = 100
+    end_lr_fraction: float = 0.1
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.95
+    clip_norm: float = 1.0
+    accumulate: int = 1  # micro-batches per update
+
+
+def make_optimizer(c: OptimConfig) -> optax.GradientTransformation:
+    schedule = optax.warmup_cosine_decay_schedule(0.0, c.lr, max(c.warmup_steps, 1), max(c.total_steps, 2),
+                                                  end_value=c.lr * c.end_lr_fraction)
+    tx = optax.chain(optax.clip_by_global_norm(c.clip_norm),
+                     optax.adamw(schedule, b1=c.b1, b2=c.b2, weight_decay=c.weight_decay))
+    return optax.MultiSteps(tx, c.accumulate) if c.accumulate > 1 else tx
+
+
+def init_state(model, tx, *, frozen_teacher: bool = False, mesh=None) -> tuple[nnx.GraphDef, TrainState]:
+    """Train state around a model whose parameters are already placed (on a mesh or a device)."""
+    graphdef, params = nnx.split(model)
+    opt_state = jax.jit(tx.init)(params)  # moments inherit the parameters' shardings
+    teacher = jax.tree.map(jnp.copy, params) if frozen_teacher else None
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, teacher_params=teacher)
+    if mesh is not None:  # counters and other leaves made off the mesh: replicate them on it
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        on_mesh = lambda x: isinstance(x.sharding, jax.sharding.NamedSharding) and x.sharding.mesh == mesh  # noqa: E731
+        state = jax.tree.map(lambda x: x if on_mesh(x) else jax.device_put(x, replicated), state)
+    return graphdef, state
+
+
+def distill_loss(graphdef, params, teacher_params, batch, target: TargetConfig, loss: LossConfig,
+                 combined_forward: bool = True):
+    """Mean per-token loss over generated tokens, and diagnostics.
+
+    combined_forward (live teacher only): one forward over student and teacher rows. Its
+    backward also runs (with zero cotangents) through the teacher rows; False runs the
+    teacher as a second, gradient-free forward instead, which costs less compute.
+    """
+    model = nnx.merge(graphdef, params)
+    tokens, mask, target_mask = batch["tokens"], batch["mask"], batch["target_mask"]
+    b, gen = target_mask.shape
+    width = tokens.shape[1] - gen
+    region = slice(width - 1, width - 1 + gen)  # positions predicting the generated tokens
+    if teacher_params is None and combined_forward:
+        hidden, _ = model.hidden_states(tokens, None, mask)
+        student_h, teacher_h = hidden[:b, region], hidden[b:, region]
+    else:
+        student_h = model.hidden_states(tokens[:b], None, mask[:b])[0][:, region]
+        teacher = nnx.merge(graphdef, jax.lax.stop_gradient(params if teacher_params is None else teacher_params))
+        teacher_h = teacher.hidden_states(tokens[b:], None, mask[b:])[0][:, region]
+    total, sums = chunked_distill_loss(model.logits, student_h, jax.lax.stop_gradient(teacher_h), target_mask,
+                                       target, loss)
+    count = jnp.maximum(target_mask.sum(), 1)
+    return total / count, {name: value / count for name, value in sums.items()}
+
+
+def sft_loss(graphdef, params, teacher_params, batch, target=None, loss=None, combined_forward=True):
+    """Cross-entropy on the completion tokens (the SFT baseline), in chunks of the same size."""
+    model = nnx.merge(graphdef, params)
+    tokens, mask, target_mask = batch["tokens"], batch["mask"], batch["target_mask"]
+    gen = target_mask.shape[1]
+    width = tokens.shape[1] - gen
+    hidden = model.hidden_states(tokens, None, mask)[0][:, width - 1 : width - 1 + gen]
+    labels = tokens[:, width:]
+
+    @jax.checkpoint
+    def nll(h, y):
+        return -jnp.take_along_axis(jax.nn.log_softmax(model.logits(h)), y[..., None], axis=-1)[..., 0]
+
+    per_token = jax.lax.map(lambda xs: nll(*xs), (hidden.swapaxes(0, 1), labels.swapaxes(0, 1))).swapaxes(0, 1)
+    count = jnp.maximum(target_mask.sum(), 1)
+    return jnp.sum(jnp.where(target_mask, per_token, 0.0)) / count, {}
+
+
+def make_train_step(graphdef, tx, *, mode: str = "distill", target: TargetConfig = TargetConfig(),
+                    loss: LossConfig = LossConfig(), combined_forward: bool = True):
+    """A pure `(state, batch, rng) -> (state, metrics)`; jit it with `jit_train_step`."""
+    loss_fn = {"distill": distill_loss, "sft": sft_loss}[mode]
+
+    def train_step(state: TrainState, batch, rng):
+        del rng  # the step itself is deterministic; the key is part of the signature for arms that sample
+
+        def objective(params):
+            return loss_fn(graphdef, params, state.teacher_params, batch, target, loss, combined_forward)
+
+        (value, stats), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": value, "grad_norm": optax.tree.norm(grads), **stats,
+                   "generated_tokens": batch["target_mask"].sum()}
+        return dataclasses.replace(state, step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return train_step
+
+
+def jit_train_step(train_step, state: TrainState, mesh=None):
+    """jit with explicit shardings (state as it is placed, batch split over data/fsdp) and donation."""
+    from jaxdistill import mesh as mesh_lib
+
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    if mesh is None:
+        return jax.jit(train_step, donate_argnums=0)
+    batch_shardings = {"tokens": mesh_lib.batch_sharding(mesh, 2), "mask": mesh_lib.batch_sharding(mesh, 2),
+                       "target_mask": mesh_lib.batch_sharding(mesh, 2)}
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.jit(train_step, in_shardings=(state_shardings, batch_shardings, replicated),
+                   out_shardings=(state_shardings, replicated), donate_argnums=0)

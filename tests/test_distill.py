@@ -1,0 +1,251 @@
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import tiny_model
+from ml_collections import config_dict
+
+from jaxdistill import mesh as mesh_lib
+from jaxdistill.data import DataError, extract_answer, load_records, read_jsonl, synthetic_records, tfds_records
+from jaxdistill.distill import step as step_lib
+from jaxdistill.distill import train as train_lib
+from jaxdistill.distill.prompts import prompt_pair, student_messages, teacher_messages
+from jaxdistill.distill.targets import blend_logits
+
+STUDENT = [[5, 6, 7], [8, 9]]
+TEACHER = [[5, 6, 7, 10, 11, 12, 13], [8, 9, 14, 15, 16]]
+COMPLETIONS = [[20, 21, 22, 2], [23, 24]]
+
+
+def batch():
+    return step_lib.build_batch(STUDENT, TEACHER, COMPLETIONS, pad_id=0, multiple=8)
+
+
+def test_batch_aligns_generated_tokens_in_both_contexts():
+    b = batch()
+    width = b["tokens"].shape[1] - b["target_mask"].shape[1]
+    for i, completion in enumerate(COMPLETIONS):
+        for row in (i, i + 2):  # student row, teacher row
+            assert b["tokens"][row, width : width + len(completion)].tolist() == completion
+        assert b["target_mask"][i].sum() == len(completion)
+    assert b["tokens"][2, width - 7 : width].tolist() == TEACHER[0]
+    assert b["mask"].sum(1).tolist() == [7, 4, 11, 7]
+
+
+def test_one_combined_forward_equals_two_separate_forwards():
+    model, b = tiny_model(), batch()
+    together = model.hidden_states(jnp.asarray(b["tokens"]), None, jnp.asarray(b["mask"]))[0]
+    student = model.hidden_states(jnp.asarray(b["tokens"][:2]), None, jnp.asarray(b["mask"][:2]))[0]
+    teacher = model.hidden_states(jnp.asarray(b["tokens"][2:]), None, jnp.asarray(b["mask"][2:]))[0]
+    valid = b["mask"][:, :, None]
+    np.testing.assert_allclose(np.where(valid[:2], together[:2], 0), np.where(valid[:2], student, 0), atol=1e-5)
+    np.testing.assert_allclose(np.where(valid[2:], together[2:], 0), np.where(valid[2:], teacher, 0), atol=1e-5)
+
+
+def _loss_and_grads(model, b, combined=True):
+    from flax import nnx
+
+    graphdef, params = nnx.split(model)
+    fn = lambda p: step_lib.distill_loss(graphdef, p, None, b, train_lib.TargetConfig(),  # noqa: E731
+                                         train_lib.LossConfig(chunk=4), combined)[0]
+    return jax.value_and_grad(fn)(params)
+
+
+def test_combined_forward_and_separate_teacher_forward_give_the_same_loss_and_gradients():
+    model, b = tiny_model(), batch()
+    value, grads = _loss_and_grads(model, b, combined=True)
+    value2, grads2 = _loss_and_grads(model, b, combined=False)
+    # The loss is a small KL (~1e-3), so float32 rounding of differently batched rows shows at ~1e-4.
+    assert float(value2) == pytest.approx(float(value), rel=1e-3)
+    for g1, g2 in zip(jax.tree.leaves(grads), jax.tree.leaves(grads2), strict=True):
+        scale = float(np.abs(np.asarray(g1)).max()) or 1.0
+        np.testing.assert_allclose(np.asarray(g1), np.asarray(g2), rtol=0, atol=2e-3 * scale)
+
+
+def test_prompt_padding_and_tail_padding_change_neither_loss_nor_gradients():
+    model, b = tiny_model(), batch()
+    value, grads = _loss_and_grads(model, b)
+    scrambled = {k: v.copy() for k, v in b.items()}
+    rng = np.random.default_rng(0)
+    noise = rng.integers(1, 60, size=b["tokens"].shape)
+    scrambled["tokens"] = np.where(b["mask"], b["tokens"], noise)  # every padded slot gets a random token
+    value2, grads2 = _loss_and_grads(model, scrambled)
+    assert float(value2) == pytest.approx(float(value), rel=1e-6)
+    for g1, g2 in zip(jax.tree.leaves(grads), jax.tree.leaves(grads2), strict=True):
+        np.testing.assert_allclose(np.asarray(g1), np.asarray(g2), atol=1e-7)
+    # but a prompt token does matter (the test can fail)
+    changed = {k: v.copy() for k, v in b.items()}
+    changed["tokens"][2, np.argmax(b["mask"][2])] += 1
+    assert float(_loss_and_grads(model, changed)[0]) != pytest.approx(float(value), rel=1e-6)
+
+
+def _one_step(model, b, mesh=None):
+    tx = step_lib.make_optimizer(step_lib.OptimConfig(lr=1e-2, warmup_steps=1, total_steps=4))
+    graphdef, state = step_lib.init_state(model, tx, mesh=mesh)
+    step = step_lib.jit_train_step(step_lib.make_train_step(graphdef, tx), state, mesh)
+    if mesh is not None:
+        b = mesh_lib.host_to_global(b, mesh)
+    state, metrics = step(state, b, jax.random.key(0))
+    return jax.device_get(state.params), jax.device_get(metrics)
+
+
+def test_sharded_train_step_on_8_devices_equals_single_device():
+    b = step_lib.build_batch(STUDENT * 2, TEACHER * 2, COMPLETIONS * 2, pad_id=0, multiple=8)  # 4 problems
+    params1, metrics1 = _one_step(tiny_model(), b)
+    mesh = mesh_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    params8, metrics8 = _one_step(mesh_lib.shard_model(tiny_model(), mesh), b, mesh)
+    assert metrics8["loss"] == pytest.approx(metrics1["loss"], rel=1e-4)
+    for a, c in zip(jax.tree.leaves(params1), jax.tree.leaves(params8), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(c), atol=2e-5)
+
+
+def test_training_on_smollm2_lowers_the_loss_on_a_fixed_batch_and_moves_the_weights(smollm2):
+    from flax import nnx
+
+    model, tok = smollm2
+    records = synthetic_records(2, seed=3)
+    pairs = [prompt_pair(tok, r) for r in records]
+    completions = [tok.encode("Let me think. " + r.solution, add_special_tokens=False) for r in records]
+    b = step_lib.build_batch([p[0] for p in pairs], [p[1] for p in pairs], completions, pad_id=tok.pad_id)
+    tx = step_lib.make_optimizer(step_lib.OptimConfig(lr=3e-5, warmup_steps=1, total_steps=6))
+    graphdef, state = step_lib.init_state(nnx.clone(model), tx)
+    before = np.asarray(state.params["layers"]["w_up"][...]).copy()
+    step = step_lib.jit_train_step(step_lib.make_train_step(graphdef, tx), state)
+    losses = []
+    for _ in range(5):
+        state, metrics = step(state, b, jax.random.key(0))
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < 0.7 * losses[1], losses  # step 0 has learning rate 0 (warm-up)
+    assert np.abs(np.asarray(state.params["layers"]["w_up"][...]) - before).max() > 0
+
+
+def test_student_and_teacher_prompts_differ_only_by_the_hint(smollm2):
+    _, tok = smollm2
+    record = synthetic_records(1, seed=0)[0]
+    student, teacher = student_messages(record), teacher_messages(record)
+    assert len(student) == len(teacher) == 1
+    hint_start = teacher[0]["content"].index("Here is a reference solution")
+    hint_end = teacher[0]["content"].index(record.solution) + len(record.solution)
+    assert teacher[0]["content"][:hint_start] + teacher[0]["content"][hint_end + 2 :] == student[0]["content"]
+    s_text = tok.chat_text(student)
+    t_text = tok.chat_text(teacher)
+    assert s_text.split(record.problem)[0] == t_text.split(record.problem)[0]  # same template prefix
+    assert s_text.endswith("<|im_start|>assistant\n") and t_text.endswith("<|im_start|>assistant\n")
+
+
+def test_guided_rule_gives_both_rows_the_token_sampled_from_the_blend():
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(size=(4, 30)) * 2)  # rows 0,1 students; 2,3 teachers
+    rule = train_lib.GuidedRule(0.75, 1.0)
+    tokens = rule(logits, jax.random.key(1), 0)
+    assert tokens[:2].tolist() == tokens[2:].tolist()
+    expected = jax.random.categorical(jax.random.key(1), blend_logits(logits[2:], logits[:2]))
+    assert tokens[:2].tolist() == expected.tolist()
+
+
+def test_answers_are_extracted_like_gsm8k():
+    assert extract_answer("so 3 + 4 = 7.\n#### 7") == "7"
+    assert extract_answer("#### 1,234.50") == "1234.5"
+    assert extract_answer("I think it is 12 or maybe 15") == "15"
+    assert extract_answer("no numbers") is None
+
+
+def _write(tmp_path, lines):
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_jsonl_forms_are_read(tmp_path):
+    path = _write(tmp_path, [
+        json.dumps({"question": "What is 2+3?", "answer": "2+3=5\n#### 5"}),
+        json.dumps({"prompt": "Name a colour.", "solution": "Blue."}),
+        json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Draft"},
+                                 {"role": "user", "content": "Shorter"}, {"role": "assistant", "content": "Ok."}]}),
+    ])
+    gsm, generic, chat = read_jsonl(path)
+    assert (gsm.answer, generic.answer, chat.answer) == ("5", None, None)
+    assert chat.problem == "Shorter" and chat.solution == "Ok."
+    assert chat.history == (("user", "Hi"), ("assistant", "Draft"))
+
+
+@pytest.mark.parametrize("line,message", [
+    ('{"question": "2+2?"}', r"record 2 \(line 2\): missing field 'answer'"),
+    ('{"question": "2+2?", "answer": "4"}', "no '#### <final answer>' line"),
+    ('{"prompt": "x"}', "missing field 'solution'"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}', "accepted assistant reply"),
+    ('{"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]}', r"messages\[0\]: missing field"),
+    ('{"text": "hello"}', "unknown record form"),
+    ('{"question": ', "not valid JSON"),
+])
+def test_malformed_records_name_file_record_and_field(tmp_path, line, message):
+    path = _write(tmp_path, [json.dumps({"prompt": "ok", "solution": "fine"}), line])
+    with pytest.raises(DataError, match=message) as err:
+        read_jsonl(path)
+    assert str(path) in str(err.value)
+
+
+def test_tfds_that_is_not_prepared_says_how_to_prepare_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="tfds build gsm8k"):
+        tfds_records("gsm8k", "train", str(tmp_path))
+
+
+def test_synthetic_data_is_seeded_and_splits_are_disjoint():
+    config = config_dict.ConfigDict(dict(source="synthetic", seed=4, train_size=50, eval_size=20, steps=1,
+                                         max_start=20, max_operand=12))
+    train, test = load_records(config)
+    again, _ = load_records(config)
+    assert train == again
+    assert {r.uid for r in train}.isdisjoint({r.uid for r in test})
+    for r in train:
+        assert r.solution.endswith(f"#### {r.answer}")
+        assert extract_answer(r.solution) == r.answer
+
+
+def tiny_run_config(workdir, steps=4):
+    config = config_dict.ConfigDict(json.loads(json.dumps({
+        "model": "smollm2-135m-instruct", "dtype": "float32", "compute_dtype": "", "remat": False,
+        "workdir": str(workdir), "seed": 0, "arm": "blend", "teacher_weight": 0.75, "fixed_k": 1.75,
+        "guided": False, "frozen_teacher": False, "combined_forward": True, "steps": steps, "batch_size": 1,
+        "sample": {"max_new_tokens": 8, "temperature": 1.0, "top_k": 0, "top_p": 1.0},
+        "optim": {"lr": 1e-4, "warmup_steps": 1, "end_lr_fraction": 0.1, "weight_decay": 0.0, "b1": 0.9,
+                  "b2": 0.95, "clip_norm": 1.0, "accumulate": 1},
+        "loss": {"kind": "forward_kl", "jsd_beta": 0.5, "top_k": 0, "clip": 0.0, "chunk": 16},
+        "data": {"source": "synthetic", "seed": 0, "train_size": 20, "eval_size": 2, "steps": 1, "max_start": 20,
+                 "max_operand": 12},
+        "eval": {"before": False, "after": False, "every": 0, "max_new_tokens": 8, "batch_size": 2, "mean_at_k": 0},
+        "checkpoint": {"every": 2, "keep": 2}, "mesh": {},
+    })))
+    return config
+
+
+def _metrics(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
+    straight = tmp_path / "straight"
+    train_lib.run(tiny_run_config(straight))
+    resumed = tmp_path / "resumed"
+    real_build = step_lib.build_batch
+    calls = {"n": 0}
+
+    def crash_on_third(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("simulated pre-emption after the step-2 checkpoint")
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(step_lib, "build_batch", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        train_lib.run(tiny_run_config(resumed))
+    monkeypatch.setattr(step_lib, "build_batch", real_build)
+    train_lib.run(tiny_run_config(resumed))
+    a, b = _metrics(straight), _metrics(resumed)
+    assert [m["step"] for m in b] == [1, 2, 3, 4]
+    for m1, m2 in zip(a, b, strict=True):
+        for key in ("loss", "grad_norm", "generated_tokens", "kl_teacher_student"):
+            assert m1[key] == m2[key], (m1["step"], key)
+    assert sorted(p.name for p in (resumed / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
