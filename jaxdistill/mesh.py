@@ -58,6 +58,7 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     """
     if num_processes == 1:
         return
+    coordinator_address = coordinator_address or None
     # Cross-process collectives on CPU (tests, CPU clusters); ignored by GPU and TPU backends.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if num_processes == -1:

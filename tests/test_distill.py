@@ -249,3 +249,14 @@ def test_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
         for key in ("loss", "grad_norm", "generated_tokens", "kl_teacher_student"):
             assert m1[key] == m2[key], (m1["step"], key)
     assert sorted(p.name for p in (resumed / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
+
+
+def test_guided_generation_keeps_student_and_teacher_rows_in_step():
+    from jaxdistill import sampling
+
+    prompts_student, prompts_teacher = [[3, 4], [5, 6, 7]], [[3, 4, 9, 9, 9], [5, 6, 7, 8]]
+    out = sampling.generate(tiny_model(), prompts_student + prompts_teacher, max_new_tokens=12,
+                            rule=train_lib.GuidedRule(0.75, 1.0), rng=5, eos_ids=(2,))
+    seqs = out.sequences()
+    assert seqs[:2] == seqs[2:]  # each pair shares its tokens and its stop
+    assert out.logprobs[0].tolist() != out.logprobs[2].tolist()  # but each row reports its own log-probs

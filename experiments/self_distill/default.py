@@ -38,5 +38,8 @@ def get_config():
     c.eval = ml_collections.ConfigDict(dict(before=True, after=True, every=0, max_new_tokens=96, batch_size=32,
                                             mean_at_k=0))
     c.checkpoint = ml_collections.ConfigDict(dict(every=8, keep=2))
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: all remaining devices
+    # Multi-process (GPU clusters, TPU pods): num_processes=-1 lets JAX discover everything;
+    # launch/ has the scripts. 1 = a single process, no jax.distributed.
+    c.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=1, process_id=0))
     return c
