@@ -226,8 +226,9 @@ def _metrics(workdir):
 
 
 def test_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative workdirs, as in the default config
     straight = tmp_path / "straight"
-    train_lib.run(tiny_run_config(straight))
+    train_lib.run(tiny_run_config("straight"))
     resumed = tmp_path / "resumed"
     real_build = step_lib.build_batch
     calls = {"n": 0}
@@ -240,9 +241,9 @@ def test_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
 
     monkeypatch.setattr(step_lib, "build_batch", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
-        train_lib.run(tiny_run_config(resumed))
+        train_lib.run(tiny_run_config("resumed"))
     monkeypatch.setattr(step_lib, "build_batch", real_build)
-    train_lib.run(tiny_run_config(resumed))
+    train_lib.run(tiny_run_config("resumed"))
     a, b = _metrics(straight), _metrics(resumed)
     assert [m["step"] for m in b] == [1, 2, 3, 4]
     for m1, m2 in zip(a, b, strict=True):

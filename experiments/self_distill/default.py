@@ -29,7 +29,7 @@ def get_config():
     c.combined_forward = True  # one forward over both contexts; False: teacher in a second, gradient-free one
     c.steps = 24
     c.batch_size = 4  # problems per update
-    c.sample = ml_collections.ConfigDict(dict(max_new_tokens=64, temperature=0.7, top_k=0, top_p=1.0))
+    c.sample = ml_collections.ConfigDict(dict(max_new_tokens=96, temperature=0.7, top_k=0, top_p=1.0))
     c.optim = ml_collections.ConfigDict(dict(lr=1e-5, warmup_steps=2, end_lr_fraction=0.1, weight_decay=0.0,
                                              b1=0.9, b2=0.95, clip_norm=1.0, accumulate=1))
     c.loss = ml_collections.ConfigDict(dict(kind="forward_kl", jsd_beta=0.5, top_k=0, clip=0.0, chunk=64))

@@ -85,7 +85,7 @@ def sample_completions(model, tokenizer, pairs, config, key):
 def run(config) -> dict:
     if config.arm not in ARMS:
         raise ValueError(f"arm {config.arm!r} is not one of {ARMS}.")
-    workdir = Path(config.workdir).expanduser()
+    workdir = Path(config.workdir).expanduser().resolve()  # orbax needs an absolute path
     workdir.mkdir(parents=True, exist_ok=True)
     if config.get("distributed"):
         mesh_lib.initialize_distributed(**config.distributed)
