@@ -110,7 +110,9 @@ def test_training_on_smollm2_lowers_the_loss_on_a_fixed_batch_and_moves_the_weig
     completions = [tok.encode("Let me think. " + r.solution, add_special_tokens=False) for r in records]
     b = step_lib.build_batch([p[0] for p in pairs], [p[1] for p in pairs], completions, pad_id=tok.pad_id)
     tx = step_lib.make_optimizer(step_lib.OptimConfig(lr=3e-5, warmup_steps=1, total_steps=6))
-    graphdef, state = step_lib.init_state(nnx.clone(model), tx)
+    graphdef, params = nnx.split(model)
+    own_copy = nnx.merge(graphdef, jax.tree.map(jnp.copy, params))  # the step donates (deletes) its input arrays
+    graphdef, state = step_lib.init_state(own_copy, tx)
     before = np.asarray(state.params["layers"]["w_up"][...]).copy()
     step = step_lib.jit_train_step(step_lib.make_train_step(graphdef, tx), state)
     losses = []

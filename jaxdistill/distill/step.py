@@ -48,6 +48,13 @@ def build_batch(student_prompts: Sequence[Sequence[int]], teacher_prompts: Seque
     return {"tokens": tokens, "mask": mask, "target_mask": target_mask}
 
 
+def completion_columns(batch) -> slice:
+    """The columns whose logits predict the completion tokens (see the module docstring)."""
+    gen = batch["target_mask"].shape[1]
+    width = batch["tokens"].shape[1] - gen
+    return slice(width - 1, width - 1 + gen)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class TrainState:
@@ -79,7 +86,11 @@ def make_optimizer(c: OptimConfig) -> optax.GradientTransformation:
 
 
 def init_state(model, tx, *, frozen_teacher: bool = False, mesh=None) -> tuple[nnx.GraphDef, TrainState]:
-    """Train state around a model whose parameters are already placed (on a mesh or a device)."""
+    """Train state around a model whose parameters are already placed (on a mesh or a device).
+
+    The state takes the model's arrays as they are, and the jitted step donates them: after
+    the first step the old `model` is gone. Rebuild it with nnx.merge(graphdef, state.params).
+    """
     graphdef, params = nnx.split(model)
     opt_state = jax.jit(tx.init)(params)  # moments inherit the parameters' shardings
     teacher = jax.tree.map(jnp.copy, params) if frozen_teacher else None
@@ -101,9 +112,8 @@ def distill_loss(graphdef, params, teacher_params, batch, target: TargetConfig, 
     """
     model = nnx.merge(graphdef, params)
     tokens, mask, target_mask = batch["tokens"], batch["mask"], batch["target_mask"]
-    b, gen = target_mask.shape
-    width = tokens.shape[1] - gen
-    region = slice(width - 1, width - 1 + gen)  # positions predicting the generated tokens
+    b = target_mask.shape[0]
+    region = completion_columns(batch)
     if teacher_params is None and combined_forward:
         hidden, _ = model.hidden_states(tokens, None, mask)
         student_h, teacher_h = hidden[:b, region], hidden[b:, region]
@@ -121,10 +131,9 @@ def sft_loss(graphdef, params, teacher_params, batch, target=None, loss=None, co
     """Cross-entropy on the completion tokens (the SFT baseline), in chunks of the same size."""
     model = nnx.merge(graphdef, params)
     tokens, mask, target_mask = batch["tokens"], batch["mask"], batch["target_mask"]
-    gen = target_mask.shape[1]
-    width = tokens.shape[1] - gen
-    hidden = model.hidden_states(tokens, None, mask)[0][:, width - 1 : width - 1 + gen]
-    labels = tokens[:, width:]
+    region = completion_columns(batch)
+    hidden = model.hidden_states(tokens, None, mask)[0][:, region]
+    labels = tokens[:, region.start + 1 : region.stop + 1]
 
     @jax.checkpoint
     def nll(h, y):

@@ -132,13 +132,13 @@ def run(config) -> dict:
         pairs = [prompt_pair(tokenizer, r, prompt_config) for r in records]
         model = nnx.merge(graphdef, state.params)
         if mode == "sft":
-            completions = [tokenizer.encode(r.solution, add_special_tokens=False) + [tokenizer.eos_ids[-1]]
+            completions = [tokenizer.encode(r.solution, add_special_tokens=False) + [tokenizer.turn_end_id]
                            for r in records]
             batch = step_lib.build_batch([p[0] for p in pairs], None, completions, pad_id=tokenizer.pad_id)
             reward = float("nan")
         else:
             completions = sample_completions(model, tokenizer, pairs, config, jax.random.fold_in(key, 1))
-            completions = [c if c else [tokenizer.eos_ids[-1]] for c in completions]
+            completions = [c if c else [tokenizer.turn_end_id] for c in completions]
             batch = step_lib.build_batch([p[0] for p in pairs], [p[1] for p in pairs], completions,
                                          pad_id=tokenizer.pad_id)
             verifiable = [(r, c) for r, c in zip(records, completions, strict=True) if r.answer is not None]

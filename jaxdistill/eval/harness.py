@@ -20,17 +20,17 @@ from flax import nnx
 from jaxdistill import sampling
 from jaxdistill.data.records import Record, extract_answer
 from jaxdistill.distill.prompts import PromptConfig, prompt_pair
-from jaxdistill.distill.step import build_batch
+from jaxdistill.distill.step import build_batch, completion_columns
 
 
 @functools.partial(jax.jit, static_argnames="graphdef")
 def _score(graphdef, params, tokens, mask, target_mask):
     """Per generated token [B, G]: log-prob under student and teacher context, KL(t||s), student entropy."""
     model = nnx.merge(graphdef, params)
-    b, gen = target_mask.shape
-    width = tokens.shape[1] - gen
-    hidden = model.hidden_states(tokens, None, mask)[0][:, width - 1 : width - 1 + gen]
-    labels = tokens[:b, width:]
+    b = target_mask.shape[0]
+    region = completion_columns({"tokens": tokens, "target_mask": target_mask})
+    hidden = model.hidden_states(tokens, None, mask)[0][:, region]
+    labels = tokens[:b, region.start + 1 : region.stop + 1]
 
     def column(args):
         h, y = args  # [2B, D], [B]

@@ -40,8 +40,9 @@ class Tokenizer:
     """A transformers tokenizer plus what generation needs: stop ids and a pad id."""
 
     hf: object  # transformers.PreTrainedTokenizerBase
-    eos_ids: tuple[int, ...]
+    eos_ids: tuple[int, ...]  # every id that ends generation
     pad_id: int
+    turn_end_id: int  # the id that closes an assistant turn (<|im_end|>, <end_of_turn>, ...; else EOS)
 
     @property
     def vocab_size(self) -> int:
@@ -55,13 +56,13 @@ class Tokenizer:
 
     def chat(self, messages: Sequence[dict], *, add_generation_prompt: bool = True) -> list[int]:
         """Token ids of a conversation rendered by the model's own chat template."""
-        if not self.hf.chat_template:
-            raise ValueError("this tokenizer has no chat template; pass raw prompts instead of messages.")
-        text = self.hf.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
         # The template writes BOS itself where the model wants one.
-        return self.encode(text, add_special_tokens=False)
+        return self.encode(self.chat_text(messages, add_generation_prompt=add_generation_prompt),
+                           add_special_tokens=False)
 
     def chat_text(self, messages: Sequence[dict], *, add_generation_prompt: bool = True) -> str:
+        if not self.hf.chat_template:
+            raise ValueError("this tokenizer has no chat template; pass raw prompts instead of messages.")
         return self.hf.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
@@ -101,7 +102,8 @@ def load_tokenizer(path: Path, *, arch: str) -> Tokenizer:
     if not hf.chat_template and arch in FALLBACK_CHAT_TEMPLATES:
         hf.chat_template = FALLBACK_CHAT_TEMPLATES[arch]
     vocab = hf.get_vocab()
-    eos = {hf.eos_token_id} | {vocab[t] for t in END_OF_TURN_TOKENS if t in vocab}
-    eos.discard(None)
+    turn_ends = [vocab[t] for t in END_OF_TURN_TOKENS if t in vocab]
+    eos = {hf.eos_token_id, *turn_ends} - {None}
     pad = hf.pad_token_id if hf.pad_token_id is not None else hf.eos_token_id
-    return Tokenizer(hf=hf, eos_ids=tuple(sorted(eos)), pad_id=int(pad))
+    return Tokenizer(hf=hf, eos_ids=tuple(sorted(eos)), pad_id=int(pad),
+                     turn_end_id=int(turn_ends[0] if turn_ends else hf.eos_token_id))
