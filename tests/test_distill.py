@@ -263,3 +263,18 @@ def test_guided_generation_keeps_student_and_teacher_rows_in_step():
     seqs = out.sequences()
     assert seqs[:2] == seqs[2:]  # each pair shares its tokens and its stop
     assert out.logprobs[0].tolist() != out.logprobs[2].tolist()  # but each row reports its own log-probs
+
+
+def test_evaluation_row_on_smollm2_has_a_positive_hint_uplift_and_mean_at_k(smollm2):
+    from jaxdistill.eval.harness import evaluate, format_table
+
+    model, tok = smollm2
+    records = synthetic_records(4, seed=1, split="test")
+    row = evaluate(model, tok, records, max_new_tokens=8, batch_size=4, mean_at_k=2)
+    assert set(row) >= {"accuracy", "accuracy_teacher", "hint_uplift_logp", "kl_teacher_student", "entropy",
+                        "length", "mean@2"}
+    assert 0 <= row["accuracy"] <= 1 and 0 <= row["mean@2"] <= 1
+    # seeing the reference solution makes the teacher context predict that very solution far better
+    assert row["hint_uplift_logp"] > 0.5
+    assert row["kl_teacher_student"] > 0 and row["entropy"] > 0 and 0 < row["length"] <= 8
+    assert "| before |" in format_table({"before": row})
