@@ -169,11 +169,10 @@ def jit_train_step(train_step, state: TrainState, mesh=None):
     """jit with explicit shardings (state as it is placed, batch split over data/fsdp) and donation."""
     from jaxdistill import mesh as mesh_lib
 
-    state_shardings = jax.tree.map(lambda x: x.sharding, state)
     if mesh is None:
         return jax.jit(train_step, donate_argnums=0)
-    batch_shardings = {"tokens": mesh_lib.batch_sharding(mesh, 2), "mask": mesh_lib.batch_sharding(mesh, 2),
-                       "target_mask": mesh_lib.batch_sharding(mesh, 2)}
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    batch_shardings = {name: mesh_lib.batch_sharding(mesh, 2) for name in ("tokens", "mask", "target_mask")}
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     return jax.jit(train_step, in_shardings=(state_shardings, batch_shardings, replicated),
                    out_shardings=(state_shardings, replicated), donate_argnums=0)

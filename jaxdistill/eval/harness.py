@@ -45,10 +45,12 @@ def _score(graphdef, params, tokens, mask, target_mask):
     return tuple(x.swapaxes(0, 1) for x in out)
 
 
-def score_completions(model, tokenizer, records, completions, prompt_config: PromptConfig):
-    """Per-record means of the _score quantities over each completion's tokens."""
+def score_completions(model, tokenizer, pairs, completions):
+    """Per-problem means of the _score quantities over each completion's tokens.
+
+    pairs: the (pCoT, pTeacher) token ids of each problem, as `prompt_pair` returns them.
+    """
     graphdef, params = nnx.split(model)
-    pairs = [prompt_pair(tokenizer, r, prompt_config) for r in records]
     batch = build_batch([p[0] for p in pairs], [p[1] for p in pairs], completions, pad_id=tokenizer.pad_id)
     logp_s, logp_t, kl, ent = (np.asarray(x) for x in _score(graphdef, params, batch["tokens"], batch["mask"],
                                                               batch["target_mask"]))
@@ -79,15 +81,14 @@ def evaluate(model, tokenizer, records: list[Record], *, prompt_config: PromptCo
             if r.answer is not None:
                 correct["student"].append(extract_answer(tokenizer.decode(s)) == r.answer)
                 correct["teacher"].append(extract_answer(tokenizer.decode(t)) == r.answer)
-        nonempty = [(r, s) for r, s in zip(chunk, student, strict=True) if s]
+        nonempty = [(pair, s) for pair, s in zip(pairs, student, strict=True) if s]
         if nonempty:
-            scored = score_completions(model, tokenizer, [r for r, _ in nonempty], [s for _, s in nonempty],
-                                       prompt_config)
+            scored = score_completions(model, tokenizer, [p for p, _ in nonempty], [s for _, s in nonempty])
             stats["kl"] += scored["kl"].tolist()
             stats["entropy"] += scored["entropy"].tolist()
         stats["length"] += [len(s) for s in student]
         solutions = [tokenizer.encode(r.solution, add_special_tokens=False) for r in chunk]
-        ref = score_completions(model, tokenizer, chunk, solutions, prompt_config)
+        ref = score_completions(model, tokenizer, pairs, solutions)
         stats["uplift"] += (ref["logp_teacher"] - ref["logp_student"]).tolist()
     row = {
         "accuracy": float(np.mean(correct["student"])) if verifiable else float("nan"),
