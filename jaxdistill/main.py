@@ -12,6 +12,7 @@ from ml_collections import config_flags
 # command -> (module:function taking the config, one-line help)
 COMMANDS = {
     "train": ("jaxdistill.distill.train:run", "self-distillation with privileged information (the main job)"),
+    "route": ("jaxdistill.router.run:run", "dynamic ensemble router: precompute expert paths, train PPO, evaluate"),
     "sample": ("jaxdistill.main:sample", "chat with, or complete from, any loadable model"),
 }
 

@@ -49,11 +49,12 @@ def extract_answer(text: str) -> str | None:
     return value
 
 
-def _require(record: dict, field: str, where: str, kind=str) -> Any:
+def require_field(record: dict, field: str, where: str, kind=str) -> Any:
     if field not in record:
         raise DataError(f"{where}: missing field {field!r} (fields present: {sorted(record)}).")
     if not isinstance(record[field], kind):
-        raise DataError(f"{where}: field {field!r} must be {kind.__name__}, got {type(record[field]).__name__}.")
+        expected = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise DataError(f"{where}: field {field!r} must be {expected}, got {type(record[field]).__name__}.")
     return record[field]
 
 
@@ -61,21 +62,21 @@ def parse_record(record: Any, where: str, uid: str) -> Record:
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}.")
     if "messages" in record:
-        messages = _require(record, "messages", where, list)
+        messages = require_field(record, "messages", where, list)
         turns = []
         for i, m in enumerate(messages):
             if not isinstance(m, dict):
                 raise DataError(f"{where}: messages[{i}] must be an object with 'role' and 'content'.")
             place = f"{where} messages[{i}]"
-            turns.append((_require(m, "role", place), _require(m, "content", place)))
+            turns.append((require_field(m, "role", place), require_field(m, "content", place)))
         last = max((i for i, (role, _) in enumerate(turns) if role == "assistant"), default=None)
         if last is None or last == 0 or turns[last - 1][0] != "user":
             raise DataError(f"{where}: field 'messages' needs a user message followed by the accepted assistant reply.")
         history = tuple(turns[: last - 1])
         return Record(uid=uid, problem=turns[last - 1][1], solution=turns[last][1], answer=None, history=history)
     if "question" in record:  # GSM8K
-        question = _require(record, "question", where)
-        full = _require(record, "answer", where)
+        question = require_field(record, "question", where)
+        full = require_field(record, "answer", where)
         if "####" not in full:
             raise DataError(f"{where}: field 'answer' has no '#### <final answer>' line (GSM8K form).")
         return Record(uid=uid, problem=question, solution=full.strip(), answer=extract_answer(full))
@@ -83,7 +84,8 @@ def parse_record(record: Any, where: str, uid: str) -> Record:
         answer = record.get("answer")
         if answer is not None and not isinstance(answer, (str, int, float)):
             raise DataError(f"{where}: field 'answer' must be a string or a number.")
-        return Record(uid=uid, problem=_require(record, "prompt", where), solution=_require(record, "solution", where),
+        return Record(uid=uid, problem=require_field(record, "prompt", where),
+                      solution=require_field(record, "solution", where),
                       answer=None if answer is None else extract_answer(str(answer)) or str(answer))
     raise DataError(
         f"{where}: unknown record form (fields: {sorted(record)}); expected 'question'+'answer' (GSM8K), "
@@ -91,21 +93,26 @@ def parse_record(record: Any, where: str, uid: str) -> Record:
     )
 
 
-def read_jsonl(path: str | Path) -> list[Record]:
+def iter_jsonl(path: str | Path):
+    """Yield (where, uid, object) for each non-blank line; `where` names the file, record and line."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"data file {path} does not exist.")
-    records = []
+    count = 0
     with path.open() as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            where = f"{path}, record {len(records) + 1} (line {line_no})"
+            count += 1
+            where = f"{path}, record {count} (line {line_no})"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: not valid JSON ({e.msg}).") from None
-            records.append(parse_record(obj, where, uid=f"{path.stem}-{line_no}"))
-    if not records:
+            yield where, f"{path.stem}-{line_no}", obj
+    if not count:
         raise DataError(f"{path} holds no records.")
-    return records
+
+
+def read_jsonl(path: str | Path) -> list[Record]:
+    return [parse_record(obj, where, uid) for where, uid, obj in iter_jsonl(path)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 import shutil
@@ -47,6 +48,12 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return len(self.hf)
+
+    @functools.cached_property
+    def newline_ids(self) -> tuple[int, ...]:
+        """Every token whose text holds a newline (to stop generation at the end of a line)."""
+        pieces = self.hf.batch_decode([[i] for i in range(self.vocab_size)])
+        return tuple(i for i, piece in enumerate(pieces) if "\n" in piece)
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         return list(self.hf(text, add_special_tokens=add_special_tokens)["input_ids"])

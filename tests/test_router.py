@@ -1,0 +1,282 @@
+"""The router: rewards by hand, GAE against NumPy, PPO on a known optimum, baselines against an
+independent NumPy rollout, precompute resume on a real model, and the route command end to end."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from jaxdistill.data.qa import Question
+from jaxdistill.router import baselines, ppo
+from jaxdistill.router import env as env_lib
+from jaxdistill.router.experts import Encoder, ExpertConfig, ExpertPool
+from jaxdistill.router.precompute import Table, child, num_nodes, path_of, precompute
+
+
+def make_table(quality, flops, n, t_max, dim=8, seed=0):
+    rng = np.random.default_rng(seed)
+    q_count, nodes = quality.shape
+    assert nodes == num_nodes(n, t_max)
+    return Table(quality=quality.astype(np.float32), flops=flops.astype(np.float64),
+                 question_emb=rng.normal(size=(q_count, dim)).astype(np.float32),
+                 answer_emb=rng.normal(size=(q_count, nodes, dim)).astype(np.float32),
+                 answers=[[""] * nodes for _ in range(q_count)], uids=[str(i) for i in range(q_count)],
+                 families=[""] * q_count, expert_names=[f"e{i}" for i in range(n)], t_max=t_max)
+
+
+def plain_env(table):
+    return env_lib.make_env(table, 1.0, env_lib.feature_stats(table))
+
+
+def plan(*actions):
+    actions = list(actions)
+    return lambda obs, state, key: jnp.asarray(actions + [2] * 4)[state.t]
+
+
+def test_rewards_match_hand_computed_episodes():
+    # two experts, T_max 2; expert 0 costs 1, expert 1 costs 3 (cost_scale 1)
+    quality = np.array([[0.0, 0.3, 0.95, 0.5, 0.95, 0.1, 0.2]])
+    flops = np.array([[0.0, 1, 3, 1, 3, 1, 3]])
+    env = plain_env(make_table(quality, flops, n=2, t_max=2))
+    r = env_lib.Rewards(alpha=0.1, beta=0.5, gamma=1.0, p0=0.9)
+    run = lambda policy: env_lib.episode(env, r, 0, policy, jax.random.key(0))  # noqa: E731
+    cases = {
+        # t=0: 0.3 - 0.1*1 = 0.2; t=1 (last, 0.5 < p0): 0.5 + 0.5*(0.5-0.3) - 0.1 - 1 = -0.5
+        (0, 0): (-0.3, 0.5, 2, 2.0),
+        # t=1 reaches p0: 0.95 + 0.5*0.65 - 0.3 + 1 = 1.975
+        (0, 1): (2.175, 0.95, 2, 4.0),
+        (1,): (0.95 - 0.3 + 1.0, 0.95, 1, 3.0),  # reaches p0 at t=0 and ends there
+        (2,): (-1.0, 0.0, 0, 0.0),  # STOP before any call: -gamma, no answer
+        (0, 2): (0.2 - 1.0, 0.3, 1, 1.0),
+    }
+    for actions, (ret, quality_end, calls, spent) in cases.items():
+        out = run(plan(*actions))
+        np.testing.assert_allclose([out["return"], out["quality"], out["calls"], out["flops"]],
+                                   [ret, quality_end, calls, spent], atol=1e-5, err_msg=str(actions))
+
+
+def _numpy_episode(quality, flops, q, actions, n, t_max, r: env_lib.Rewards):
+    """An independent reference of the environment's reward rules."""
+    node, total, spent, calls = 0, 0.0, 0.0, 0
+    for t, a in enumerate(actions):
+        if a == n:
+            return total - r.gamma, quality[q, node], calls, spent
+        new = node * n + 1 + a
+        reward = quality[q, new] - r.alpha * flops[q, new] + (r.beta * (quality[q, new] - quality[q, node]) if t else 0)
+        reached, last = quality[q, new] >= r.p0, t == t_max - 1
+        total += reward + (r.gamma if reached else 0) - (r.gamma if last and not reached else 0)
+        node, spent, calls = new, spent + flops[q, new], calls + 1
+        if reached or last:
+            break
+    return total, quality[q, node], calls, spent
+
+
+def test_plan_outcomes_and_baselines_agree_with_a_numpy_rollout():
+    rng = np.random.default_rng(1)
+    n, t_max, q_count = 3, 2, 5
+    quality = rng.uniform(size=(q_count, num_nodes(n, t_max)))
+    quality[:, 0] = 0
+    flops = rng.uniform(0.5, 2.0, size=quality.shape)
+    flops[:, 0] = 0
+    table = make_table(quality, flops, n, t_max)
+    env = plain_env(table)
+    r = env_lib.Rewards(alpha=0.2, beta=0.5, gamma=0.5, p0=0.8)
+    outcomes = baselines.plan_outcomes(env, r)
+    plans = baselines.all_plans(n, t_max)
+    for q in range(q_count):
+        for m, p in enumerate(plans):
+            ref = _numpy_episode(quality, flops, q, list(p), n, t_max, r)
+            got = [outcomes[k][q, m] for k in ("return", "quality", "calls", "flops")]
+            np.testing.assert_allclose(got, ref, atol=1e-5, err_msg=f"question {q}, plan {p}")
+    rr = env_lib.evaluate(env, r, baselines.round_robin(n, 2), jax.random.key(0))
+    for q in range(q_count):
+        ref = _numpy_episode(quality, flops, q, [0, 1], n, t_max, r)
+        np.testing.assert_allclose([rr["return"][q], rr["quality"][q]], ref[:2], atol=1e-5)
+    # the oracle's plan is the best of every plan; any policy (random included) is at most that
+    oracle = env_lib.evaluate(env, r, baselines.plan_policy(plans, baselines.oracle_choice(outcomes)),
+                              jax.random.key(0))
+    np.testing.assert_allclose(oracle["return"], outcomes["return"].max(axis=1), atol=1e-6)
+    rand = env_lib.evaluate(env, r, baselines.random_policy(n), jax.random.key(3))
+    assert np.all(rand["return"] <= oracle["return"] + 1e-6)
+
+
+def test_knn_router_copies_the_neighbours_best_plan():
+    train_emb = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
+    returns = np.array([[0.0, 1.0, 0.2], [0.0, 0.8, 0.1], [0.0, 0.1, 0.9]])
+    choice = baselines.knn_choice(train_emb, returns, np.array([[1.0, 0.05], [0.1, 1.0]]), k=1)
+    np.testing.assert_array_equal(choice, [1, 2])
+    with pytest.raises(ValueError, match="knn_k must be in"):
+        baselines.knn_choice(train_emb, returns, train_emb, k=4)
+
+
+def test_gae_matches_a_numpy_reference():
+    rng = np.random.default_rng(0)
+    steps, envs, discount, lam = 7, 3, 0.9, 0.8
+    rewards, values = rng.normal(size=(steps, envs)), rng.normal(size=(steps, envs))
+    dones = rng.uniform(size=(steps, envs)) < 0.3
+    last = rng.normal(size=envs)
+    expected = np.zeros((steps, envs))
+    running, next_value = np.zeros(envs), last
+    for t in reversed(range(steps)):
+        live = 1.0 - dones[t]
+        delta = rewards[t] + discount * next_value * live - values[t]
+        running = delta + discount * lam * live * running
+        expected[t], next_value = running, values[t]
+    advantage, target = ppo.gae(jnp.asarray(rewards), jnp.asarray(values), jnp.asarray(dones), jnp.asarray(last),
+                                discount, lam)
+    np.testing.assert_allclose(advantage, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(target, expected + values, rtol=1e-5, atol=1e-5)
+
+
+def test_ppo_finds_the_known_optimal_policy():
+    # expert 1 is always right and cheap; expert 0 is cheap and wrong; expert 2 half right and dear.
+    n, t_max, q_count = 3, 3, 16
+    nodes = num_nodes(n, t_max)
+    last_expert = np.array([(m - 1) % n for m in range(nodes)])
+    quality = np.tile(np.where(last_expert == 1, 1.0, np.where(last_expert == 0, 0.1, 0.5)), (q_count, 1))
+    flops = np.tile(np.where(last_expert == 2, 5.0, 1.0), (q_count, 1))
+    quality[:, 0] = flops[:, 0] = 0
+    env = plain_env(make_table(quality, flops, n, t_max))
+    r = env_lib.Rewards(alpha=0.1, beta=0.5, gamma=0.5, p0=0.9)
+    config = ppo.PPOConfig(num_envs=32, num_steps=8, total_timesteps=32 * 8 * 60, hidden=(32, 32))
+    train = jax.jit(jax.vmap(ppo.make_train(config, env, r), in_axes=(0, None)))
+    params, history = train(jax.random.split(jax.random.key(0), 3), 0.1)
+    graphdef = ppo.policy_graph(env, config)
+    for seed in range(3):
+        out = env_lib.evaluate(env, r, ppo.greedy_policy(graphdef, ppo.select(params, seed)),
+                               jax.random.key(1))
+        np.testing.assert_array_equal(out["node"], child(0, 1, n))  # call expert 1 once, done
+        np.testing.assert_allclose(out["return"], 1.0 - 0.1 + 0.5, atol=1e-5)
+    returns = np.asarray(history["episode_return"])
+    assert returns[:, -5:].mean() > returns[:, :5].mean()
+
+
+def test_ppo_config_rejects_impossible_sizes():
+    with pytest.raises(ValueError, match="below one update"):
+        ppo.PPOConfig(num_envs=8, num_steps=8, total_timesteps=10)
+    with pytest.raises(ValueError, match="num_minibatches"):
+        ppo.PPOConfig(num_envs=3, num_steps=3, total_timesteps=90, num_minibatches=4)
+
+
+QUESTIONS = [Question("q0", "What is 2 times 3?", ("6",), "numeric", "multiply"),
+             Question("q1", "Is 40 larger than 12? Answer yes or no.", ("yes",), "yes_no", "compare"),
+             Question("q2", "Ana is a pilot who lives in Oslo. In which city does Ana live?", ("Oslo",), "f1",
+                      "extract")]
+
+
+@pytest.fixture(scope="module")
+def tiny_pool(smollm2):
+    experts = [ExpertConfig("chat", "smollm2-135m-instruct", "chat", max_new_tokens=4),
+               ExpertConfig("fewshot", "smollm2-135m-instruct", "fewshot", max_new_tokens=4)]
+    return ExpertPool(experts, batch_size=8, loaded={"smollm2-135m-instruct": smollm2}), Encoder(smollm2)
+
+
+class Crashing:
+    """A pool that fails after `calls_before_crash` calls (None: never) and counts its calls."""
+
+    def __init__(self, pool, calls_before_crash=None):
+        self.pool, self.crash_after, self.calls = pool, calls_before_crash, 0
+        self.experts, self.ktp_template = pool.experts, pool.ktp_template
+
+    def __len__(self):
+        return len(self.pool)
+
+    def call(self, *args, **kwargs):
+        if self.crash_after is not None and self.calls >= self.crash_after:
+            raise RuntimeError("simulated crash")
+        self.calls += 1
+        return self.pool.call(*args, **kwargs)
+
+
+def test_precompute_resumes_after_interruption(tiny_pool, tmp_path):
+    pool, encoder = tiny_pool
+    kwargs = dict(t_max=2, chunk=2, progress=False)
+    whole = precompute(pool, encoder, QUESTIONS, tmp_path / "whole", **kwargs)
+    crashing = Crashing(pool, calls_before_crash=5)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        precompute(crashing, encoder, QUESTIONS, tmp_path / "resumed", **kwargs)
+    # units: depth 1 = 2 experts x 2 chunks, depth 2 = 2 experts x 3 chunks -> 10; 5 were done
+    assert len(list((tmp_path / "resumed" / "units").glob("*.json"))) == 5
+    counting = Crashing(pool)
+    resumed = precompute(counting, encoder, QUESTIONS, tmp_path / "resumed", **kwargs)
+    assert counting.calls == 5  # only the missing units ran
+    assert resumed.answers == whole.answers
+    np.testing.assert_array_equal(resumed.flops, whole.flops)
+    np.testing.assert_array_equal(resumed.quality, whole.quality)
+    np.testing.assert_allclose(resumed.answer_emb, whole.answer_emb, atol=1e-5)
+    # every node's answer came from its parent's: depth-2 nodes are expert calls on depth-1 answers
+    assert whole.quality.shape == (3, num_nodes(2, 2)) and all(path_of(m, 2) for m in range(1, 7))
+    assert np.all(whole.flops[:, 1:] > 0) and np.all(whole.answer_emb[:, 0] == 0)
+    with pytest.raises(ValueError, match="different questions, experts or settings"):
+        precompute(pool, encoder, QUESTIONS[:2], tmp_path / "whole", **kwargs)
+
+
+def test_expert_flops_count_prompt_ktp_and_generated_tokens(tiny_pool):
+    pool, _ = tiny_pool
+    answers, flops = pool.call(0, [QUESTIONS[0].text, QUESTIONS[0].text], [None, "The answer is 6."])
+    params = pool.parameters["smollm2-135m-instruct"]
+    plain, with_ktp = len(pool.prompt(0, QUESTIONS[0].text, None)), len(pool.prompt(0, QUESTIONS[0].text, "x"))
+    assert with_ktp > plain
+    assert flops[0] >= 2 * params * (plain + 1) and flops[0] <= 2 * params * (plain + 4)
+    assert flops[1] > flops[0]
+    tokenizer = pool.models["smollm2-135m-instruct"][1]
+    assert 'Another student answered: "The answer is 6."' in tokenizer.decode(
+        pool.prompt(0, QUESTIONS[0].text, "The answer is 6."))
+
+
+def test_route_runs_end_to_end(tmp_path, tiny_pool):
+    import importlib.util
+    import pathlib
+
+    from jaxdistill.router.run import run
+
+    path = pathlib.Path(__file__).parent.parent / "experiments" / "router" / "default.py"
+    spec = importlib.util.spec_from_file_location("router_default", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    c.workdir = str(tmp_path / "route")
+    c.data.train_size, c.data.test_size = 8, 4
+    c.experts = [dict(name="chat", model="smollm2-135m-instruct", style="chat", max_new_tokens=4),
+                 dict(name="fewshot", model="smollm2-135m-instruct", style="fewshot", max_new_tokens=4)]
+    c.precompute.t_max = 2
+    c.alphas = [0.0, 0.5]
+    c.seeds = 3
+    c.knn_k = 3
+    c.ppo.update(num_envs=16, num_steps=8, total_timesteps=16 * 8 * 10, hidden=(16,))
+    results = run(c)
+    out = tmp_path / "route"
+    summary = (out / "summary.md").read_text()
+    for method in ("router (PPO)", "single: chat", "round-robin x2", "self-correction: fewshot x2", "random",
+                   "kNN router", "oracle path"):
+        assert f"| {method} |" in summary
+    assert "Router at equal cost" in summary and (out / "cost_quality.png").stat().st_size > 1000
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3 * 3 * 10  # alphas {0, 0.1 (the default), 0.5} x seeds x updates
+    assert set(json.loads(lines[0])) >= {"alpha", "seed", "update", "episode_return", "entropy"}
+    for rows in results["per_alpha"]:  # the oracle bounds every method's mean return
+        best = rows["oracle path"][0]["return"]
+        assert all(run_["return"] <= best + 1e-5 for runs in rows.values() for run_ in runs)
+    restored = ocp.StandardCheckpointer().restore(out / "policy")
+    assert jax.tree.leaves(restored)[0].shape[:2] == (3, 3)  # (alphas, seeds)
+
+
+def test_gpu_pool_config_points_at_weights_on_disk(tmp_path):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parent.parent / "experiments" / "router" / "gpu_pool.py"
+    spec = importlib.util.spec_from_file_location("router_gpu_pool", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    assert len(c.experts) >= 3 and all(e["model"].startswith("{weights}/") for e in c.experts)
+    c.weights = str(tmp_path)
+    c.workdir = str(tmp_path / "run")
+    from jaxdistill.router.run import build_table
+
+    with pytest.raises(FileNotFoundError, match="Llama-3.2-3B-Instruct"):
+        build_table(c, tmp_path / "run")
