@@ -8,6 +8,7 @@ DummyVecEnv, as a user would write it.
 
     python benchmarks/ppo.py                                     # a random table of the default's shape
     python benchmarks/ppo.py --table runs/router/default/precompute/table.npz
+    python benchmarks/ppo.py --dim 16      # small observations: SB3's Python overhead dominates
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ def check_same_rewards(env, rewards, steps=2000):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--table", help="a precomputed table.npz (default: random, the default run's shape)")
+    parser.add_argument("--dim", type=int, default=576, help="embedding size of the random table")
     parser.add_argument("--sb3-steps", type=int, default=32_768)
     parser.add_argument("--jax-steps", type=int, default=1_048_576)
     parser.add_argument("--seeds", type=int, default=8, help="policies trained at once with vmap (second row)")
@@ -96,7 +98,7 @@ def main():
     from stable_baselines3 import PPO
     from stable_baselines3.common.vec_env import DummyVecEnv
 
-    table = Table.load(args.table) if args.table else random_table()
+    table = Table.load(args.table) if args.table else random_table(dim=args.dim)
     env = env_lib.make_env(table, env_lib.cost_scale(table, "mean"), env_lib.feature_stats(table))
     rewards = env_lib.Rewards()
     check_same_rewards(env, rewards)
