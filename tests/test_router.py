@@ -214,6 +214,29 @@ def test_precompute_resumes_after_interruption(tiny_pool, tmp_path):
         precompute(pool, encoder, QUESTIONS[:2], tmp_path / "whole", **kwargs)
 
 
+def test_precompute_splits_across_hosts(tiny_pool, tmp_path):
+    import threading
+
+    pool, encoder = tiny_pool
+    kwargs = dict(t_max=2, chunk=2, progress=False, poll_seconds=0.05)
+    single = precompute(pool, encoder, QUESTIONS, tmp_path / "single", **kwargs)
+    host_pools = [Crashing(pool), Crashing(pool)]
+    results = {}
+
+    def host(h):
+        results[h] = precompute(host_pools[h], encoder, QUESTIONS, tmp_path / "shared", host=h, num_hosts=2,
+                                **kwargs)
+
+    worker = threading.Thread(target=host, args=(1,))
+    worker.start()
+    host(0)
+    worker.join(timeout=300)
+    assert host_pools[0].calls + host_pools[1].calls == 10 and min(p.calls for p in host_pools) >= 4
+    for table in results.values():
+        assert table.answers == single.answers
+        np.testing.assert_array_equal(table.quality, single.quality)
+
+
 def test_expert_flops_count_prompt_ktp_and_generated_tokens(tiny_pool):
     pool, _ = tiny_pool
     answers, flops = pool.call(0, [QUESTIONS[0].text, QUESTIONS[0].text], [None, "The answer is 6."])
