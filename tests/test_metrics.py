@@ -104,3 +104,18 @@ def test_synthetic_questions_are_seeded_balanced_and_split():
         if q.family == "multiply":
             x, y = map(int, q.text.removeprefix("What is ").removesuffix("?").split(" times "))
             assert q.references == (str(x * y),)
+
+
+@pytest.mark.parametrize("dataset,metric", [("boolq", "yes_no"), ("squad", "f1")])
+def test_tfds_questions_read_through_data_source(dataset, metric):
+    import tensorflow_datasets as tfds
+
+    # mock_data serves random examples with the real feature spec through tfds.data_source
+    with tfds.testing.mock_data(num_examples=3, policy=tfds.testing.MockPolicy.USE_CODE):
+        questions = tfds_questions(dataset, "train", None, limit=2)
+    assert len(questions) == 2
+    for q in questions:
+        assert q.metric == metric and q.references and all(isinstance(r, str) for r in q.references)
+        assert q.text.startswith("Passage:" if dataset == "boolq" else "Context:")
+    if dataset == "boolq":
+        assert all(q.references[0] in ("yes", "no") for q in questions)
