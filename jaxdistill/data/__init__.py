@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from jaxdistill.data.records import DataError, Record, extract_answer, parse_record, read_jsonl
+from jaxdistill.data.records import DataError, Record, extract_answer, iter_tfds, parse_record, read_jsonl
 from jaxdistill.data.synthetic import SyntheticConfig, synthetic_records
 
 __all__ = ["DataError", "Record", "SyntheticConfig", "extract_answer", "load_records", "read_jsonl",
@@ -17,22 +17,8 @@ __all__ = ["DataError", "Record", "SyntheticConfig", "extract_answer", "load_rec
 
 def tfds_records(name: str, split: str, data_dir: str | None, limit: int = 0) -> list[Record]:
     """Records of a prepared TFDS dataset in GSM8K form, read through tfds.data_source."""
-    import tensorflow_datasets as tfds
-
-    try:
-        source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-    except Exception as e:  # tfds raises several types for "not prepared"
-        raise FileNotFoundError(
-            f"TFDS dataset {name!r} (split {split!r}) is not prepared in {data_dir or '~/tensorflow_datasets'} ({e}). "
-            f"Prepare it once on a machine with internet access (`tfds build {name} --file_format=array_record`) "
-            "and point data.tfds_data_dir at it."
-        ) from e
-    count = len(source) if not limit else min(limit, len(source))
-    records = []
-    for i in range(count):
-        raw = {k: v.decode() if isinstance(v, bytes) else v for k, v in source[i].items()}
-        records.append(parse_record(raw, f"tfds {name}/{split}, record {i}", uid=f"{name}-{split}-{i}"))
-    return records
+    return [parse_record(raw, where, uid=f"{name}-{split}-{i}") for where, i, raw in iter_tfds(name, split, data_dir,
+                                                                                                limit)]
 
 
 def load_records(config) -> tuple[list[Record], list[Record]]:

@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from jaxdistill.data.records import DataError, extract_answer, iter_jsonl, require_field
+from jaxdistill.data.records import DataError, extract_answer, iter_jsonl, iter_tfds, require_field
 from jaxdistill.eval.metrics import check_metric
 
 
@@ -131,26 +131,11 @@ def read_questions(dataset: str, path, metric: str = "") -> list[Question]:
 
 
 def tfds_questions(dataset: str, split: str, data_dir: str | None, limit: int = 0, metric: str = "") -> list[Question]:
-    import tensorflow_datasets as tfds
-
     _adapter(dataset)
     if dataset not in TFDS_NAMES:
         raise ValueError(f"{dataset!r} is not in TFDS; read it from JSONL (data.source='jsonl').")
-    name = TFDS_NAMES[dataset]
-    try:
-        source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-    except Exception as e:  # tfds raises several types for "not prepared"
-        raise FileNotFoundError(
-            f"TFDS dataset {name!r} (split {split!r}) is not prepared in {data_dir or '~/tensorflow_datasets'} ({e}). "
-            f"Prepare it once with internet access (`tfds build {name} --file_format=array_record`) "
-            "and point data.tfds_data_dir at it."
-        ) from e
-    count = len(source) if not limit else min(limit, len(source))
-    out = []
-    for i in range(count):
-        raw = {k: _text(v) if isinstance(v, bytes) else v for k, v in source[i].items()}
-        out.append(adapt(dataset, raw, f"tfds {name}/{split}, record {i}", f"{dataset}-{split}-{i}", metric))
-    return out
+    return [adapt(dataset, raw, where, f"{dataset}-{split}-{i}", metric)
+            for where, i, raw in iter_tfds(TFDS_NAMES[dataset], split, data_dir, limit)]
 
 
 # --- the synthetic default --------------------------------------------------------------

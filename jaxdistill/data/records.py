@@ -114,5 +114,23 @@ def iter_jsonl(path: str | Path):
         raise DataError(f"{path} holds no records.")
 
 
+def iter_tfds(name: str, split: str, data_dir: str | None, limit: int = 0):
+    """Yield (where, index, example) from a prepared TFDS dataset (bytes decoded to str), via tfds.data_source."""
+    import tensorflow_datasets as tfds
+
+    try:
+        source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    except Exception as e:  # tfds raises several types for "not prepared"
+        raise FileNotFoundError(
+            f"TFDS dataset {name!r} (split {split!r}) is not prepared in {data_dir or '~/tensorflow_datasets'} ({e}). "
+            f"Prepare it once on a machine with internet access (`tfds build {name} --file_format=array_record`) "
+            "and point data.tfds_data_dir at it."
+        ) from e
+    count = len(source) if not limit else min(limit, len(source))
+    for i in range(count):
+        example = {k: v.decode() if isinstance(v, bytes) else v for k, v in source[i].items()}
+        yield f"tfds {name}/{split}, record {i}", i, example
+
+
 def read_jsonl(path: str | Path) -> list[Record]:
     return [parse_record(obj, where, uid) for where, uid, obj in iter_jsonl(path)]

@@ -147,6 +147,7 @@ class Encoder:
 
     def _states(self, texts: Sequence[str]):
         """Per batch: hidden states [B, T, D] (right-padded) and the mask of real tokens."""
+        graphdef, state = nnx.split(self.model)
         for start in range(0, len(texts), self.batch_size):
             chunk = [self.tokenizer.encode(t)[: self.max_tokens] if t else [] for t in texts[start:start +
                                                                                              self.batch_size]]
@@ -156,7 +157,6 @@ class Encoder:
             mask = np.zeros((rows, length), bool)
             for r, ids in enumerate(chunk):
                 tokens[r, : len(ids)], mask[r, : len(ids)] = ids, True
-            graphdef, state = nnx.split(self.model)
             yield np.asarray(_hidden(graphdef, state, tokens, mask))[: len(chunk)], mask[: len(chunk)]
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:

@@ -81,10 +81,11 @@ def train_policies(config, env: env_lib.Env, rewards: env_lib.Rewards, alphas: n
 
 
 def evaluate_all(config, train_env, test_env, train_table, test_table, rewards, alphas, graphdef, params, seeds):
-    """{method: [one {quality, calls, flops, return} per seed]} at each alpha; plus the budget curves."""
+    """Per alpha, {method: [one {quality, calls, flops, return} per seed]}; budgets are methods of their own."""
     n, t_max = test_env.n_experts, test_env.t_max
     names = train_table.expert_names
     key = jax.random.key(config.seed + 1)
+    all_plans = baselines.all_plans(n, t_max)
     per_alpha = []
     for a, alpha in enumerate(alphas):
         r = rewards.replace(alpha=float(alpha))
@@ -94,7 +95,6 @@ def evaluate_all(config, train_env, test_env, train_table, test_table, rewards, 
             for s in range(seeds)]
         train_plans = baselines.plan_outcomes(train_env, r)
         test_plans = baselines.plan_outcomes(test_env, r)
-        all_plans = baselines.all_plans(n, t_max)
         knn = baselines.knn_choice(train_table.question_emb, train_plans["return"], test_table.question_emb,
                                    config.knn_k)
         rows["kNN router"] = [summarize(env_lib.evaluate(test_env, r, baselines.plan_policy(all_plans, knn), key))]
