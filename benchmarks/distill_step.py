@@ -130,10 +130,12 @@ def run_torch(args):
 
     def step():
         region = slice(width - 1, width - 1 + gen)
+        student_rows, teacher_rows = slice(0, None, 2), slice(1, None, 2)  # the batch pairs them
         with torch.no_grad():
-            teacher = model(input_ids=tokens[b:], attention_mask=mask[b:], position_ids=positions[b:])
-            teacher = teacher.logits[:, region]
-        student = model(input_ids=tokens[:b], attention_mask=mask[:b], position_ids=positions[:b]).logits[:, region]
+            teacher = model(input_ids=tokens[teacher_rows], attention_mask=mask[teacher_rows],
+                            position_ids=positions[teacher_rows]).logits[:, region]
+        student = model(input_ids=tokens[student_rows], attention_mask=mask[student_rows],
+                        position_ids=positions[student_rows]).logits[:, region]
         target = torch_entropy_matched_target(teacher, student.detach())
         log_t, log_s = torch.log_softmax(target, -1), torch.log_softmax(student, -1)
         kl = (log_t.exp() * (log_t - log_s)).sum(-1)

@@ -1,11 +1,14 @@
 """Batches and the jitted train step of self-distillation (and of the SFT baseline).
 
-Batch layout. Row i of the student half is [pad, pCoT_i, genCoT_i, pad]; row i of the
-teacher half is [pad, pTeacher_i, genCoT_i, pad]. Prompts are left-padded to a shared
-width P, so genCoT_i sits in the same columns P .. P+G-1 of both rows and positions count
-real tokens only. One forward over all 2B rows scores genCoT under both contexts; the
-logits at columns P-1 .. P+G-2 predict the genCoT tokens, and `target_mask` [B, G] marks
-which of them are real generated tokens.
+Batch layout. Problem i has two adjacent rows: row 2i is the student context
+[pad, pCoT_i, genCoT_i, pad] and row 2i+1 the teacher context [pad, pTeacher_i, genCoT_i, pad].
+Prompts are left-padded to a shared width P, so genCoT_i sits in the same columns
+P .. P+G-1 of both rows and positions count real tokens only. One forward over all 2B rows
+scores genCoT under both contexts; the logits at columns P-1 .. P+G-2 predict the genCoT
+tokens, and `target_mask` [B, G] marks which of them are real generated tokens.
+
+Adjacent pairs keep each problem's two rows on the same device when the batch is sharded,
+so every device differentiates its own student rows (`grad_rows_stride=2`) and none idles.
 """
 
 from __future__ import annotations
@@ -29,7 +32,12 @@ def round_up(n: int, multiple: int) -> int:
 def build_batch(student_prompts: Sequence[Sequence[int]], teacher_prompts: Sequence[Sequence[int]] | None,
                 completions: Sequence[Sequence[int]], *, pad_id: int, multiple: int = 32) -> dict[str, np.ndarray]:
     """The aligned batch (see the module docstring). Without teacher prompts: student rows only (SFT)."""
-    prompts = list(student_prompts) + list(teacher_prompts or [])
+    if teacher_prompts is None:
+        prompts, per_problem = list(student_prompts), 1
+    else:
+        prompts, per_problem = [p for pair in zip(student_prompts, teacher_prompts, strict=True) for p in pair], 2
+    if len(prompts) != per_problem * len(completions):
+        raise ValueError(f"{len(prompts) // per_problem} prompts but {len(completions)} completions.")
     if any(len(c) == 0 for c in completions):
         raise ValueError("every completion needs at least one token.")
     width = round_up(max(len(p) for p in prompts), multiple)
@@ -39,13 +47,19 @@ def build_batch(student_prompts: Sequence[Sequence[int]], teacher_prompts: Seque
     mask = np.zeros((rows, width + gen), bool)
     target_mask = np.zeros((len(completions), gen), bool)
     for r, prompt in enumerate(prompts):
-        completion = completions[r % len(completions)]
+        completion = completions[r // per_problem]
         tokens[r, width - len(prompt) : width] = prompt
         tokens[r, width : width + len(completion)] = completion
         mask[r, width - len(prompt) : width + len(completion)] = True
     for r, completion in enumerate(completions):
         target_mask[r, : len(completion)] = True
     return {"tokens": tokens, "mask": mask, "target_mask": target_mask}
+
+
+def split_contexts(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Rows of a paired batch (or anything computed from it) -> (student rows, teacher rows)."""
+    pairs = x.reshape(x.shape[0] // 2, 2, *x.shape[1:])  # a reshape, so sharded pairs stay local
+    return pairs[:, 0], pairs[:, 1]
 
 
 def completion_columns(batch) -> slice:
@@ -106,21 +120,23 @@ def distill_loss(graphdef, params, teacher_params, batch, target: TargetConfig, 
                  combined_forward: bool = True):
     """Mean per-token loss over generated tokens, and diagnostics.
 
-    combined_forward (live teacher only): one forward over student and teacher rows. Its
-    backward also runs (with zero cotangents) through the teacher rows; False runs the
-    teacher as a second, gradient-free forward instead, which costs less compute.
+    combined_forward (live teacher only): one forward over student and teacher rows, whose
+    backward runs through the student rows only (`grad_rows_stride=2`). False runs the
+    teacher as a second, gradient-free forward instead (needed for a frozen teacher).
     """
     model = nnx.merge(graphdef, params)
     tokens, mask, target_mask = batch["tokens"], batch["mask"], batch["target_mask"]
-    b = target_mask.shape[0]
     region = completion_columns(batch)
-    if teacher_params is None and combined_forward:
-        hidden, _ = model.hidden_states(tokens, None, mask)
-        student_h, teacher_h = hidden[:b, region], hidden[b:, region]
+    if teacher_params is None and combined_forward and model.custom_backward:
+        hidden, _ = model.hidden_states(tokens, None, mask, grad_rows_stride=2)
+        student_h, teacher_h = split_contexts(hidden[:, region])
+    elif teacher_params is None and combined_forward:  # autodiff: the backward covers the teacher rows too
+        student_h, teacher_h = split_contexts(model.hidden_states(tokens, None, mask)[0][:, region])
     else:
-        student_h = model.hidden_states(tokens[:b], None, mask[:b])[0][:, region]
+        (student_tokens, teacher_tokens), (student_mask, teacher_mask) = split_contexts(tokens), split_contexts(mask)
+        student_h = model.hidden_states(student_tokens, None, student_mask)[0][:, region]
         teacher = nnx.merge(graphdef, jax.lax.stop_gradient(params if teacher_params is None else teacher_params))
-        teacher_h = teacher.hidden_states(tokens[b:], None, mask[b:])[0][:, region]
+        teacher_h = teacher.hidden_states(teacher_tokens, None, teacher_mask)[0][:, region]
     total, sums = chunked_distill_loss(model.logits, student_h, jax.lax.stop_gradient(teacher_h), target_mask,
                                        target, loss)
     count = jnp.maximum(target_mask.sum(), 1)

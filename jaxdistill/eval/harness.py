@@ -20,22 +20,20 @@ from flax import nnx
 from jaxdistill import sampling
 from jaxdistill.data.records import Record, extract_answer
 from jaxdistill.distill.prompts import PromptConfig, prompt_pair
-from jaxdistill.distill.step import build_batch, completion_columns
+from jaxdistill.distill.step import build_batch, completion_columns, split_contexts
 
 
 @functools.partial(jax.jit, static_argnames="graphdef")
 def _score(graphdef, params, tokens, mask, target_mask):
     """Per generated token [B, G]: log-prob under student and teacher context, KL(t||s), student entropy."""
     model = nnx.merge(graphdef, params)
-    b = target_mask.shape[0]
     region = completion_columns({"tokens": tokens, "target_mask": target_mask})
     hidden = model.hidden_states(tokens, None, mask)[0][:, region]
-    labels = tokens[:b, region.start + 1 : region.stop + 1]
+    labels = split_contexts(tokens)[0][:, region.start + 1 : region.stop + 1]
 
     def column(args):
         h, y = args  # [2B, D], [B]
-        logp = jax.nn.log_softmax(model.logits(h))
-        s, t = logp[:b], logp[b:]
+        s, t = split_contexts(jax.nn.log_softmax(model.logits(h)))
         pick = lambda lp: jnp.take_along_axis(lp, y[:, None], axis=-1)[:, 0]  # noqa: E731
         kl = jnp.sum(jnp.exp(t) * (t - s), axis=-1)
         ent = -jnp.sum(jnp.exp(s) * s, axis=-1)
