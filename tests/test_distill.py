@@ -253,6 +253,26 @@ def test_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
     assert sorted(p.name for p in (resumed / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
 
 
+def test_samples_per_problem_samples_each_problem_that_many_times(tmp_path, monkeypatch):
+    config = tiny_run_config(tmp_path / "samples", steps=1)
+    config.samples_per_problem = 3
+    seen = []
+    real_build = step_lib.build_batch
+
+    def record(student, teacher, completions, **kwargs):
+        seen.append((student, teacher, completions))
+        return real_build(student, teacher, completions, **kwargs)
+
+    monkeypatch.setattr(step_lib, "build_batch", record)
+    train_lib.run(config)
+    (student, teacher, completions), = seen
+    assert len(completions) == 3 and student[0] == student[1] == student[2] and teacher[0] == teacher[2]
+    assert _metrics(tmp_path / "samples")[0]["generated_tokens"] == sum(len(c) for c in completions)
+    config.arm = "sft"
+    with pytest.raises(ValueError, match="samples_per_problem"):
+        train_lib.run(config)
+
+
 def test_guided_generation_keeps_student_and_teacher_rows_in_step():
     from jaxdistill import sampling
 

@@ -29,6 +29,7 @@ def get_config():
     c.combined_forward = True  # one forward over both contexts; False: teacher in a second, gradient-free one
     c.steps = 24
     c.batch_size = 4  # problems per update
+    c.samples_per_problem = 1  # genCoT samples per problem (each a pair of rows in the update)
     c.sample = ml_collections.ConfigDict(dict(max_new_tokens=96, temperature=0.7, top_k=0, top_p=1.0))
     c.optim = ml_collections.ConfigDict(dict(lr=1e-5, warmup_steps=2, end_lr_fraction=0.1, weight_decay=0.0,
                                              b1=0.9, b2=0.95, clip_norm=1.0, accumulate=1))

@@ -85,6 +85,10 @@ def sample_completions(model, tokenizer, pairs, config, key):
 def run(config) -> dict:
     if config.arm not in ARMS:
         raise ValueError(f"arm {config.arm!r} is not one of {ARMS}.")
+    samples = config.get("samples_per_problem", 1)
+    if samples < 1 or (config.arm == "sft" and samples != 1):
+        raise ValueError(f"samples_per_problem must be >= 1 (and 1 for the sft arm, which samples nothing), "
+                         f"got {samples}.")
     workdir = Path(config.workdir).expanduser().resolve()  # orbax needs an absolute path
     workdir.mkdir(parents=True, exist_ok=True)
     if config.get("distributed"):
@@ -128,7 +132,8 @@ def run(config) -> dict:
     for step in bar:
         tick = time.perf_counter()
         key = jax.random.fold_in(jax.random.key(config.seed), step)
-        records = [next(iterator) for _ in range(config.batch_size)]
+        problems = [next(iterator) for _ in range(config.batch_size)]
+        records = [r for r in problems for _ in range(samples)]  # each sample gets its own (pCoT, pTeacher) pair
         pairs = [prompt_pair(tokenizer, r, prompt_config) for r in records]
         model = nnx.merge(graphdef, state.params)
         if mode == "sft":
