@@ -280,9 +280,10 @@ def _attention_inputs(c: ModelConfig, dtype, extras, qp, kp, vp, cos, sin):
     return q, kp.transpose(0, 2, 1, 3), vp.transpose(0, 2, 1, 3)  # only the new tokens move
 
 
-def _attention_probs(q, k, mask):
+def _scores(q, k, mask):
+    """Masked float32 attention scores [B, K, G, T, S] of q [B, K, G, T, D] over k [B, K, S, D]."""
     scores = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
-    return jax.nn.softmax(jnp.where(mask[:, None, None], scores, _MASKED), axis=-1)
+    return jnp.where(mask[:, None, None], scores, _MASKED)
 
 
 def _attend(q, k, v, mask, old):
@@ -291,12 +292,8 @@ def _attend(q, k, v, mask, old):
     blocks = [(k, v, mask)]
     if old is not None:  # attend over [cache, new tokens] without copying the cache
         blocks.insert(0, (old[0].astype(dtype), old[1].astype(dtype), old[2]))
-    scores = [
-        jnp.where(m[:, None, None], jnp.einsum("bkgtd,bksd->bkgts", q, kb, preferred_element_type=jnp.float32),
-                  _MASKED)
-        for kb, _, m in blocks
-    ]
-    probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1).astype(dtype)
+    scores = jnp.concatenate([_scores(q, kb, m) for kb, _, m in blocks], axis=-1)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
     sizes = np.cumsum([kb.shape[2] for kb, _, _ in blocks])[:-1]
     out = sum(jnp.einsum("bkgts,bksd->bkgtd", pb, vb)
               for pb, (_, vb, _) in zip(jnp.split(probs, sizes, axis=-1), blocks, strict=True))
@@ -309,7 +306,7 @@ def _attend_backward(q, k, v, mask, d_out):
     and k rather than stored, so the backward keeps no [B, heads, T, T] tensor per layer."""
     b, kv, g, t, dh = q.shape
     d_out = d_out.reshape(b, t, kv, g, dh).transpose(0, 2, 3, 1, 4)
-    probs = _attention_probs(q, k, mask)
+    probs = jax.nn.softmax(_scores(q, k, mask), axis=-1)
     dv = jnp.einsum("bkgts,bkgtd->bksd", probs.astype(q.dtype), d_out)
     d_probs = jnp.einsum("bkgtd,bksd->bkgts", d_out, v, preferred_element_type=jnp.float32)
     d_scores = probs * (d_probs - jnp.sum(probs * d_probs, axis=-1, keepdims=True))
