@@ -127,11 +127,10 @@ def distill_loss(graphdef, params, teacher_params, batch, target: TargetConfig, 
     model = nnx.merge(graphdef, params)
     tokens, mask, target_mask = batch["tokens"], batch["mask"], batch["target_mask"]
     region = completion_columns(batch)
-    if teacher_params is None and combined_forward and model.custom_backward:
-        hidden, _ = model.hidden_states(tokens, None, mask, grad_rows_stride=2)
+    if teacher_params is None and combined_forward:
+        stride = 2 if model.custom_backward else 1  # autodiff's backward covers the teacher rows too
+        hidden, _ = model.hidden_states(tokens, None, mask, grad_rows_stride=stride)
         student_h, teacher_h = split_contexts(hidden[:, region])
-    elif teacher_params is None and combined_forward:  # autodiff: the backward covers the teacher rows too
-        student_h, teacher_h = split_contexts(model.hidden_states(tokens, None, mask)[0][:, region])
     else:
         (student_tokens, teacher_tokens), (student_mask, teacher_mask) = split_contexts(tokens), split_contexts(mask)
         student_h = model.hidden_states(student_tokens, None, student_mask)[0][:, region]

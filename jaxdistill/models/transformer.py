@@ -260,7 +260,9 @@ def _linear_backward(x, w, dy, dims: int = 1):
     return (dy2 @ w2.T).reshape(x.shape), dw
 
 
-_ATTENTION_EXTRAS = ("bq", "bk", "bv", "q_norm", "k_norm")
+def _attention_extras(p) -> dict:
+    """The optional attention parameters a layer has (biases, q/k norms)."""
+    return {name: p[name] for name in ("bq", "bk", "bv", "q_norm", "k_norm") if name in p}
 
 
 def _attention_inputs(c: ModelConfig, dtype, extras, qp, kp, vp, cos, sin):
@@ -336,8 +338,7 @@ def _block(c: ModelConfig, dtype, p, x, mask_new, old, cos, sin):
     w = lambda name: p[name].astype(dtype)  # noqa: E731
     h = _rms_norm(x, p["attn_norm"], c.norm_eps)
     proj = tuple(_linear(h, w(name)) for name in ("wq", "wk", "wv"))
-    extras = {name: p[name] for name in _ATTENTION_EXTRAS if name in p}
-    q, k, v = _attention_inputs(c, dtype, extras, *proj, cos, sin)
+    q, k, v = _attention_inputs(c, dtype, _attention_extras(p), *proj, cos, sin)
     attn = _attend(q, k, v, mask_new, old)
     a = _linear(attn, w("wo"), dims=2)
     x1 = x + _post_norm(c, p.get("attn_post_norm"), a)
@@ -376,9 +377,8 @@ def _block_backward(c: ModelConfig, dtype, p, mask, cos, sin, saved, d_out, d_k,
     if c.sandwich_norm:
         d_a, grads["attn_post_norm"] = jax.vjp(norm, saved["a"], p["attn_post_norm"])[1](d_x1)
     d_attn, grads["wo"] = _linear_backward(saved["attn"], w("wo"), d_a, dims=2)
-    extras = {name: p[name] for name in _ATTENTION_EXTRAS if name in p}
     (q, k, v), inputs_vjp = jax.vjp(lambda e, *proj: _attention_inputs(c, dtype, e, *proj, cos, sin),
-                                    extras, *saved["proj"])
+                                    _attention_extras(p), *saved["proj"])
     dq, dk, dv = _attend_backward(q, k, v, mask, d_attn)
     d_extras, *d_proj = inputs_vjp((dq, dk + d_k.astype(dtype), dv + d_v.astype(dtype)))
     grads |= d_extras
