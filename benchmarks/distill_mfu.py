@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
+
+from distill_step import time_train_step  # benchmarks/ is on sys.path when a script here runs
 
 PRESETS = {  # Llama-3.2-1B's shape (tied embeddings), and a tiny one for CPU smoke runs
     "llama-1b": dict(vocab_size=128256, d_model=2048, d_ff=8192, num_layers=16, num_heads=32, num_kv_heads=8,
@@ -73,21 +74,8 @@ def main():
                                  [tokens(args.prompt + args.hint) for _ in range(args.problems)],
                                  [tokens(args.generated) for _ in range(args.problems)], pad_id=0)
     seq = batch["tokens"].shape[1]
-    tx = step_lib.make_optimizer(step_lib.OptimConfig(lr=1e-5, warmup_steps=1, total_steps=100))
-    graphdef, state = step_lib.init_state(model, tx)
+    state, first, compile_s, times = time_train_step(model, jax.device_put(batch), args.steps)
     del model
-    step = step_lib.jit_train_step(step_lib.make_train_step(graphdef, tx), state)
-    batch = jax.device_put(batch)
-    start = time.perf_counter()
-    state, metrics = step(state, batch, jax.random.key(0))
-    first = float(metrics["loss"])
-    compile_s = time.perf_counter() - start
-    times = []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        state, metrics = step(state, batch, jax.random.key(0))
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - start)
     seconds = float(np.median(times))
     flops = step_flops(config, args.problems, seq, batch["target_mask"].shape[1])
     params = sum(x.size for x in jax.tree.leaves(state.params))

@@ -67,32 +67,42 @@ def make_batch(args):
     return path, build_batch([p[0] for p in pairs], [p[1] for p in pairs], completions, pad_id=tok.pad_id)
 
 
-def run_jax(args):
+def time_train_step(model, batch, steps: int, **step_options):
+    """Run jaxdistill's jitted train step on `batch`: one first call (compile), then `steps` timed calls.
+
+    Returns the final state, the first call's loss (at the model's weights), the first
+    call's seconds and each timed call's seconds. The model's arrays are donated to the step.
+    """
     import jax
 
     from jaxdistill.distill import step as step_lib
+
+    tx = step_lib.make_optimizer(step_lib.OptimConfig(lr=1e-5, warmup_steps=1, total_steps=100))
+    graphdef, state = step_lib.init_state(model, tx)
+    step = step_lib.jit_train_step(step_lib.make_train_step(graphdef, tx, **step_options), state)
+    start = time.perf_counter()
+    state, metrics = step(state, batch, jax.random.key(0))
+    first_loss = float(metrics["loss"])
+    first_seconds = time.perf_counter() - start
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        state, metrics = step(state, batch, jax.random.key(0))
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    return state, first_loss, first_seconds, times
+
+
+def run_jax(args):
     from jaxdistill.distill.losses import LossConfig
     from jaxdistill.models import load
 
     _, batch = make_batch(args)
     model, _ = load(args.model)
     memory = PeakMemory()
-    tx = step_lib.make_optimizer(step_lib.OptimConfig(lr=1e-5, warmup_steps=1, total_steps=100))
-    graphdef, state = step_lib.init_state(model, tx)
+    _, first_loss, first, times = time_train_step(model, batch, args.steps, loss=LossConfig(chunk=args.chunk),
+                                                  combined_forward=not args.separate_teacher)
     del model
-    train_step = step_lib.make_train_step(graphdef, tx, loss=LossConfig(chunk=args.chunk),
-                                          combined_forward=not args.separate_teacher)
-    step = step_lib.jit_train_step(train_step, state)
-    start = time.perf_counter()
-    state, metrics = step(state, batch, jax.random.key(0))
-    first_loss = float(metrics["loss"])  # at the loaded weights, as PyTorch's first step
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        state, metrics = step(state, batch, jax.random.key(0))
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - start)
     return {"seconds": min(times), "compile_s": first - min(times), "peak_mb": memory.stop_mb(), "loss": first_loss}
 
 
