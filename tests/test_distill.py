@@ -138,12 +138,12 @@ def test_student_and_teacher_prompts_differ_only_by_the_hint(smollm2):
 
 def test_guided_rule_gives_both_rows_the_token_sampled_from_the_blend():
     rng = np.random.default_rng(0)
-    logits = jnp.asarray(rng.normal(size=(4, 30)) * 2)  # rows 0,1 students; 2,3 teachers
+    logits = jnp.asarray(rng.normal(size=(4, 30)) * 2)  # rows 0, 2 students; 1, 3 their teachers
     rule = train_lib.GuidedRule(0.75, 1.0)
     tokens = rule(logits, jax.random.key(1), 0)
-    assert tokens[:2].tolist() == tokens[2:].tolist()
-    expected = jax.random.categorical(jax.random.key(1), blend_logits(logits[2:], logits[:2]))
-    assert tokens[:2].tolist() == expected.tolist()
+    assert tokens[0::2].tolist() == tokens[1::2].tolist()
+    expected = jax.random.categorical(jax.random.key(1), blend_logits(logits[1::2], logits[0::2]))
+    assert tokens[0::2].tolist() == expected.tolist()
 
 
 def test_answers_are_extracted_like_gsm8k():
@@ -276,12 +276,12 @@ def test_samples_per_problem_samples_each_problem_that_many_times(tmp_path, monk
 def test_guided_generation_keeps_student_and_teacher_rows_in_step():
     from jaxdistill import sampling
 
-    prompts_student, prompts_teacher = [[3, 4], [5, 6, 7]], [[3, 4, 9, 9, 9], [5, 6, 7, 8]]
-    out = sampling.generate(tiny_model(), prompts_student + prompts_teacher, max_new_tokens=12,
+    paired = [[3, 4], [3, 4, 9, 9, 9], [5, 6, 7], [5, 6, 7, 8]]  # (student, teacher) of two problems
+    out = sampling.generate(tiny_model(), paired, max_new_tokens=12,
                             rule=train_lib.GuidedRule(0.75, 1.0), rng=5, eos_ids=(2,))
     seqs = out.sequences()
-    assert seqs[:2] == seqs[2:]  # each pair shares its tokens and its stop
-    assert out.logprobs[0].tolist() != out.logprobs[2].tolist()  # but each row reports its own log-probs
+    assert seqs[0::2] == seqs[1::2]  # each pair shares its tokens and its stop
+    assert out.logprobs[0].tolist() != out.logprobs[1].tolist()  # but each row reports its own log-probs
 
 
 def test_evaluation_row_on_smollm2_has_a_positive_hint_uplift_and_mean_at_k(smollm2):

@@ -42,18 +42,18 @@ ARMS = ("blend", "fixed_k", "teacher", "sft")
 
 @dataclasses.dataclass(frozen=True)
 class GuidedRule:
-    """Guided sampling: rows [0, B) are student contexts, [B, 2B) teacher contexts of the same
-    problems; both rows of a pair get the token sampled from the blended target."""
+    """Guided sampling over paired rows, as in the train batch: row 2i is problem i's student
+    context, row 2i+1 its teacher context; both rows get the token sampled from the blend."""
 
     teacher_weight: float = 0.75
     temperature: float = 1.0
     fixed_k: float | None = None
 
     def __call__(self, logits, key, step):
-        b = logits.shape[0] // 2
-        target = blend_logits(logits[b:], logits[:b], self.teacher_weight, self.fixed_k)
+        student, teacher = step_lib.split_contexts(logits)
+        target = blend_logits(teacher, student, self.teacher_weight, self.fixed_k)
         token = jax.random.categorical(key, target / self.temperature)
-        return jnp.concatenate([token, token]).astype(jnp.int32)
+        return jnp.repeat(token, 2).astype(jnp.int32)
 
 
 def target_for(config) -> TargetConfig:
@@ -75,8 +75,8 @@ def sample_completions(model, tokenizer, pairs, config, key):
     common = dict(max_new_tokens=s.max_new_tokens, rng=key, eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id)
     if config.guided:
         rule = GuidedRule(config.teacher_weight, s.temperature, config.fixed_k if config.arm == "fixed_k" else None)
-        out = sampling.generate(model, [p[0] for p in pairs] + [p[1] for p in pairs], rule=rule, **common)
-        return out.sequences()[: len(pairs)]
+        out = sampling.generate(model, [prompt for pair in pairs for prompt in pair], rule=rule, **common)
+        return out.sequences()[0::2]  # the student rows
     out = sampling.generate(model, [p[0] for p in pairs], rule=sampling.Sample(s.temperature, s.top_k, s.top_p),
                             **common)
     return out.sequences()
