@@ -7,6 +7,7 @@ stacked layout, checking every shape against the config.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import re
@@ -69,14 +70,22 @@ def resolve(name_or_path: str | Path) -> Path:
 # ------------------------------------------------------------------- readers
 
 
+@functools.lru_cache(maxsize=2)
+def _gguf_reader(path: Path):
+    """The parsed file (memory-mapped), kept so weights and tokenizer parse it once."""
+    import gguf
+
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # the gguf package raises assorted errors on damaged files
+        raise ValueError(f"{path} is not a readable GGUF file ({e}); re-download or re-assemble it.") from e
+
+
 def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
     """Config and canonical (HF-named, [out, in], float32) weights of a GGUF file."""
     import gguf
 
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # the gguf package raises assorted errors on damaged files
-        raise ValueError(f"{path} is not a readable GGUF file ({e}); re-download or re-assemble it.") from e
+    reader = _gguf_reader(path)
     meta = {}
     for key, field in reader.fields.items():
         if not key.startswith("tokenizer.ggml.") or key.endswith("_id"):  # skip the big vocab arrays
@@ -313,5 +322,6 @@ def load(
     state = canonical_to_state(config, weights)
     del weights
     model = build_model(config, state, dtype=dtype, compute_dtype=compute_dtype, mesh=mesh, remat=remat)
-    tokenizer = load_tokenizer(path, arch=config.arch)
+    tokenizer = load_tokenizer(path, arch=config.arch, gguf_fields=lambda: _gguf_reader(path).fields)
+    _gguf_reader.cache_clear()
     return model, tokenizer

@@ -1,15 +1,22 @@
-"""Tokenizers and chat templates from transformers, for GGUF files and HF directories."""
+"""Tokenizers and chat templates from transformers, for GGUF files and HF directories.
+
+Nothing here needs torch: GGUF tokenizers are rebuilt from the file's metadata with
+transformers' converter pieces (its own GGUF file reader imports torch).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 # Gemma 3 GGUF files ship without a chat template; this is Gemma 3's (text turns only).
 GEMMA3_CHAT_TEMPLATE = (
@@ -83,8 +90,48 @@ def _file_key(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def load_tokenizer(path: Path, *, arch: str) -> Tokenizer:
-    """Tokenizer of a GGUF file (converted once, then cached) or of an HF directory."""
+def gguf_tokenizer(fields: Mapping[str, object]):
+    """A transformers fast tokenizer built from a GGUF file's metadata, without torch.
+
+    `fields` maps metadata keys to `gguf.ReaderField`s (a `GGUFReader`'s `fields`). The
+    vocabulary, merges and special tokens are regrouped as transformers' own GGUF loader
+    does and handed to its torch-free converter; only its file reader needs torch.
+    """
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+        _SPECIAL_TOKENS,
+        GGUF_TOKENIZER_MAPPING,
+        convert_gguf_tokenizer,
+    )
+
+    def value(key):
+        return fields[key].contents() if key in fields else None
+
+    arch = value("general.architecture")
+    groups = {group: {name: value(f"tokenizer.{key}") for key, name in renames.items()
+                      if f"tokenizer.{key}" in fields}
+              for group, renames in GGUF_TOKENIZER_MAPPING.items()}
+    vocabulary, settings = groups["tokenizer"], groups["tokenizer_config"]
+    if "tokens" not in vocabulary:
+        raise ValueError("this GGUF file holds no tokenizer (no tokenizer.ggml.tokens); load the model from a "
+                         "Hugging Face directory with its tokenizer files instead.")
+    if vocabulary.get("tokenizer_type") == "llama":  # llama.cpp adds BOS to sentencepiece vocabularies by default
+        settings.setdefault("add_bos_token", True)
+    for name, key in _SPECIAL_TOKENS.items():
+        token_id = value(f"tokenizer.ggml.{key}")
+        settings[name] = vocabulary["tokens"][token_id] if token_id is not None else None
+    backend, extra = convert_gguf_tokenizer(arch, vocabulary)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **settings, **extra)
+
+
+def load_tokenizer(path: Path, *, arch: str, gguf_fields: Callable[[], Mapping[str, object]] | None = None
+                   ) -> Tokenizer:
+    """Tokenizer of an HF directory, or of a GGUF file (built from its metadata, then cached).
+
+    `gguf_fields` returns the file's metadata fields when the cache misses (so a caller
+    that already parsed the file does not parse it again). The cache under
+    `JAXDISTILL_CACHE` only saves time: an unwritable cache is skipped.
+    """
     from transformers import AutoTokenizer
 
     if path.is_dir():
@@ -96,16 +143,11 @@ def load_tokenizer(path: Path, *, arch: str) -> Tokenizer:
         hf = AutoTokenizer.from_pretrained(path)
     else:
         cached = cache_dir() / "tokenizers" / f"{path.stem}-{_file_key(path)}"
-        if not (cached / "tokenizer_config.json").exists():
-            hf = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(dir=cached.parent))
-            hf.save_pretrained(tmp)
-            try:
-                tmp.rename(cached)  # atomic: readers never see a half-written directory
-            except OSError:  # another process got there first
-                shutil.rmtree(tmp, ignore_errors=True)
-        hf = AutoTokenizer.from_pretrained(cached)
+        if (cached / "tokenizer_config.json").exists():
+            hf = AutoTokenizer.from_pretrained(cached)
+        else:
+            hf = gguf_tokenizer(gguf_fields() if gguf_fields else _read_gguf_fields(path))
+            _save_atomically(hf, cached)
     if not hf.chat_template and arch in FALLBACK_CHAT_TEMPLATES:
         hf.chat_template = FALLBACK_CHAT_TEMPLATES[arch]
     vocab = hf.get_vocab()
@@ -114,3 +156,24 @@ def load_tokenizer(path: Path, *, arch: str) -> Tokenizer:
     pad = hf.pad_token_id if hf.pad_token_id is not None else hf.eos_token_id
     return Tokenizer(hf=hf, eos_ids=tuple(sorted(eos)), pad_id=int(pad),
                      turn_end_id=int(turn_ends[0] if turn_ends else hf.eos_token_id))
+
+
+def _read_gguf_fields(path: Path) -> Mapping[str, object]:
+    import gguf
+
+    return gguf.GGUFReader(path).fields
+
+
+def _save_atomically(hf, target: Path) -> None:
+    """Write the tokenizer to `target` in one rename; skipped (with a note) when the cache is unwritable."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent))
+    except OSError as e:
+        log.warning("tokenizer cache %s is not writable (%s); the tokenizer is rebuilt on each load", target, e)
+        return
+    hf.save_pretrained(tmp)
+    try:
+        tmp.rename(target)  # atomic: readers never see a half-written directory
+    except OSError:  # another process got there first
+        shutil.rmtree(tmp, ignore_errors=True)
