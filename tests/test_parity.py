@@ -83,7 +83,7 @@ def _randomise(model, seed):
 
 
 def _tiny(kind):
-    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     common = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
@@ -95,6 +95,9 @@ def _tiny(kind):
     if kind == "qwen2":  # q/k/v biases, YaRN
         return Qwen2Config(**common, tie_word_embeddings=True, rope_parameters=dict(
             rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=32))
+    if kind == "qwen3":  # q/k norms, head_dim set apart from hidden_size / heads, untied head
+        return Qwen3Config(**common, head_dim=24, tie_word_embeddings=False, rope_parameters=dict(
+            rope_type="default", rope_theta=1000000.0))
     if kind == "mistral":  # every layer local with a small window
         return MistralConfig(**common, sliding_window=8, tie_word_embeddings=False, head_dim=16)
     return Gemma3TextConfig(**{**common, "num_hidden_layers": 4}, head_dim=32, sliding_window=8,
@@ -102,7 +105,7 @@ def _tiny(kind):
                                          "sliding_attention"], query_pre_attn_scalar=24)
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "mistral", "gemma3"])
+@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3", "mistral", "gemma3"])
 def tiny_checkpoint(request, tmp_path_factory):
     from transformers import AutoModelForCausalLM
 

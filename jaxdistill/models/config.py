@@ -13,13 +13,13 @@ from typing import Any
 
 import numpy as np
 
-SUPPORTED_HF_TYPES = ("llama", "mistral", "qwen2", "gemma3_text", "gemma3")
+from jaxdistill.errors import ConfigError
+
+SUPPORTED_HF_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma3")
+# Mixture-of-experts configs name their experts with one of these fields.
+MOE_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size")
 SUPPORTED_GGUF_ARCHS = ("llama", "qwen2", "gemma3")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
-
-
-class ConfigError(ValueError):
-    """A model config we cannot run, or one that contradicts its weights."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,16 +99,23 @@ class ModelConfig:
     # ---------------------------------------------------------------- builders
 
     @classmethod
-    def from_hf(cls, hf: Mapping[str, Any]) -> ModelConfig:
+    def from_hf(cls, hf: Mapping[str, Any], where: str = "config.json") -> ModelConfig:
         """From the dict of a Hugging Face config.json (transformers v4 or v5 layout)."""
         model_type = hf.get("model_type")
         if model_type == "gemma3":  # the multimodal wrapper: the text model is inside
-            hf = hf["text_config"]
+            hf = _Required(hf, where, model_type)["text_config"]
             model_type = "gemma3_text"
+        moe = [f for f in MOE_FIELDS if hf.get(f)]
+        if moe or "moe" in str(model_type):
+            raise ConfigError(
+                f"{where}: {model_type!r} is a mixture-of-experts model ({', '.join(moe) or 'model_type'}), which "
+                f"jaxdistill does not run; supported (dense): {', '.join(SUPPORTED_HF_TYPES)}."
+            )
         if model_type not in SUPPORTED_HF_TYPES:
             raise ConfigError(
                 f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_HF_TYPES)}."
             )
+        hf = _Required(hf, where, model_type)
         heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
         common = dict(
@@ -150,7 +157,7 @@ class ModelConfig:
             )
         rope = rope or {"rope_theta": hf.get("rope_theta", 10000.0), **(hf.get("rope_scaling") or {})}
         window = hf.get("sliding_window")
-        if model_type == "qwen2" and not hf.get("use_sliding_window", False):
+        if model_type in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
             window = None
         if hf.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"hidden_act {hf.get('hidden_act')!r} is not supported for {model_type}; only 'silu'.")
@@ -163,6 +170,7 @@ class ModelConfig:
             sliding_window=window,
             local_rope_theta=rope["rope_theta"] if window else None,
             qkv_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
+            qk_norm=model_type == "qwen3",  # RMSNorm of each head's q and k before RoPE
             tie_embeddings=hf.get("tie_word_embeddings", model_type != "mistral"),
         )
 
@@ -236,6 +244,18 @@ class ModelConfig:
             local_rope_theta=theta if window else None,
             qkv_bias="blk.0.attn_q.bias" in tensor_shapes,
         )
+
+
+class _Required(dict):
+    """A config.json dict whose missing required fields are named, with the file, in the error."""
+
+    def __init__(self, data: Mapping[str, Any], where: str, model_type: str):
+        super().__init__(data)
+        self.where, self.model_type = where, model_type
+
+    def __missing__(self, key):
+        raise ConfigError(f"{self.where} has no {key!r} field, which a {self.model_type} config needs; "
+                          "is this the model's own config.json?")
 
 
 def _rope_scaling_from_hf(rope: Mapping[str, Any]) -> RopeScaling:

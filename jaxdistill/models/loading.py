@@ -81,17 +81,21 @@ def _gguf_reader(path: Path):
         raise ValueError(f"{path} is not a readable GGUF file ({e}); re-download or re-assemble it.") from e
 
 
-def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
-    """Config and canonical (HF-named, [out, in], float32) weights of a GGUF file."""
-    import gguf
-
-    reader = _gguf_reader(path)
+def _gguf_config(reader) -> ModelConfig:
     meta = {}
     for key, field in reader.fields.items():
         if not key.startswith("tokenizer.ggml.") or key.endswith("_id"):  # skip the big vocab arrays
             meta[key] = field.contents()
     shapes = {t.name: tuple(int(s) for s in reversed(t.shape)) for t in reader.tensors}
-    config = ModelConfig.from_gguf(meta, shapes)
+    return ModelConfig.from_gguf(meta, shapes)
+
+
+def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+    """Config and canonical (HF-named, [out, in], float32) weights of a GGUF file."""
+    import gguf
+
+    reader = _gguf_reader(path)
+    config = _gguf_config(reader)
     weights = {}
     for tensor in reader.tensors:
         expected = int(np.prod(tensor.shape))
@@ -148,15 +152,22 @@ def _unpermute_rope_rows(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _hf_config(path: Path) -> ModelConfig:
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{path} has no config.json; point at a Hugging Face model directory.")
+    try:
+        hf_config = json.loads(config_file.read_text())
+    except ValueError as e:
+        raise ConfigError(f"{config_file} is not valid JSON ({e}); re-download it.") from None
+    return ModelConfig.from_hf(hf_config, where=str(config_file))
+
+
 def read_hf_directory(path: Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
     """Config and canonical weights of a directory written by `save_pretrained`."""
     from safetensors import safe_open
 
-    config_file = path / "config.json"
-    if not config_file.exists():
-        raise FileNotFoundError(f"{path} has no config.json; point at a Hugging Face model directory.")
-    hf_config = json.loads(config_file.read_text())
-    config = ModelConfig.from_hf(hf_config)
+    config = _hf_config(path)
     index = path / "model.safetensors.index.json"
     if index.exists():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -199,11 +210,11 @@ def _hf_layer_names(config: ModelConfig) -> dict[str, str]:
             "attn_post_norm": "post_attention_layernorm.weight",
             "mlp_norm": "pre_feedforward_layernorm.weight",
             "mlp_post_norm": "post_feedforward_layernorm.weight",
-            "q_norm": "self_attn.q_norm.weight",
-            "k_norm": "self_attn.k_norm.weight",
         }
     else:
         names["mlp_norm"] = "post_attention_layernorm.weight"
+    if config.qk_norm:
+        names |= {"q_norm": "self_attn.q_norm.weight", "k_norm": "self_attn.k_norm.weight"}
     if config.qkv_bias:
         names |= {"bq": "self_attn.q_proj.bias", "bk": "self_attn.k_proj.bias", "bv": "self_attn.v_proj.bias"}
     return names
@@ -294,12 +305,28 @@ def _dtype(name: str):
     return DTYPES[name]
 
 
+def _check_kind(path: Path) -> None:
+    if not path.is_dir() and path.suffix != ".gguf":
+        raise ConfigError(f"{path}: expected a .gguf file or a Hugging Face model directory.")
+
+
+def read_config(path: Path) -> ModelConfig:
+    """The model config of a GGUF file or an HF directory, without reading any weights."""
+    _check_kind(path)
+    return _hf_config(path) if path.is_dir() else _gguf_config(_gguf_reader(path))
+
+
 def read_weights(path: Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
-    if path.is_dir():
-        return read_hf_directory(path)
-    if path.suffix != ".gguf":
-        raise ValueError(f"{path}: expected a .gguf file or a Hugging Face model directory.")
-    return read_gguf(path)
+    _check_kind(path)
+    return read_hf_directory(path) if path.is_dir() else read_gguf(path)
+
+
+def describe(name_or_path: str | Path) -> tuple[ModelConfig, Tokenizer]:
+    """A model's config and tokenizer without its weights: enough to validate data against
+    the model (lengths, vocabulary) before paying for the weights."""
+    path = resolve(name_or_path)
+    config = read_config(path)
+    return config, load_tokenizer(path, arch=config.arch, gguf_fields=lambda: _gguf_reader(path).fields)
 
 
 def load(
