@@ -116,6 +116,16 @@ def generate(
         raise ValueError("every prompt needs at least one token (add BOS or a chat template).")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+    vocab = model.config.vocab_size
+    for i, prompt in enumerate(prompts):
+        ids = np.asarray(prompt)
+        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"prompt {i} must be a flat list of token ids (integers), got {ids.dtype} of shape "
+                             f"{ids.shape}; encode text with the model's tokenizer first.")
+        if ids.min() < 0 or ids.max() >= vocab:
+            bad = int(ids[(ids < 0) | (ids >= vocab)][0])
+            raise ValueError(f"prompt {i} holds token id {bad}, outside the model's vocabulary of {vocab} ids; "
+                             "was it encoded with another model's tokenizer?")
     longest = max(len(p) for p in prompts)
     limit = model.config.max_seq_len
     if longest + max_new_tokens > limit:

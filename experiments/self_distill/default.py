@@ -34,11 +34,17 @@ def get_config():
     c.optim = ml_collections.ConfigDict(dict(lr=1e-5, warmup_steps=2, end_lr_fraction=0.1, weight_decay=0.0,
                                              b1=0.9, b2=0.95, clip_norm=1.0, accumulate=1))
     c.loss = ml_collections.ConfigDict(dict(kind="forward_kl", jsd_beta=0.5, top_k=0, clip=0.0, chunk=64))
+    # Data: source synthetic (generated; train_size, steps, max_start, max_operand), jsonl (train_path,
+    # eval_path: GSM8K, generic or conversation records) or tfds (tfds_name prepared in tfds_data_dir).
+    # Records longer than max_tokens (0: the model's context) stop the run before it starts, or are
+    # left out with a printed count when overlong="skip".
     c.data = ml_collections.ConfigDict(dict(source="synthetic", seed=0, train_size=2000, eval_size=64, steps=1,
-                                            max_start=20, max_operand=12))
+                                            max_start=20, max_operand=12, train_path="", eval_path="",
+                                            tfds_name="gsm8k", tfds_data_dir="", max_tokens=0, overlong="error"))
     c.eval = ml_collections.ConfigDict(dict(before=True, after=True, every=0, max_new_tokens=96, batch_size=32,
                                             mean_at_k=0))
-    c.checkpoint = ml_collections.ConfigDict(dict(every=8, keep=2))
+    # resume_from=N restarts from checkpoint N (later ones are deleted); 0 resumes from the latest.
+    c.checkpoint = ml_collections.ConfigDict(dict(every=8, keep=2, resume_from=0))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: all remaining devices
     # Multi-process (GPU clusters, TPU pods): num_processes=-1 lets JAX discover everything;
     # launch/ has the scripts. 1 = a single process, no jax.distributed.

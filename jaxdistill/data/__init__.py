@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from jaxdistill.data.records import DataError, Record, extract_answer, iter_tfds, parse_record, read_jsonl
 from jaxdistill.data.synthetic import SyntheticConfig, synthetic_records
+from jaxdistill.errors import ConfigError
 
 __all__ = ["DataError", "Record", "SyntheticConfig", "extract_answer", "load_records", "read_jsonl",
            "synthetic_records", "tfds_records"]
@@ -28,10 +29,23 @@ def load_records(config) -> tuple[list[Record], list[Record]]:
         return (synthetic_records(config.train_size, config.seed, task, "train"),
                 synthetic_records(config.eval_size, config.seed, task, "test"))
     if source == "jsonl":
+        if not config.get("train_path"):
+            raise ConfigError("data.source='jsonl' reads --config.data.train_path=<file.jsonl> (and optionally "
+                              "--config.data.eval_path=<file.jsonl>); train_path is not set.")
         train = read_jsonl(config.train_path)
-        evaluation = read_jsonl(config.eval_path) if config.get("eval_path") else train[: config.eval_size]
+        if config.get("eval_path"):
+            evaluation = read_jsonl(config.eval_path)
+        else:  # hold out the last eval_size records, so evaluation never sees a training record
+            held_out = config.eval_size or max(1, len(train) // 10)
+            if held_out >= len(train):
+                raise ConfigError(f"{config.train_path} has {len(train)} records, too few to hold out "
+                                  f"data.eval_size={held_out} for evaluation; set data.eval_path or lower eval_size.")
+            train, evaluation = train[:-held_out], train[-held_out:]
         return train, evaluation[: config.eval_size] if config.eval_size else evaluation
     if source == "tfds":
-        return (tfds_records(config.tfds_name, "train", config.get("tfds_data_dir"), config.get("train_size", 0)),
-                tfds_records(config.tfds_name, "test", config.get("tfds_data_dir"), config.eval_size))
-    raise ValueError(f"data.source {source!r} is not one of 'synthetic', 'jsonl', 'tfds'.")
+        if not config.get("tfds_name"):
+            raise ConfigError("data.source='tfds' needs --config.data.tfds_name (e.g. gsm8k).")
+        return (tfds_records(config.tfds_name, "train", config.get("tfds_data_dir") or None,
+                             config.get("train_size", 0)),
+                tfds_records(config.tfds_name, "test", config.get("tfds_data_dir") or None, config.eval_size))
+    raise ConfigError(f"data.source {source!r} is not one of 'synthetic', 'jsonl', 'tfds'.")

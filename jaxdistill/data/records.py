@@ -17,6 +17,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from jaxdistill.errors import DataError
+
 
 @dataclasses.dataclass(frozen=True)
 class Record:
@@ -25,10 +27,6 @@ class Record:
     solution: str  # the reference the teacher sees as a hint
     answer: str | None = None  # exact answer when the task is verifiable
     history: tuple[tuple[str, str], ...] = ()  # earlier (role, content) turns of a conversation
-
-
-class DataError(ValueError):
-    """A malformed record: the message names the file, the record and the field."""
 
 
 _ANSWER = re.compile(r"####\s*(.+?)\s*$", re.S)
@@ -98,9 +96,16 @@ def iter_jsonl(path: str | Path):
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"data file {path} does not exist.")
+    if path.is_dir():
+        raise DataError(f"{path} is a directory; point at a .jsonl file.")
     count = 0
-    with path.open() as f:
-        for line_no, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}, line {line_no}: not UTF-8 text (byte {raw[e.start]:#04x} at column "
+                                f"{e.start + 1}); re-save the file as UTF-8.") from None
             if not line.strip():
                 continue
             count += 1

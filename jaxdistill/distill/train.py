@@ -16,28 +16,29 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from pathlib import Path
 
 import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm.auto import tqdm
 
 from jaxdistill import mesh as mesh_lib
-from jaxdistill import sampling
+from jaxdistill import runs, sampling
 from jaxdistill.data import load_records
-from jaxdistill.data.records import extract_answer
+from jaxdistill.data.records import Record, extract_answer
 from jaxdistill.distill import step as step_lib
 from jaxdistill.distill.losses import LossConfig, TargetConfig
 from jaxdistill.distill.prompts import PromptConfig, prompt_pair
 from jaxdistill.distill.targets import blend_logits
+from jaxdistill.errors import ConfigError, DataError
 from jaxdistill.eval.harness import evaluate, format_table
 from jaxdistill.models import load
+from jaxdistill.models.loading import describe
 
 ARMS = ("blend", "fixed_k", "teacher", "sft")
+OVERLONG = ("error", "skip")  # what to do with records longer than the context (data.overlong)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,22 +83,101 @@ def sample_completions(model, tokenizer, pairs, config, key):
     return out.sequences()
 
 
-def run(config) -> dict:
-    if config.arm not in ARMS:
-        raise ValueError(f"arm {config.arm!r} is not one of {ARMS}.")
+def validate(config) -> None:
+    """Every setting that can be checked without data or a model, checked before any work."""
+    def need(ok: bool, message: str):
+        if not ok:
+            raise ConfigError(message)
+
+    need(config.arm in ARMS, f"arm {config.arm!r} is not one of {ARMS}.")
     samples = config.get("samples_per_problem", 1)
-    if samples < 1 or (config.arm == "sft" and samples != 1):
-        raise ValueError(f"samples_per_problem must be >= 1 (and 1 for the sft arm, which samples nothing), "
-                         f"got {samples}.")
-    workdir = Path(config.workdir).expanduser().resolve()  # orbax needs an absolute path
-    workdir.mkdir(parents=True, exist_ok=True)
+    need(samples >= 1 and (config.arm != "sft" or samples == 1),
+         f"samples_per_problem must be >= 1 (and 1 for the sft arm, which samples nothing), got {samples}.")
+    need(config.steps >= 1, f"steps must be >= 1, got {config.steps}.")
+    warmup = config.optim.warmup_steps
+    need(0 <= warmup < config.steps, f"optim.warmup_steps ({warmup}) must be below steps ({config.steps}): the "
+         "learning rate warms up, then decays over the remaining steps. Lower --config.optim.warmup_steps or raise "
+         "--config.steps.")
+    need(config.optim.lr > 0, f"optim.lr must be > 0, got {config.optim.lr}.")
+    need(config.batch_size >= 1, f"batch_size must be >= 1, got {config.batch_size}.")
+    need(config.sample.max_new_tokens >= 1, f"sample.max_new_tokens must be >= 1, got {config.sample.max_new_tokens}.")
+    need(config.sample.temperature > 0, f"sample.temperature must be > 0 for on-policy sampling, got "
+         f"{config.sample.temperature}.")
+    need(config.checkpoint.every >= 1 and config.checkpoint.keep >= 1,
+         "checkpoint.every and checkpoint.keep must be >= 1.")
+    e = config.eval
+    need(e.max_new_tokens >= 1 and e.batch_size >= 1 and e.mean_at_k >= 0,
+         "eval.max_new_tokens and eval.batch_size must be >= 1, eval.mean_at_k >= 0.")
+    need(config.data.get("overlong", "error") in OVERLONG,
+         f"data.overlong must be one of {OVERLONG}, got {config.data.get('overlong')!r}.")
+    need(config.data.get("max_tokens", 0) >= 0, "data.max_tokens must be >= 0 (0: the model's context).")
+    try:
+        LossConfig(**config.loss)
+        target_for(config)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def fit_to_context(records: list[Record], tokenizer, limit: int, prompt_config: PromptConfig, new_tokens: int,
+                   policy: str, what: str) -> list[Record]:
+    """The records whose longest sequence fits in `limit` tokens; the others are an error, or
+    (policy "skip") left out with a printed count. The longest sequence of a record is its
+    teacher prompt plus the larger of `new_tokens` and its tokenised solution (the SFT target
+    and the hint-uplift score)."""
+    too_long = []
+    for record in records:
+        prompt = max(len(p) for p in prompt_pair(tokenizer, record, prompt_config))
+        solution = len(tokenizer.encode(record.solution, add_special_tokens=False)) + 1
+        if prompt + max(new_tokens, solution) > limit:
+            too_long.append((record, prompt + max(new_tokens, solution)))
+    if not too_long:
+        return records
+    record, length = max(too_long, key=lambda pair: pair[1])
+    if policy == "error":
+        raise DataError(
+            f"{len(too_long)} of {len(records)} {what} records do not fit in {limit} tokens (the longest, "
+            f"{record.uid}, needs {length}: prompt with hint plus {new_tokens} generated tokens or its solution). "
+            "Shorten them, raise data.max_tokens up to the model's context, or pass --config.data.overlong=skip "
+            "to leave them out.")
+    print(f"data.overlong=skip: left out {len(too_long)} of {len(records)} {what} records longer than {limit} "
+          f"tokens (longest: {record.uid}, {length} tokens).", flush=True)
+    kept = [r for r in records if r not in {r for r, _ in too_long}]
+    if not kept:
+        raise DataError(f"every {what} record is longer than {limit} tokens; nothing is left to use.")
+    return kept
+
+
+def run(config) -> dict:
+    validate(config)
     if config.get("distributed"):
         mesh_lib.initialize_distributed(**config.distributed)
+    workdir = runs.open_workdir(config.workdir)
+    with runs.WorkdirLock(workdir):
+        return _train(config, workdir)
+
+
+def _train(config, workdir) -> dict:
+    samples = config.get("samples_per_problem", 1)
+    train_records, eval_records = load_records(config.data)
+    model_config, tokenizer = describe(config.model)
+    limit = config.data.get("max_tokens", 0) or model_config.max_seq_len
+    if limit > model_config.max_seq_len:
+        raise ConfigError(f"data.max_tokens={limit} exceeds the model's context of {model_config.max_seq_len}.")
+    prompt_config = PromptConfig(**config.prompts) if config.get("prompts") else PromptConfig()
+    policy = config.data.get("overlong", "error")
+    train_records = fit_to_context(train_records, tokenizer, limit, prompt_config, config.sample.max_new_tokens,
+                                   policy, "training")
+    eval_records = fit_to_context(eval_records, tokenizer, limit, prompt_config, config.eval.max_new_tokens,
+                                  policy, "evaluation")
     mesh = mesh_lib.make_mesh(dict(config.mesh)) if config.get("mesh") else None
+    if mesh is not None:
+        ways = mesh.shape["data"] * mesh.shape["fsdp"]
+        if (config.batch_size * samples) % ways:
+            raise ConfigError(f"batch_size x samples_per_problem = {config.batch_size * samples} problems do not "
+                              f"split evenly over the mesh's {ways} data-parallel devices (data x fsdp); use a "
+                              f"multiple of {ways} or change --config.mesh.")
     model, tokenizer = load(config.model, dtype=config.dtype, compute_dtype=config.compute_dtype or None,
                             mesh=mesh, remat=config.remat)
-    train_records, eval_records = load_records(config.data)
-    prompt_config = PromptConfig(**config.prompts) if config.get("prompts") else PromptConfig()
     eval_kwargs = dict(prompt_config=prompt_config, max_new_tokens=config.eval.max_new_tokens,
                        batch_size=config.eval.batch_size, mean_at_k=config.eval.mean_at_k)
 
@@ -110,72 +190,69 @@ def run(config) -> dict:
                                  combined_forward=config.combined_forward),
         state, mesh)
     iterator = data_iterator(train_records, config.seed)
-
-    manager = ocp.CheckpointManager(workdir / "checkpoints", options=ocp.CheckpointManagerOptions(
-        max_to_keep=config.checkpoint.keep, create=True))
-    summary_path, metrics_path = workdir / "summary.json", workdir / "metrics.jsonl"
+    summary_path = workdir / "summary.json"
     summary = {"config": config.to_dict(), "eval": {}}
-    start = 0
-    if manager.latest_step() is not None:
-        start = manager.latest_step()
-        restored = manager.restore(start, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(state), meta=ocp.args.JsonRestore()))
-        state = restored.state
-        iterator.set_state(restored.meta["data"])
-        summary = restored.meta["summary"]
-        print(f"resumed from step {start} in {workdir}")
-    elif config.eval.before:
-        summary["eval"]["before"] = evaluate(model, tokenizer, eval_records, **eval_kwargs)
 
-    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=f"{config.arm}", unit="step",
-               dynamic_ncols=True)
-    for step in bar:
-        tick = time.perf_counter()
-        key = jax.random.fold_in(jax.random.key(config.seed), step)
-        problems = [next(iterator) for _ in range(config.batch_size)]
-        records = [r for r in problems for _ in range(samples)]  # each sample gets its own (pCoT, pTeacher) pair
-        pairs = [prompt_pair(tokenizer, r, prompt_config) for r in records]
-        model = nnx.merge(graphdef, state.params)
-        if mode == "sft":
-            completions = [tokenizer.encode(r.solution, add_special_tokens=False) + [tokenizer.turn_end_id]
-                           for r in records]
-            batch = step_lib.build_batch([p[0] for p in pairs], None, completions, pad_id=tokenizer.pad_id)
-            reward = float("nan")
-        else:
-            completions = sample_completions(model, tokenizer, pairs, config, jax.random.fold_in(key, 1))
-            completions = [c if c else [tokenizer.turn_end_id] for c in completions]
-            batch = step_lib.build_batch([p[0] for p in pairs], [p[1] for p in pairs], completions,
-                                         pad_id=tokenizer.pad_id)
-            verifiable = [(r, c) for r, c in zip(records, completions, strict=True) if r.answer is not None]
-            reward = float(np.mean([extract_answer(tokenizer.decode(c)) == r.answer for r, c in verifiable])
-                           ) if verifiable else float("nan")
-        if mesh is not None:
-            batch = mesh_lib.host_to_global(batch, mesh)
-        state, metrics = train_step(state, batch, jax.random.fold_in(key, 2))
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        seconds = time.perf_counter() - tick
-        metrics |= {"step": step + 1, "reward": reward, "seconds": seconds,
-                    "tokens_per_s": metrics["generated_tokens"] / seconds}
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}", reward=f"{reward:.2f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
-        done = step + 1
-        if config.eval.every and done % config.eval.every == 0 and done < config.steps:
+    with runs.Checkpoints(workdir / "checkpoints", keep=config.checkpoint.keep,
+                          resume_from=config.checkpoint.get("resume_from", 0)) as checkpoints:
+        restored = checkpoints.restore(state)
+        start = 0
+        if restored is not None:
+            start, state, meta = restored
+            iterator.set_state(meta["data"])
+            summary = meta["summary"]
+            print(f"resumed from step {start} in {workdir}")
+        elif config.eval.before:
+            summary["eval"]["before"] = evaluate(model, tokenizer, eval_records, **eval_kwargs)
+        metrics_log = runs.MetricsLog(workdir / "metrics.jsonl", resume_step=start)
+
+        bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=f"{config.arm}",
+                   unit="step", dynamic_ncols=True)
+        for step in bar:
+            tick = time.perf_counter()
+            key = jax.random.fold_in(jax.random.key(config.seed), step)
+            problems = [next(iterator) for _ in range(config.batch_size)]
+            records = [r for r in problems for _ in range(samples)]  # each sample gets its own (pCoT, pTeacher) pair
+            pairs = [prompt_pair(tokenizer, r, prompt_config) for r in records]
             model = nnx.merge(graphdef, state.params)
-            summary["eval"][f"step {done}"] = evaluate(model, tokenizer, eval_records, **eval_kwargs)
-        if done % config.checkpoint.every == 0 or done == config.steps:
-            manager.save(done, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                meta=ocp.args.JsonSave({"data": iterator.get_state(), "summary": summary})))
-    manager.wait_until_finished()
+            if mode == "sft":
+                completions = [tokenizer.encode(r.solution, add_special_tokens=False) + [tokenizer.turn_end_id]
+                               for r in records]
+                batch = step_lib.build_batch([p[0] for p in pairs], None, completions, pad_id=tokenizer.pad_id)
+                reward = float("nan")
+            else:
+                completions = sample_completions(model, tokenizer, pairs, config, jax.random.fold_in(key, 1))
+                completions = [c if c else [tokenizer.turn_end_id] for c in completions]
+                batch = step_lib.build_batch([p[0] for p in pairs], [p[1] for p in pairs], completions,
+                                             pad_id=tokenizer.pad_id)
+                verifiable = [(r, c) for r, c in zip(records, completions, strict=True) if r.answer is not None]
+                reward = float(np.mean([extract_answer(tokenizer.decode(c)) == r.answer for r, c in verifiable])
+                               ) if verifiable else float("nan")
+            if mesh is not None:
+                batch = mesh_lib.host_to_global(batch, mesh)
+            state, metrics = train_step(state, batch, jax.random.fold_in(key, 2))
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            seconds = time.perf_counter() - tick
+            metrics |= {"step": step + 1, "reward": reward, "seconds": seconds,
+                        "tokens_per_s": metrics["generated_tokens"] / seconds}
+            metrics_log.write(metrics)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", reward=f"{reward:.2f}",
+                            tok_s=f"{metrics['tokens_per_s']:.0f}")
+            done = step + 1
+            if config.eval.every and done % config.eval.every == 0 and done < config.steps:
+                model = nnx.merge(graphdef, state.params)
+                summary["eval"][f"step {done}"] = evaluate(model, tokenizer, eval_records, **eval_kwargs)
+            if done % config.checkpoint.every == 0 or done == config.steps:
+                checkpoints.save(done, state, {"data": iterator.get_state(), "summary": summary})
 
     if config.eval.after:
         model = nnx.merge(graphdef, state.params)
         summary["eval"]["after"] = evaluate(model, tokenizer, eval_records, **eval_kwargs)
-    summary_path.write_text(json.dumps(summary, indent=1))
-    if summary["eval"]:
-        table = format_table(summary["eval"])
-        (workdir / "summary.md").write_text(f"# {config.arm} on {config.model}\n\n{table}\n")
-        print(f"\nheld-out evaluation ({len(eval_records)} problems), {config.arm} arm:\n{table}")
-        print(f"\nmetrics: {metrics_path}\nsummary: {workdir / 'summary.md'}")
+    if runs.is_writer():
+        runs.atomic_write_text(summary_path, json.dumps(summary, indent=1))
+        if summary["eval"]:
+            table = format_table(summary["eval"])
+            runs.atomic_write_text(workdir / "summary.md", f"# {config.arm} on {config.model}\n\n{table}\n")
+            print(f"\nheld-out evaluation ({len(eval_records)} problems), {config.arm} arm:\n{table}")
+            print(f"\nmetrics: {workdir / 'metrics.jsonl'}\nsummary: {workdir / 'summary.md'}")
     return summary

@@ -17,7 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxdistill import runs
 from jaxdistill.data.qa import load_questions
+from jaxdistill.errors import ConfigError
 from jaxdistill.eval import metrics
 from jaxdistill.router import baselines, ppo
 from jaxdistill.router import env as env_lib
@@ -25,8 +27,35 @@ from jaxdistill.router.experts import Encoder, ExpertConfig, ExpertPool
 from jaxdistill.router.precompute import Table, precompute
 
 
+def validate(config) -> None:
+    """Every setting that can be checked without questions or models, checked before any work."""
+    def need(ok: bool, message: str):
+        if not ok:
+            raise ConfigError(message)
+
+    e, p = config.env, config.precompute
+    need(p.t_max >= 1, f"precompute.t_max must be >= 1 (expert calls per episode), got {p.t_max}.")
+    need(p.chunk >= 1 and p.batch_size >= 1, "precompute.chunk and precompute.batch_size must be >= 1.")
+    need(p.num_hosts >= 1 and 0 <= p.host < p.num_hosts,
+         f"precompute.host must be in [0, num_hosts={p.num_hosts}), got {p.host}.")
+    alphas = [e.alpha, *config.alphas]
+    need(all(a >= 0 for a in alphas), f"env.alpha and alphas are prices of cost and must be >= 0, got {alphas}.")
+    need(e.beta >= 0 and e.gamma >= 0, f"env.beta and env.gamma must be >= 0, got {e.beta} and {e.gamma}.")
+    need(0 <= e.p0 <= 1, f"env.p0 is a quality threshold in [0, 1], got {e.p0}.")
+    need(config.seeds >= 1, f"seeds must be >= 1, got {config.seeds}.")
+    need(config.knn_k >= 1, f"knn_k must be >= 1, got {config.knn_k}.")
+    need(len(config.experts) >= 1, "experts is empty: configure at least one expert.")
+    try:
+        ppo.PPOConfig.from_config(config.ppo)
+        [ExpertConfig.from_config(dict(x)) for x in config.experts]
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 def build_table(config, workdir: Path) -> tuple[Table, Table]:
     train_q, test_q = load_questions(config.data)
+    if config.knn_k > len(train_q):
+        raise ConfigError(f"knn_k={config.knn_k} exceeds the {len(train_q)} training questions; lower --config.knn_k.")
     where = lambda path: path.format(weights=config.get("weights", ""))  # noqa: E731  ("{weights}/..." paths)
     experts = [ExpertConfig.from_config({**e, "model": where(e["model"])}) for e in config.experts]
     pool = ExpertPool(experts, ktp_template=config.ktp_template, batch_size=config.precompute.batch_size)
@@ -156,11 +185,11 @@ def plot(method_curves, aucs, path: Path, title: str) -> None:
 
 def format_table(rows: dict[str, list[dict]], seeds: int) -> str:
     lines = ["| method | quality | calls | cost (GFLOPs) | return |", "|---|---:|---:|---:|---:|"]
-    for method, runs in rows.items():
+    for method, outcomes in rows.items():
         cells = []
         for field, scale, digits in (("quality", 1, 3), ("calls", 1, 2), ("flops", 1e9, 2), ("return", 1, 3)):
-            mean, spread = mean_spread(runs, field)
-            cells.append(f"{mean / scale:.{digits}f} ± {spread / scale:.{digits}f}" if len(runs) > 1
+            mean, spread = mean_spread(outcomes, field)
+            cells.append(f"{mean / scale:.{digits}f} ± {spread / scale:.{digits}f}" if len(outcomes) > 1
                          else f"{mean / scale:.{digits}f}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     lines.append(f"\n± is the standard deviation over {seeds} seeds (training seeds for the router, rollout seeds "
@@ -169,8 +198,13 @@ def format_table(rows: dict[str, list[dict]], seeds: int) -> str:
 
 
 def run(config) -> dict:
-    workdir = Path(config.workdir).expanduser().resolve()  # orbax needs an absolute path
-    workdir.mkdir(parents=True, exist_ok=True)
+    validate(config)
+    workdir = runs.open_workdir(config.workdir)
+    with runs.WorkdirLock(workdir):
+        return _route(config, Path(str(workdir)))
+
+
+def _route(config, workdir: Path) -> dict:
     start = time.perf_counter()
     train_table, test_table = build_table(config, workdir)
     scale = env_lib.cost_scale(train_table, config.env.cost_scale)

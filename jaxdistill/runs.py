@@ -1,0 +1,233 @@
+"""Work directories: what every command writes, in one place.
+
+- `open_workdir(path)`: the absolute work directory (local, or `gs://...`), created and
+  checked writable before any model is loaded.
+- `WorkdirLock`: refuses a second run on the same work directory and names the holder
+  (pid, host); a lock whose process is gone is taken over.
+- `MetricsLog`: `metrics.jsonl`, one JSON line per step. On resume, lines past the restored
+  step are dropped first, so a run killed between a metrics line and its checkpoint does
+  not repeat steps.
+- `Checkpoints`: orbax checkpoints that finish saving even when the run dies right after
+  a save, and a damaged latest checkpoint that names itself and the intact one to resume from.
+
+Only process 0 writes metrics, summaries and the lock; orbax coordinates the checkpoint
+writes of all processes itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import time
+import uuid
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+from jaxdistill.errors import RunError
+
+
+def is_remote(path) -> bool:
+    return "://" in str(path)
+
+
+def is_writer() -> bool:
+    """Whether this process writes the run's files (metrics, summaries): process 0 only."""
+    return jax.process_index() == 0
+
+
+def open_workdir(path) -> epath.Path:
+    """The work directory as an absolute path, created and proven writable (so a typo or a
+    read-only mount fails now, not after an hour of training)."""
+    text = os.path.expanduser(str(path))
+    directory = epath.Path(text if is_remote(text) else os.path.abspath(text))  # orbax needs absolute paths
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-test-{uuid.uuid4().hex}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise RunError(f"the work directory {directory} is not writable ({e}); pick another with "
+                       "--config.workdir=...") from None
+    return directory
+
+
+def atomic_write_text(path: epath.Path, text: str) -> None:
+    """Write a whole file so that readers see the old one or the new one, never half of it."""
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+class WorkdirLock:
+    """`with WorkdirLock(workdir):` one run per work directory.
+
+    The lock file holds the holder's pid and host. A lock left by a process that no longer
+    runs on this host is stale and taken over; one held from another host is respected (its
+    liveness cannot be checked from here), and the message says how to clear it. Work
+    directories on object stores (gs://) cannot be locked this way and are not.
+    """
+
+    STALE_UNREADABLE_SECONDS = 60.0  # a lock file nobody finished writing, this old, is stale
+
+    def __init__(self, workdir: epath.Path):
+        self.path = workdir / ".lock"
+        self.held = False
+
+    def __enter__(self) -> WorkdirLock:
+        if is_remote(self.path) or not is_writer():
+            return self
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if self._stale(holder):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self.path)
+                    continue
+                who = (f"process {holder['pid']} on {holder['host']} (since {holder.get('since', '?')})"
+                       if holder else "another process")
+                raise RunError(
+                    f"{self.path.parent} is in use by {who}. Wait for that run to finish or use another "
+                    f"--config.workdir; if that run is dead, delete {self.path}.") from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return self
+        raise RunError(f"could not take the lock {self.path}: other processes keep taking it.")
+
+    def __exit__(self, *exc) -> None:
+        if self.held:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+            self.held = False
+
+    def _holder(self) -> dict | None:
+        try:
+            holder = json.loads(self.path.read_text())
+            return holder if isinstance(holder, dict) and {"pid", "host"} <= set(holder) else None
+        except (OSError, ValueError):
+            return None
+
+    def _stale(self, holder: dict | None) -> bool:
+        if holder is None:  # unreadable: a writer died mid-write, or is writing right now
+            try:
+                return time.time() - os.path.getmtime(self.path) > self.STALE_UNREADABLE_SECONDS
+            except FileNotFoundError:
+                return True
+        if holder["host"] != socket.gethostname():
+            return False
+        try:
+            os.kill(int(holder["pid"]), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # alive, owned by another user
+            return False
+        return False
+
+
+class MetricsLog:
+    """Appends one JSON line per step to `path` (process 0 only).
+
+    `resume_step`: the step the run restarts from (0 for a fresh start). Existing lines of
+    later steps are dropped first: they were written after the checkpoint the run resumes from.
+    """
+
+    def __init__(self, path: epath.Path, resume_step: int):
+        self.path = path
+        if not is_writer():
+            return
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and _step_of(line) is not None and _step_of(line) <= resume_step]
+            atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+
+    def write(self, row: dict) -> None:
+        if is_writer():
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def rows(self) -> list[dict]:
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+class Checkpoints:
+    """Orbax checkpoints of (state, JSON metadata) under `directory`, one per saved step.
+
+    `restore(template)` restores the latest checkpoint, or `resume_from` when given (the
+    checkpoints after it are deleted, so the run continues from there). A checkpoint that
+    fails to restore is named, together with the latest intact one. `close()` waits for
+    the last asynchronous save: call it on every exit path (`with Checkpoints(...)`).
+    """
+
+    def __init__(self, directory: epath.Path, *, keep: int, resume_from: int = 0):
+        self.directory = directory
+        self.resume_from = resume_from
+        self.manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, cleanup_tmp_directories=True))
+
+    def __enter__(self) -> Checkpoints:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()  # a save in flight finishes even if the run is failing
+        self.manager.close()
+
+    def save(self, step: int, state, meta: dict) -> None:
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                        meta=ocp.args.JsonSave(meta)))
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def restore(self, template) -> tuple[int, object, dict] | None:
+        """(step, state, meta) of the checkpoint to resume from, or None for a fresh start."""
+        steps = self.steps()
+        if self.resume_from:
+            if self.resume_from not in steps:
+                raise RunError(f"checkpoint.resume_from={self.resume_from}, but {self.directory} holds steps "
+                               f"{steps or 'none'}.")
+            for later in [s for s in steps if s > self.resume_from]:
+                self.manager.delete(later)
+            steps = [s for s in steps if s <= self.resume_from]
+        if not steps:
+            return None
+        try:
+            return (steps[-1], *self._restore(steps[-1], template))
+        except Exception as e:  # orbax/tensorstore raise many types for damaged files
+            damage = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            intact = self._latest_intact(steps[:-1], template)
+            advice = (f"the previous checkpoint, step {intact}, is intact: rerun with "
+                      f"--config.checkpoint.resume_from={intact} to resume from it (later checkpoints are deleted)"
+                      if intact else "no earlier checkpoint is intact")
+            raise RunError(f"checkpoint {self.directory / str(steps[-1])} is damaged ({type(e).__name__}: "
+                           f"{damage}); {advice}, or use a fresh --config.workdir.") from None
+
+    def _restore(self, step: int, template) -> tuple[object, dict]:
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(template), meta=ocp.args.JsonRestore()))
+        return restored.state, restored.meta
+
+    def _latest_intact(self, steps: list[int], template) -> int | None:
+        for step in reversed(steps):
+            try:
+                self._restore(step, template)
+                return step
+            except Exception:  # noqa: BLE001 - damaged as well; try the one before
+                continue
+        return None
