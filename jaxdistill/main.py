@@ -1,53 +1,152 @@
-"""One CLI: `python -m jaxdistill <command> --config=experiments/<system>/<name>.py [--config.x=y ...]`."""
+"""One CLI: `python -m jaxdistill <command> --config=experiments/<system>/<name>.py [--config.x=y ...]`.
+
+Errors a user can fix (bad settings, data, files) print as one line; `--verbose` shows the
+traceback. `<command> --help` lists the command's config fields and their defaults.
+"""
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import importlib.util
 import sys
 import time
+import traceback
+from pathlib import Path
 
 from absl import flags
 from ml_collections import config_flags
 
-# command -> (module:function taking the config, one-line help)
+from jaxdistill.errors import UserError
+
+# command -> (module:function taking the config, one-line help, its default config)
 COMMANDS = {
-    "train": ("jaxdistill.distill.train:run", "self-distillation with privileged information (the main job)"),
-    "route": ("jaxdistill.router.run:run", "dynamic ensemble router: precompute expert paths, train PPO, evaluate"),
-    "sample": ("jaxdistill.main:sample", "chat with, or complete from, any loadable model"),
+    "train": ("jaxdistill.distill.train:run", "self-distillation with privileged information (the main job)",
+              "experiments/self_distill/default.py"),
+    "route": ("jaxdistill.router.run:run", "dynamic ensemble router: precompute expert paths, train PPO, evaluate",
+              "experiments/router/default.py"),
+    "sample": ("jaxdistill.main:sample", "chat with, or complete from, any loadable model",
+               "experiments/sample/default.py"),
 }
+HELP_FLAGS = ("-h", "--help", "--helpfull", "help")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (a .py with get_config())")
 
 
 def usage() -> str:
     lines = ["usage: python -m jaxdistill <command> --config=experiments/<system>/<name>.py [--config.key=value ...]",
+             "       python -m jaxdistill <command> --help     (the command's config fields and defaults)",
              "", "commands:"]
-    lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
-    lines += ["", "Each config file's docstring shows the command that runs it."]
+    lines += [f"  {name:<10} {help_}  (default config: {default})" for name, (_, help_, default) in COMMANDS.items()]
+    lines += ["", "Each config file's docstring shows the command that runs it. --verbose shows tracebacks."]
+    return "\n".join(lines)
+
+
+class CommandLineError(UserError):
+    """A bad command line: unknown command, missing or unknown config, unknown key."""
+
+
+def _config_argument(args: list[str]) -> str | None:
+    for i, arg in enumerate(args):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+        if arg == "--config" and i + 1 < len(args):
+            return args[i + 1]
+    return None
+
+
+def _load_config_file(spec: str):
+    """get_config() of a config file (`path` or `path:argument`, as ml_collections accepts)."""
+    path, _, argument = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
+    if not Path(path).is_file():
+        raise CommandLineError(f"config file {path!r} does not exist; the shipped configs are "
+                               f"{', '.join(default for *_, default in COMMANDS.values())} (and their neighbours "
+                               "under experiments/).")
+    module_spec = importlib.util.spec_from_file_location("jaxdistill_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise CommandLineError(f"{path} has no get_config() function.")
+    return module, (module.get_config(argument) if argument else module.get_config())
+
+
+def _keys(config, prefix: str = "") -> list[str]:
+    """Every dotted key of a (nested) ConfigDict, parents included."""
+    out = []
+    for name, value in config.items():
+        out.append(prefix + name)
+        if hasattr(value, "items") and not isinstance(value, dict):
+            out += _keys(value, prefix + name + ".")
+    return out
+
+
+def _check_override_keys(args: list[str], config, path: str) -> None:
+    known = _keys(config)
+    for arg in args:
+        if arg.startswith("--config.") and "=" in arg:
+            key = arg[len("--config."):].split("=", 1)[0]
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+                hint = (" Did you mean " + " or ".join(f'"{c}"' for c in close) + "?") if close else ""
+                raise CommandLineError(f"unknown config key {key!r} in {path}.{hint} "
+                                       f"(`python -m jaxdistill <command> --help --config={path}` lists them all)")
+
+
+def command_help(command: str, spec: str | None) -> str:
+    _, help_, default = COMMANDS[command]
+    spec = spec or default
+    module, config = _load_config_file(spec)
+    width = max(len(k) for k in _keys(config))
+    lines = [f"python -m jaxdistill {command}: {help_}", "", (module.__doc__ or "").strip(), "",
+             f"config fields of {spec} (override any with --config.<field>=<value>):"]
+    for key in _keys(config):
+        value = config
+        for part in key.split("."):
+            value = value[part]
+        if not (hasattr(value, "items") and not isinstance(value, dict)):
+            lines.append(f"  {key:<{width}} = {value!r}")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv if argv is None else argv)
-    if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+    if len(argv) < 2 or argv[1] in HELP_FLAGS:
         print(usage())
         return 0
-    command = argv[1]
-    if command not in COMMANDS:
-        print(f"unknown command {command!r}.\n\n{usage()}", file=sys.stderr)
-        return 2
+    command, args = argv[1], argv[2:]
+    verbose = "--verbose" in args
+    args = [a for a in args if a != "--verbose"]
     try:
-        flags.FLAGS(["jaxdistill", *argv[2:]])
-        config = _CONFIG.value
-    except (flags.Error, AttributeError, KeyError, ValueError) as e:  # bad flag, config typo, bad value
-        print(f"error in the command line or config: {e}", file=sys.stderr)
+        if command not in COMMANDS:
+            close = difflib.get_close_matches(command, COMMANDS, n=1)
+            raise CommandLineError(f"unknown command {command!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                                   + f". Commands: {', '.join(COMMANDS)}.")
+        spec = _config_argument(args)
+        if any(a in HELP_FLAGS for a in args):
+            print(command_help(command, spec))
+            return 0
+        if spec is None:
+            raise CommandLineError(f"--config is required, e.g. --config={COMMANDS[command][2]}")
+        _, base = _load_config_file(spec)
+        _check_override_keys(args, base, spec)
+        saved_argv, sys.argv = sys.argv, ["jaxdistill", *args]  # config_flags reads its overrides from sys.argv
+        try:
+            for name in [n for n in flags.FLAGS if n.startswith("config.")]:  # a previous main() call's overrides
+                delattr(flags.FLAGS, name)
+            flags.FLAGS.unparse_flags()
+            flags.FLAGS(sys.argv)
+        except flags.Error as e:
+            raise CommandLineError(f"bad command line: {e}") from None
+        finally:
+            sys.argv = saved_argv
+        module, function = COMMANDS[command][0].split(":")
+        getattr(importlib.import_module(module), function)(_CONFIG.value)
+        return 0
+    except (UserError, FileNotFoundError, PermissionError, ValueError) as e:
+        if verbose:
+            traceback.print_exc()
+        print(f"error: {e}" + ("" if verbose else "  (--verbose shows the traceback)"), file=sys.stderr)
         return 2
-    if config is None:
-        print(f"error: --config is required, e.g. --config=experiments/{command}/default.py", file=sys.stderr)
-        return 2
-    module, function = COMMANDS[command][0].split(":")
-    getattr(importlib.import_module(module), function)(config)
-    return 0
 
 
 def sample(config) -> None:

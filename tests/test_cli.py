@@ -30,4 +30,4 @@ def test_sample_command_runs_the_default_config_with_overrides():
 def test_config_typo_is_a_clear_error():
     result = run("sample", "--config=experiments/sample/default.py", "--config.sampel.temperature=1")
     assert result.returncode == 2
-    assert 'Did you mean "sample"' in result.stderr
+    assert 'Did you mean "sample.temperature"' in result.stderr

@@ -211,7 +211,7 @@ def tiny_run_config(workdir, steps=4):
         "workdir": str(workdir), "seed": 0, "arm": "blend", "teacher_weight": 0.75, "fixed_k": 1.75,
         "guided": False, "frozen_teacher": False, "combined_forward": True, "steps": steps, "batch_size": 1,
         "sample": {"max_new_tokens": 8, "temperature": 1.0, "top_k": 0, "top_p": 1.0},
-        "optim": {"lr": 1e-4, "warmup_steps": 1, "end_lr_fraction": 0.1, "weight_decay": 0.0, "b1": 0.9,
+        "optim": {"lr": 1e-4, "warmup_steps": min(1, steps - 1), "end_lr_fraction": 0.1, "weight_decay": 0.0, "b1": 0.9,
                   "b2": 0.95, "clip_norm": 1.0, "accumulate": 1},
         "loss": {"kind": "forward_kl", "jsd_beta": 0.5, "top_k": 0, "clip": 0.0, "chunk": 16},
         "data": {"source": "synthetic", "seed": 0, "train_size": 20, "eval_size": 2, "steps": 1, "max_start": 20,
