@@ -2,6 +2,10 @@
 
     python -m jaxdistill train --config=experiments/self_distill/default.py
     python -m jaxdistill train --config=experiments/self_distill/default.py --config.arm=sft --config.seed=1
+    python -m jaxdistill train --config=experiments/self_distill/default.py --config.data.source=jsonl \
+        --config.data.train_path=gsm8k_train.jsonl --config.data.eval_path=gsm8k_test.jsonl
+    python -m jaxdistill train --config=experiments/self_distill/default.py --config.data.source=tfds \
+        --config.data.tfds_name=gsm8k --config.data.tfds_data_dir=~/tensorflow_datasets
 
 The student answers from a plain CoT prompt; the same model with the reference solution as a
 hint is the teacher; the target is (0.75 * teacher + student) / k with k matched to the
