@@ -36,6 +36,13 @@ def test_yes_no_and_numeric():
     assert metrics.numeric_match("no number", "5") == 0.0
 
 
+def test_sentiment_label_inside_a_sentence_counts():
+    assert metrics.sentiment_accuracy("The review is positive.", "positive") == 1.0
+    assert metrics.sentiment_accuracy("Negative", "negative") == 1.0
+    assert metrics.sentiment_accuracy("negative, not positive", "positive") == 0.0  # the first label counts
+    assert metrics.sentiment_accuracy("It was a great movie!", "positive") == 0.0  # no label: not guessed
+
+
 def test_score_takes_the_best_reference_and_checks_inputs():
     got = metrics.score("f1", ["in Oslo", "Rome"], [("Oslo", "in Oslo"), "Paris"])
     np.testing.assert_allclose(got, [1.0, 0.0])
@@ -67,7 +74,7 @@ def test_dataset_adapters_read_each_form(tmp_path):
     }
     expected = {"boolq": ("yes", "yes_no"), "gsm8k": ("4", "numeric"), "squad": ("Norway", "f1"),
                 "hotpotqa": ("Ada", "f1"), "xsum": ("Short.", "rouge_l"), "cnn_dailymail": ("Short.", "rouge_l"),
-                "sst2": ("positive", "exact_match")}
+                "sst2": ("positive", "sentiment")}
     for name, row in rows.items():
         path = tmp_path / f"{name}.jsonl"
         path.write_text(json.dumps(row) + "\n")
@@ -91,6 +98,25 @@ def test_malformed_question_records_name_file_record_and_field(tmp_path):
 def test_tfds_questions_not_prepared_says_how(tmp_path):
     with pytest.raises(FileNotFoundError, match="tfds build bool_q"):
         tfds_questions("boolq", "train", str(tmp_path))
+
+
+def test_train_and_test_questions_are_disjoint(tmp_path, capsys):
+    from ml_collections import ConfigDict
+
+    from jaxdistill.data.qa import load_questions
+
+    # the router's default sizes: the families have few distinct questions, so repeats are likely
+    train, test = load_questions(ConfigDict(dict(source="synthetic", train_size=128, test_size=64, seed=0)))
+    assert len(train) == 128 and len(test) == 64
+    assert not {metrics.normalize(q.text) for q in train} & {metrics.normalize(q.text) for q in test}
+    rows = [{"sentence": f"film {i}", "label": i % 2} for i in range(6)]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (tmp_path / "test.jsonl").write_text("\n".join(json.dumps(r) for r in rows[4:]) + "\n")
+    config = ConfigDict(dict(source="jsonl", dataset="sst2", train_path=str(tmp_path / "train.jsonl"),
+                             test_path=str(tmp_path / "test.jsonl"), train_size=0, test_size=0))
+    train, test = load_questions(config)
+    assert [q.text for q in train] == [f'Review: "film {i}"\nIs this review positive or negative?' for i in range(4)]
+    assert "left out 2 training questions that also appear in the test split" in capsys.readouterr().out
 
 
 def test_synthetic_questions_are_seeded_balanced_and_split():

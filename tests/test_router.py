@@ -1,6 +1,7 @@
 """The router: rewards by hand, GAE against NumPy, PPO on a known optimum, baselines against an
 independent NumPy rollout, precompute resume on a real model, and the route command end to end."""
 
+import dataclasses
 import json
 
 import jax
@@ -46,11 +47,14 @@ def test_rewards_match_hand_computed_episodes():
     cases = {
         # t=0: 0.3 - 0.1*1 = 0.2; t=1 (last, 0.5 < p0): 0.5 + 0.5*(0.5-0.3) - 0.1 - 1 = -0.5
         (0, 0): (-0.3, 0.5, 2, 2.0),
-        # t=1 reaches p0: 0.95 + 0.5*0.65 - 0.3 + 1 = 1.975
+        # t=1 (last) reaches p0: 0.95 + 0.5*0.65 - 0.3 + 1 = 1.975
         (0, 1): (2.175, 0.95, 2, 4.0),
-        (1,): (0.95 - 0.3 + 1.0, 0.95, 1, 3.0),  # reaches p0 at t=0 and ends there
-        (2,): (-1.0, 0.0, 0, 0.0),  # STOP before any call: -gamma, no answer
-        (0, 2): (0.2 - 1.0, 0.3, 1, 1.0),
+        # reaching p0 does not end the episode (that would need the reference): STOP delivers it, +gamma
+        (1,): (0.95 - 0.3 + 1.0, 0.95, 1, 3.0),
+        # ... and a second call can spoil it: 0.65; then 0.2 + 0.5*(0.2-0.95) - 0.3 - 1 = -1.475
+        (1, 1): (0.65 - 1.475, 0.2, 2, 6.0),
+        (2,): (0.0, 0.0, 0, 0.0),  # STOP before any call: no answer, no reward, no penalty
+        (0, 2): (0.2, 0.3, 1, 1.0),  # STOP below p0 before T_max: no -gamma (only T_max costs it)
     }
     for actions, (ret, quality_end, calls, spent) in cases.items():
         out = run(plan(*actions))
@@ -63,15 +67,13 @@ def _numpy_episode(quality, flops, q, actions, n, t_max, r: env_lib.Rewards):
     node, total, spent, calls = 0, 0.0, 0.0, 0
     for t, a in enumerate(actions):
         if a == n:
-            return total - r.gamma, quality[q, node], calls, spent
+            return total + (r.gamma if quality[q, node] >= r.p0 else 0.0), quality[q, node], calls, spent
         new = node * n + 1 + a
-        reward = quality[q, new] - r.alpha * flops[q, new] + (r.beta * (quality[q, new] - quality[q, node]) if t else 0)
-        reached, last = quality[q, new] >= r.p0, t == t_max - 1
-        total += reward + (r.gamma if reached else 0) - (r.gamma if last and not reached else 0)
+        total += quality[q, new] - r.alpha * flops[q, new] + (r.beta * (quality[q, new] - quality[q, node]) if t else 0)
         node, spent, calls = new, spent + flops[q, new], calls + 1
-        if reached or last:
-            break
-    return total, quality[q, node], calls, spent
+        if t == t_max - 1:
+            return total + (r.gamma if quality[q, node] >= r.p0 else -r.gamma), quality[q, node], calls, spent
+    raise AssertionError("a plan must STOP or reach T_max")
 
 
 def test_plan_outcomes_and_baselines_agree_with_a_numpy_rollout():
@@ -91,25 +93,97 @@ def test_plan_outcomes_and_baselines_agree_with_a_numpy_rollout():
             ref = _numpy_episode(quality, flops, q, list(p), n, t_max, r)
             got = [outcomes[k][q, m] for k in ("return", "quality", "calls", "flops")]
             np.testing.assert_allclose(got, ref, atol=1e-5, err_msg=f"question {q}, plan {p}")
-    rr = env_lib.evaluate(env, r, baselines.round_robin(n, 2), jax.random.key(0))
+    rr = env_lib.evaluate(env, r, baselines.round_robin([2, 0], n, 2), jax.random.key(0))
     for q in range(q_count):
-        ref = _numpy_episode(quality, flops, q, [0, 1], n, t_max, r)
+        ref = _numpy_episode(quality, flops, q, [2, 0], n, t_max, r)
         np.testing.assert_allclose([rr["return"][q], rr["quality"][q]], ref[:2], atol=1e-5)
-    # the oracle's plan is the best of every plan; any policy (random included) is at most that
-    oracle = env_lib.evaluate(env, r, baselines.plan_policy(plans, baselines.oracle_choice(outcomes)),
+    # the oracle's plan maximises quality - price * cost over every plan; no policy does better
+    price = 0.3
+    score = lambda out: out["quality"] - price * out["cost"]  # noqa: E731
+    oracle = env_lib.evaluate(env, r, baselines.plan_policy(plans, baselines.oracle_choice(outcomes, price)),
                               jax.random.key(0))
-    np.testing.assert_allclose(oracle["return"], outcomes["return"].max(axis=1), atol=1e-6)
+    np.testing.assert_allclose(score(oracle), score(outcomes).max(axis=1), atol=1e-6)
     rand = env_lib.evaluate(env, r, baselines.random_policy(n), jax.random.key(3))
-    assert np.all(rand["return"] <= oracle["return"] + 1e-6)
+    assert np.all(score(rand) <= score(oracle) + 1e-6)
+
+
+def test_random_baseline_stops_to_match_a_mean_number_of_calls():
+    assert baselines.stop_probability_for(1.0, 2) == pytest.approx(1 - (5**0.5 - 1) / 2)  # (1-p) + (1-p)^2 = 1
+    assert baselines.stop_probability_for(0.0, 3) == pytest.approx(1.0)
+    assert baselines.stop_probability_for(3.0, 3) == pytest.approx(0.0, abs=1e-9)
+    n, t_max, q_count = 3, 3, 4000
+    quality = np.zeros((q_count, num_nodes(n, t_max)))
+    env = plain_env(make_table(quality, np.ones_like(quality), n, t_max))
+    p = baselines.stop_probability_for(1.7, t_max)
+    calls = env_lib.evaluate(env, env_lib.Rewards(), baselines.random_policy(n, p), jax.random.key(0))["calls"]
+    assert calls.mean() == pytest.approx(1.7, abs=0.05)
+
+
+def test_actions_never_depend_on_test_references():
+    """Evaluation with garbage test references: every method but the oracle takes the same actions;
+    only the reported quality changes."""
+    from ml_collections import ConfigDict
+
+    from jaxdistill.router.run import evaluate_all
+
+    rng = np.random.default_rng(0)
+    n, t_max = 3, 2
+    nodes = num_nodes(n, t_max)
+    tables = []
+    for q_count, seed in ((40, 1), (24, 2)):
+        quality = rng.uniform(size=(q_count, nodes)) ** 0.5
+        quality[:, 0] = 0
+        flops = np.concatenate([np.zeros((q_count, 1)), rng.uniform(1, 3, size=(q_count, nodes - 1))], axis=1)
+        tables.append(make_table(quality, flops, n, t_max, seed=seed))
+    train_table, test_table = tables
+    garbage = dataclasses.replace(test_table, quality=rng.uniform(size=test_table.quality.shape).astype(np.float32))
+    stats = env_lib.feature_stats(train_table)
+    train_env = env_lib.make_env(train_table, 1.0, stats)
+    r = env_lib.Rewards(alpha=0.1, beta=0.5, gamma=0.5, p0=0.8)
+    config = ppo.PPOConfig(num_envs=16, num_steps=8, total_timesteps=16 * 8 * 20, hidden=(16,))
+    alphas = np.array([0.0, 0.2], np.float32)
+    keys = jax.random.split(jax.random.key(0), 2)
+    params, _ = jax.jit(jax.vmap(jax.vmap(ppo.make_train(config, train_env, r), in_axes=(0, None)),
+                                 in_axes=(None, 0)))(keys, jnp.asarray(alphas))
+    graphdef = ppo.policy_graph(train_env, config)
+    evaluations = [evaluate_all(ConfigDict(dict(seed=0, knn_k=3)), train_env, env_lib.make_env(test, 1.0, stats),
+                                train_table, test, r, alphas, graphdef, params, 2) for test in (test_table, garbage)]
+    for honest, fooled in zip(*evaluations, strict=True):
+        assert set(honest) == set(fooled) and "router (PPO)" in honest
+        for method in honest:
+            for a, b in zip(honest[method], fooled[method], strict=True):
+                if method.startswith("oracle"):
+                    continue  # the upper bound reads the labels by design
+                np.testing.assert_array_equal(a["node"], b["node"], err_msg=method)
+                np.testing.assert_array_equal(a["calls"], b["calls"], err_msg=method)
+        router = honest["router (PPO)"][0]
+        assert not np.allclose(router["quality"], fooled["router (PPO)"][0]["quality"])
+
+
+def test_without_transfer_each_call_answers_alone():
+    n, t_max = 2, 2
+    quality = np.arange(num_nodes(n, t_max), dtype=np.float32)[None] / 10
+    flops = np.arange(num_nodes(n, t_max), dtype=np.float64)[None]
+    table = make_table(quality, flops, n, t_max)
+    plain = table.without_transfer()
+    for node in range(1, num_nodes(n, t_max)):
+        first = child(0, path_of(node, n)[-1], n)  # the last expert's answer to the bare question
+        assert plain.quality[0, node] == table.quality[0, first] and plain.flops[0, node] == table.flops[0, first]
+        np.testing.assert_array_equal(plain.answer_emb[0, node], table.answer_emb[0, first])
+    assert plain.quality[0, 0] == 0
 
 
 def test_knn_router_copies_the_neighbours_best_plan():
     train_emb = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
-    returns = np.array([[0.0, 1.0, 0.2], [0.0, 0.8, 0.1], [0.0, 0.1, 0.9]])
-    choice = baselines.knn_choice(train_emb, returns, np.array([[1.0, 0.05], [0.1, 1.0]]), k=1)
-    np.testing.assert_array_equal(choice, [1, 2])
+    outcomes = {"quality": np.array([[0.0, 1.0, 0.9], [0.0, 0.8, 0.7], [0.0, 0.1, 0.9]]),
+                "cost": np.array([[0.0, 2.0, 1.0]] * 3)}
+    test_emb = np.array([[1.0, 0.05], [0.1, 1.0]])
+    np.testing.assert_array_equal(baselines.knn_choice(train_emb, outcomes, test_emb, k=1, price=0.0), [1, 2])
+    # at a price, the cheaper plan wins when its quality is close enough
+    np.testing.assert_array_equal(baselines.knn_choice(train_emb, outcomes, test_emb, k=1, price=0.2), [2, 2])
+    np.testing.assert_array_equal(baselines.knn_choice(train_emb, outcomes, test_emb, k=2, price=0.0), [1, 2])
     with pytest.raises(ValueError, match="knn_k must be in"):
-        baselines.knn_choice(train_emb, returns, train_emb, k=4)
+        baselines.knn_choice(train_emb, outcomes, train_emb, k=4, price=0.0)
 
 
 def test_gae_matches_a_numpy_reference():
@@ -140,16 +214,19 @@ def test_ppo_finds_the_known_optimal_policy():
     flops = np.tile(np.where(last_expert == 2, 5.0, 1.0), (q_count, 1))
     quality[:, 0] = flops[:, 0] = 0
     env = plain_env(make_table(quality, flops, n, t_max))
+    # each call is rewarded by its answer's quality, so with expert 1 always right and cheap the best
+    # episode calls it at every step: 3 x (1 - 0.1) + gamma at T_max = 3.2 (no label-based early end)
     r = env_lib.Rewards(alpha=0.1, beta=0.5, gamma=0.5, p0=0.9)
     config = ppo.PPOConfig(num_envs=32, num_steps=8, total_timesteps=32 * 8 * 60, hidden=(32, 32))
     train = jax.jit(jax.vmap(ppo.make_train(config, env, r), in_axes=(0, None)))
     params, history = train(jax.random.split(jax.random.key(0), 3), 0.1)
     graphdef = ppo.policy_graph(env, config)
+    always_1 = child(child(child(0, 1, n), 1, n), 1, n)
     for seed in range(3):
         out = env_lib.evaluate(env, r, ppo.greedy_policy(graphdef, ppo.select(params, seed)),
                                jax.random.key(1))
-        np.testing.assert_array_equal(out["node"], child(0, 1, n))  # call expert 1 once, done
-        np.testing.assert_allclose(out["return"], 1.0 - 0.1 + 0.5, atol=1e-5)
+        np.testing.assert_array_equal(out["node"], always_1)
+        np.testing.assert_allclose(out["return"], 3 * (1.0 - 0.1) + 0.5, atol=1e-5)
     returns = np.asarray(history["episode_return"])
     assert returns[:, -5:].mean() > returns[:, :5].mean()
 
@@ -273,18 +350,29 @@ def test_route_runs_end_to_end(tmp_path, tiny_pool):
     results = run(c)
     out = tmp_path / "route"
     summary = (out / "summary.md").read_text()
-    for method in ("router (PPO)", "single: chat", "round-robin x2", "self-correction: fewshot x2", "random",
-                   "kNN router", "oracle path"):
+    for method in ("router (PPO)", "single: chat", "round-robin x2 (best order on train)",
+                   "round-robin x2 (mean over orders)", "self-correction: fewshot x2", "random (router's mean calls)",
+                   "kNN router", "oracle path (reads test labels)"):
         assert f"| {method} |" in summary
-    assert "Router at equal cost" in summary and (out / "cost_quality.png").stat().st_size > 1000
+    assert "Router vs the strongest baselines" in summary and (out / "cost_quality.png").stat().st_size > 1000
+    assert (out / "training_curves.png").stat().st_size > 1000
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 3 * 3 * 10  # alphas {0, 0.1 (the default), 0.5} x seeds x updates
     assert set(json.loads(lines[0])) >= {"alpha", "seed", "update", "episode_return", "entropy"}
-    for rows in results["per_alpha"]:  # the oracle bounds every method's mean return
-        best = rows["oracle path"][0]["return"]
-        assert all(run_["return"] <= best + 1e-5 for runs in rows.values() for run_ in runs)
+    for alpha, rows in zip(results["alphas"], results["per_alpha"], strict=True):
+        # the oracle bounds every method's quality at the alpha's price, and each CI holds its mean
+        score = lambda row, a=alpha: row["quality"] - a * row["cost"]  # noqa: E731
+        oracle = score(rows["oracle path (reads test labels)"])
+        for row in rows.values():
+            assert score(row) <= oracle + 1e-5 and row["quality_ci"][0] <= row["quality"] <= row["quality_ci"][1]
+    questions = results["questions"]
+    assert len(questions["node"]["router (PPO)"]) == 3 and len(questions["families"]) == 4
     restored = ocp.StandardCheckpointer().restore(out / "policy")
     assert jax.tree.leaves(restored)[0].shape[:2] == (3, 3)  # (alphas, seeds)
+    # the same command gives the same numbers (a fresh workdir sharing the precompute)
+    c.workdir, c.precompute.dir = str(tmp_path / "again"), str(out / "precompute")
+    again = run(c)
+    assert again["per_alpha"] == results["per_alpha"]
 
 
 def test_gpu_pool_config_points_at_weights_on_disk(tmp_path):

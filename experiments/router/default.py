@@ -23,7 +23,7 @@ def get_config():
     c = ml_collections.ConfigDict()
     c.workdir = "runs/router/default"
     c.seed = 0
-    c.seeds = 3  # PPO seeds per alpha, trained at once with vmap
+    c.seeds = 5  # PPO seeds per alpha, trained at once with vmap
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "synthetic"  # synthetic | jsonl | tfds
@@ -44,11 +44,14 @@ def get_config():
         expert("gemma3-fewshot", "gemma3-270m", "fewshot", max_new_tokens=8),
     ]
     c.ktp_template = DEFAULT_KTP
+    # False: each call answers the question alone (the no-KTP ablation; derived from the first calls)
+    c.knowledge_transfer = True
     c.encoder = "smollm2-135m-instruct"  # state embeddings: mean-pooled hidden states
     c.metric_encoder = ""  # set to a model to enable the 'embedding' quality metric
 
     c.precompute = ml_collections.ConfigDict()
     c.precompute.t_max = 2  # 3 works too: 39 calls per question instead of 12
+    c.precompute.dir = ""  # "" = workdir/precompute; share one precompute between runs that sweep env/PPO settings
     c.precompute.chunk = 256  # (question, parent) pairs per resumable unit
     c.precompute.batch_size = 64
     c.precompute.host = 0

@@ -13,11 +13,14 @@ read the same fields:
 | hotpotqa       | question, answer, context (optional)     | f1          |
 | xsum           | document, summary                        | rouge_l     |
 | cnn_dailymail  | article, highlights                      | rouge_l     |
-| sst2           | sentence, label (0/1)                    | exact_match |
+| sst2           | sentence, label (0/1)                    | sentiment   |
 
 The synthetic default mixes four families (multiplication, comparison, extraction,
 sentiment) scored by different metrics, on which the small offline models have different
 strengths, so that which expert to call depends on the question.
+
+Train and test never share a question: a training question whose normalised text is also in
+the test split is left out (synthetic: drawn again; files: dropped, with a printed count).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from collections.abc import Callable
 import numpy as np
 
 from jaxdistill.data.records import DataError, extract_answer, iter_jsonl, iter_tfds, require_field
-from jaxdistill.eval.metrics import check_metric
+from jaxdistill.eval.metrics import check_metric, normalize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +104,7 @@ def _sst2(r, where):
     if reference not in ("negative", "positive"):
         raise DataError(f"{where}: field 'label' must be 0/1 or negative/positive, got {label!r}.")
     text = f"Review: \"{require_field(r, 'sentence', where)}\"\nIs this review positive or negative?"
-    return text, (reference,), "exact_match"
+    return text, (reference,), "sentiment"
 
 
 ADAPTERS: dict[str, Callable] = {
@@ -163,20 +166,37 @@ def _synthetic(family: str, rng: np.random.Generator) -> tuple[str, str, str]:
         good = bool(rng.integers(2))
         word, thing = rng.choice(_GOOD if good else _BAD), rng.choice(_THINGS)
         return (f"Review: \"The {thing} was {word}.\" Is this review positive or negative?",
-                "positive" if good else "negative", "exact_match")
+                "positive" if good else "negative", "sentiment")
     raise ValueError(f"unknown synthetic family {family!r}; choose from {FAMILIES}.")
 
 
-def synthetic_questions(count: int, seed: int, split: str = "train",
-                        families: tuple[str, ...] = FAMILIES) -> list[Question]:
-    """`count` questions cycling through the families; train and test draw from disjoint seeds."""
+def synthetic_questions(count: int, seed: int, split: str = "train", families: tuple[str, ...] = FAMILIES,
+                        exclude: set[str] = frozenset()) -> list[Question]:
+    """`count` questions cycling through the families, none of whose normalised text is in `exclude`
+    (train passes the test texts); train and test draw from different seeds."""
     rng = np.random.default_rng([seed, {"train": 0, "test": 1}[split]])
     out = []
     for i in range(count):
         family = families[i % len(families)]
-        text, reference, metric = _synthetic(family, rng)
+        for _ in range(1000):
+            text, reference, metric = _synthetic(family, rng)
+            if normalize(text) not in exclude:
+                break
+        else:
+            raise DataError(f"could not draw {count} {split} questions outside the test split; the {family!r} "
+                            "family has too few distinct questions. Lower data.train_size or data.test_size.")
         out.append(Question(f"synthetic-{split}-{i}", text, (reference,), metric, family))
     return out
+
+
+def without_test_questions(train: list[Question], test: list[Question]) -> list[Question]:
+    """The training questions whose normalised text is not in the test split (prints how many left out)."""
+    seen = {normalize(q.text) for q in test}
+    kept = [q for q in train if normalize(q.text) not in seen]
+    if len(kept) < len(train):
+        print(f"data: left out {len(train) - len(kept)} training questions that also appear in the test split",
+              flush=True)
+    return kept
 
 
 def load_questions(config) -> tuple[list[Question], list[Question]]:
@@ -184,14 +204,16 @@ def load_questions(config) -> tuple[list[Question], list[Question]]:
     source, metric = config.source, config.get("metric", "")
     if source == "synthetic":
         families = tuple(config.get("families", FAMILIES))
-        return (synthetic_questions(config.train_size, config.seed, "train", families),
-                synthetic_questions(config.test_size, config.seed, "test", families))
+        test = synthetic_questions(config.test_size, config.seed, "test", families)
+        exclude = {normalize(q.text) for q in test}
+        return synthetic_questions(config.train_size, config.seed, "train", families, exclude), test
     if source == "jsonl":
-        train = read_questions(config.dataset, config.train_path, metric)
-        test = read_questions(config.dataset, config.test_path, metric)
-        return train[: config.train_size or None], test[: config.test_size or None]
+        test = read_questions(config.dataset, config.test_path, metric)[: config.test_size or None]
+        train = without_test_questions(read_questions(config.dataset, config.train_path, metric), test)
+        return train[: config.train_size or None], test
     if source == "tfds":
         split = config.get("test_split", "validation")
-        return (tfds_questions(config.dataset, "train", config.get("tfds_data_dir"), config.train_size, metric),
-                tfds_questions(config.dataset, split, config.get("tfds_data_dir"), config.test_size, metric))
+        test = tfds_questions(config.dataset, split, config.get("tfds_data_dir"), config.test_size, metric)
+        train = tfds_questions(config.dataset, "train", config.get("tfds_data_dir"), config.train_size, metric)
+        return without_test_questions(train, test), test
     raise ValueError(f"data.source {source!r} is not one of 'synthetic', 'jsonl', 'tfds'.")

@@ -54,6 +54,23 @@ def yes_no_accuracy(prediction: str, reference: str) -> float:
     return float(expected is not None and yes_no(prediction) == expected)
 
 
+SENTIMENT_LABELS = {"positive": "positive", "negative": "negative", "pos": "positive", "neg": "negative"}
+
+
+def sentiment_label(prediction: str) -> str | None:
+    """The first sentiment label word of a prediction (None if it has none)."""
+    for word in normalize(prediction).split():
+        if word in SENTIMENT_LABELS:
+            return SENTIMENT_LABELS[word]
+    return None
+
+
+def sentiment_accuracy(prediction: str, reference: str) -> float:
+    """Lenient label match: 'The review is positive.' counts for 'positive'."""
+    expected = sentiment_label(reference)
+    return float(expected is not None and sentiment_label(prediction) == expected)
+
+
 def numeric_match(prediction: str, reference: str) -> float:
     """The prediction's final number ('#### N' if present, else the last number) equals the reference's."""
     predicted, expected = extract_answer(prediction), extract_answer(reference)
@@ -86,6 +103,7 @@ TEXT_METRICS: dict[str, Callable[[str, str], float]] = {
     "exact_match": exact_match,
     "f1": token_f1,
     "yes_no": yes_no_accuracy,
+    "sentiment": sentiment_accuracy,
     "numeric": numeric_match,
     "rouge_l": rouge_l,
 }

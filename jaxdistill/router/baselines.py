@@ -1,12 +1,13 @@
 """Baseline routing policies, evaluated through the same environment as the router.
 
-A policy is `policy(obs, state, key) -> action` (see env.episode). The fixed ones:
-each single expert (one call), round-robin (experts 0, 1, 2, ... up to a budget),
-self-correction (one expert refining its own answer up to a budget) and uniform random.
-The plan-based ones choose, per question, a whole path from the start node ("call these
-experts, then STOP"): the kNN router takes the plan with the best mean return on the k
-most similar training questions; the oracle takes the best plan of the question itself
-(an upper bound no router can beat on the same rewards).
+A policy is `policy(obs, state, key) -> action` (see env.episode). The fixed ones: each
+single expert (one call), round-robin (the experts in a given order, cycling, up to a
+budget), self-correction (one expert refining its own answer up to a budget) and random
+(STOP with a set probability, otherwise a uniformly drawn expert). The plan-based ones
+choose, per question, a whole path from the start node ("call these experts, then STOP"),
+by quality at a price per unit of cost (quality - price * cost), not by the shaped return:
+the kNN router from the k most similar training questions, the oracle from the question's
+own outcomes (an upper bound that reads the test references; no router can do better).
 """
 
 from __future__ import annotations
@@ -23,16 +24,38 @@ def single_expert(expert: int, n_experts: int):
     return lambda obs, state, key: jnp.where(state.t == 0, expert, n_experts)
 
 
-def round_robin(n_experts: int, budget: int):
-    return lambda obs, state, key: jnp.where(state.t < budget, state.t % n_experts, n_experts)
+def round_robin(order, n_experts: int, budget: int):
+    """Call order[0], order[1], ... (cycling) for `budget` calls, then STOP."""
+    order = jnp.asarray(order, jnp.int32)
+    return lambda obs, state, key: jnp.where(state.t < budget, order[state.t % order.shape[0]], n_experts)
 
 
 def self_correction(expert: int, n_experts: int, budget: int):
     return lambda obs, state, key: jnp.where(state.t < budget, expert, n_experts)
 
 
-def random_policy(n_experts: int):
-    return lambda obs, state, key: jax.random.randint(key, (), 0, n_experts + 1)
+def random_policy(n_experts: int, stop_probability: float | None = None):
+    """STOP with `stop_probability` (None: 1/(N+1), uniform over all actions), else a uniform expert."""
+    p = 1.0 / (n_experts + 1) if stop_probability is None else stop_probability
+
+    def policy(obs, state, key):
+        stop_key, expert_key = jax.random.split(key)
+        expert = jax.random.randint(expert_key, (), 0, n_experts)
+        return jnp.where(jax.random.uniform(stop_key) < p, n_experts, expert)
+
+    return policy
+
+
+def stop_probability_for(mean_calls: float, t_max: int) -> float:
+    """The per-step STOP probability p whose expected number of calls, sum_{t=1..T} (1-p)^t, is mean_calls."""
+    if not 0 <= mean_calls <= t_max:
+        raise ValueError(f"mean_calls must be in [0, {t_max}], got {mean_calls}.")
+    expected = lambda p: sum((1 - p) ** t for t in range(1, t_max + 1))  # noqa: E731  (decreasing in p)
+    low, high = 0.0, 1.0
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (mid, high) if expected(mid) > mean_calls else (low, mid)
+    return (low + high) / 2
 
 
 def all_plans(n_experts: int, t_max: int) -> np.ndarray:
@@ -65,17 +88,25 @@ def plan_outcomes(env: env_lib.Env, rewards: env_lib.Rewards) -> dict[str, np.nd
     return {k: np.asarray(v) for k, v in out.items()}
 
 
-def oracle_choice(test_outcomes: dict[str, np.ndarray]) -> np.ndarray:
-    """Per question, the plan with the highest return (ties: the cheaper one)."""
-    order = np.lexsort((test_outcomes["flops"], -test_outcomes["return"]), axis=-1)
-    return order[:, 0]
+def best_plan(quality: np.ndarray, cost: np.ndarray, price: float) -> np.ndarray:
+    """Per row, the plan with the highest quality - price * cost (ties: the cheaper one)."""
+    order = np.lexsort((cost, -(quality - price * cost)), axis=-1)
+    return order[..., 0]
 
 
-def knn_choice(train_emb: np.ndarray, train_returns: np.ndarray, test_emb: np.ndarray, k: int) -> np.ndarray:
-    """Per test question, the plan with the best mean return over its k nearest training questions (cosine)."""
+def oracle_choice(test_outcomes: dict[str, np.ndarray], price: float) -> np.ndarray:
+    """Per test question, its own best plan at this price (reads the test references)."""
+    return best_plan(test_outcomes["quality"], test_outcomes["cost"], price)
+
+
+def knn_choice(train_emb: np.ndarray, train_outcomes: dict[str, np.ndarray], test_emb: np.ndarray, k: int,
+               price: float) -> np.ndarray:
+    """Per test question, the plan with the best mean quality - price * cost over its k nearest
+    training questions (cosine similarity of the question embeddings)."""
     if not 1 <= k <= len(train_emb):
         raise ValueError(f"knn_k must be in [1, {len(train_emb)}] (the training questions), got {k}.")
     unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)  # noqa: E731
     similarity = unit(test_emb) @ unit(train_emb).T
-    neighbours = np.argsort(-similarity, axis=-1)[:, :k]
-    return np.argmax(train_returns[neighbours].mean(axis=1), axis=-1)
+    neighbours = np.argsort(-similarity, axis=-1, kind="stable")[:, :k]
+    quality, cost = train_outcomes["quality"][neighbours].mean(axis=1), train_outcomes["cost"][neighbours].mean(axis=1)
+    return best_plan(quality, cost, price)

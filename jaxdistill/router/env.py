@@ -1,19 +1,20 @@
 """The routing MDP as pure JAX arrays, indexed by (question, node of the path tree).
 
-State s_t = [emb(question), emb(current answer)] (zeros before the first call). Actions
-0..N-1 call an expert, which refines the current answer (a child node in the tree); action
-N is STOP. Calls are numbered t = 0, 1, ..., T_max - 1. For a call at step t producing
-answer y_t with cost C (the call's FLOPs / cost_scale):
+State s_t = [emb(question), emb(current answer) (zeros before the first call), t / T_max,
+cost so far / T_max]. Actions 0..N-1 call an expert, which refines the current answer (a
+child node in the tree); action N is STOP. Calls are numbered t = 0, 1, ..., T_max - 1.
+For a call at step t producing answer y_t with cost C (the call's FLOPs / cost_scale):
 
     t = 0:  R = P(y_0) - alpha * C
     t > 0:  R = P(y_t) + beta * (P(y_t) - P(y_{t-1})) - alpha * C
-    plus +gamma if P(y_t) >= p0 (the episode ends: the answer is good enough),
-    and  -gamma if t = T_max - 1 (the last allowed call) and P(y_t) < p0 (it ends too).
 
-STOP ends the episode without a call. It is only available while the threshold has not
-been reached, so it gets the same -gamma as running out of calls, and is worth choosing
-when further calls are expected to cost more than they return. The answer an episode
-delivers is its last one (none, quality 0, if it stops before any call).
+An episode ends only on STOP or after the T_max-th call, never because an answer is good:
+the ending must not depend on the reference, which the router does not have at test time.
+At the end, the delivered answer (the last one; none, quality 0, before any call) earns
++gamma if its quality reaches p0; ending at T_max below p0 costs -gamma; STOP below p0
+costs nothing beyond the calls already paid for. References enter only through P, i.e.
+through the rewards used in training and the quality reported in evaluation; observations,
+the ending and therefore every action are reference-free.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class Env:
 
     @property
     def obs_dim(self) -> int:
-        return self.question_emb.shape[-1] * 2
+        return self.question_emb.shape[-1] * 2 + 2  # + step index and cost so far
 
 
 @struct.dataclass
@@ -62,6 +63,7 @@ class State:
     question: jax.Array  # int32
     node: jax.Array  # int32, 0 = no answer yet
     t: jax.Array  # int32, calls made so far
+    spent: jax.Array  # float32, normalised cost of the calls made so far
 
 
 def cost_scale(table: Table, setting: str | float) -> float:
@@ -98,7 +100,7 @@ def make_env(table: Table, scale: float, stats: tuple[np.ndarray, np.ndarray]) -
 def start(question) -> State:
     question = jnp.asarray(question, jnp.int32)
     zero = jnp.zeros_like(question)
-    return State(question=question, node=zero, t=zero)
+    return State(question=question, node=zero, t=zero, spent=jnp.zeros(question.shape, jnp.float32))
 
 
 def reset(env: Env, key) -> State:
@@ -106,23 +108,28 @@ def reset(env: Env, key) -> State:
 
 
 def observe(env: Env, state: State) -> jax.Array:
-    return jnp.concatenate([env.question_emb[state.question], env.answer_emb[state.question, state.node]], axis=-1)
+    progress = jnp.stack([state.t / env.t_max, state.spent / env.t_max]).astype(jnp.float32)
+    return jnp.concatenate([env.question_emb[state.question], env.answer_emb[state.question, state.node],
+                            progress], axis=-1)
 
 
 def step(env: Env, rewards: Rewards, state: State, action) -> tuple[State, jax.Array, jax.Array]:
     """One transition: (next state, reward, done). Pure; vmap it over environments."""
     stop = action == env.n_experts
     node = jnp.where(stop, state.node, state.node * env.n_experts + 1 + jnp.minimum(action, env.n_experts - 1))
+    cost = jnp.where(stop, 0.0, env.cost[state.question, node])
     quality = env.quality[state.question, node]
     previous = env.quality[state.question, state.node]
     improvement = jnp.where(state.t > 0, rewards.beta * (quality - previous), 0.0)
+    call_reward = quality + improvement - rewards.alpha * cost
+    last = ~stop & (state.t == env.t_max - 1)
+    done = stop | last
     reached = quality >= rewards.p0
-    last = state.t == env.t_max - 1
-    call_reward = (quality + improvement - rewards.alpha * env.cost[state.question, node]
-                   + jnp.where(reached, rewards.gamma, 0.0) - jnp.where(last & ~reached, rewards.gamma, 0.0))
-    reward = jnp.where(stop, -rewards.gamma, call_reward)
-    done = stop | reached | last
-    return State(question=state.question, node=node, t=state.t + jnp.where(stop, 0, 1)), reward, done
+    terminal = jnp.where(reached, rewards.gamma, jnp.where(last, -rewards.gamma, 0.0))
+    reward = jnp.where(stop, 0.0, call_reward) + jnp.where(done, terminal, 0.0)
+    next_state = State(question=state.question, node=node, t=state.t + jnp.where(stop, 0, 1),
+                       spent=state.spent + cost)
+    return next_state, reward, done
 
 
 def episode(env: Env, rewards: Rewards, question, policy, key) -> dict[str, jax.Array]:
@@ -140,11 +147,12 @@ def episode(env: Env, rewards: Rewards, question, policy, key) -> dict[str, jax.
     carry = (start(question), jnp.bool_(False), jnp.float32(0.0), jnp.float32(0.0))
     (state, _, total, spent), _ = jax.lax.scan(body, carry, jax.random.split(key, env.t_max))
     return {"quality": env.quality[state.question, state.node], "calls": state.t, "flops": spent,
-            "return": total, "node": state.node}
+            "cost": state.spent, "return": total, "node": state.node}
 
 
 def evaluate(env: Env, rewards: Rewards, policy, key) -> dict[str, np.ndarray]:
-    """Every question once, in parallel: per-question quality, calls, FLOPs, return and final node."""
+    """Every question once, in parallel: per-question quality, calls, FLOPs, normalised cost, return and
+    final node (which names the path: precompute.path_of)."""
     questions = jnp.arange(env.n_questions)
     keys = jax.random.split(key, env.n_questions)
     out = jax.jit(jax.vmap(lambda q, k: episode(env, rewards, q, policy, k)))(questions, keys)

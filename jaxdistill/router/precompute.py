@@ -89,6 +89,17 @@ class Table:
             uids=[self.uids[r] for r in rows], families=[self.families[r] for r in rows])
 
 
+    def without_transfer(self) -> Table:
+        """The table of the same pool without the Knowledge Transfer Prompt: every call answers the
+        question alone, so node (parent, expert a) holds expert a's first answer, at its first cost.
+        Exact for greedy experts, which answer a prompt the same way every time: no new calls."""
+        n = self.n_experts
+        source = [0] + [child(0, path_of(m, n)[-1], n) for m in range(1, self.quality.shape[1])]
+        return dataclasses.replace(
+            self, quality=self.quality[:, source], flops=self.flops[:, source], answer_emb=self.answer_emb[:, source],
+            answers=[[row[m] for m in source] for row in self.answers])
+
+
 def _atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
