@@ -38,23 +38,25 @@ class RoutingGym(gym.Env):
         self.rng = np.random.default_rng(seed)
 
     def _obs(self):
-        return np.concatenate([self.qe[self.q], self.ae[self.q, self.node]])
+        progress = np.array([self.t / self.t_max, self.spent / self.t_max], np.float32)
+        return np.concatenate([self.qe[self.q], self.ae[self.q, self.node], progress])
 
     def reset(self, *, seed=None, options=None):
-        self.q, self.node, self.t = int(self.rng.integers(len(self.quality))), 0, 0
+        self.q, self.node, self.t, self.spent = int(self.rng.integers(len(self.quality))), 0, 0, 0.0
         return self._obs(), {}
 
     def step(self, action):
         r = self.r
-        if action == self.n:
-            return self._obs(), -r.gamma, True, False, {}
+        if action == self.n:  # STOP: +gamma if the delivered answer reached p0, nothing otherwise
+            return self._obs(), (r.gamma if self.quality[self.q, self.node] >= r.p0 else 0.0), True, False, {}
         new = self.node * self.n + 1 + int(action)
         quality, previous = self.quality[self.q, new], self.quality[self.q, self.node]
         reward = quality - r.alpha * self.cost[self.q, new] + (r.beta * (quality - previous) if self.t else 0.0)
-        reached, last = quality >= r.p0, self.t == self.t_max - 1
-        reward += (r.gamma if reached else 0.0) - (r.gamma if last and not reached else 0.0)
-        self.node, self.t = new, self.t + 1
-        return self._obs(), float(reward), bool(reached or last), False, {}
+        last = self.t == self.t_max - 1
+        if last:
+            reward += r.gamma if quality >= r.p0 else -r.gamma
+        self.node, self.t, self.spent = new, self.t + 1, self.spent + self.cost[self.q, new]
+        return self._obs(), float(reward), bool(last), False, {}
 
 
 def random_table(questions=128, n=3, t_max=2, dim=576, seed=0) -> Table:
