@@ -7,7 +7,8 @@ Three experts (SmolLM2-135M-Instruct in chat and few-shot form, Gemma 3 270M few
 four task families with different metrics. Every path of up to T_max calls is precomputed
 (resumable, in workdir/precompute), then PPO trains the router for every alpha of the sweep
 and every seed in one jitted call, and the router is compared with the baselines on held-out
-questions. Sized for about 12 minutes on a 2-core CPU (precompute, 2304 expert calls, dominates).
+questions. About 18 minutes on a 2-core CPU: precompute (2304 expert calls) ~8, PPO for
+6 alphas x 5 seeds ~6, evaluation and loading the rest.
 """
 
 import ml_collections
