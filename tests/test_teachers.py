@@ -1,0 +1,125 @@
+"""The teacher stack: aggregation rules, cross-vocabulary alignment, lockstep decoding, sharding."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import tiny_model
+
+from jaxdistill import mesh as mesh_lib
+from jaxdistill import sampling
+from jaxdistill.data.synthetic import synthetic_records
+from jaxdistill.errors import ConfigError
+from jaxdistill.teachers import aggregate as agg
+from jaxdistill.teachers import align as align_lib
+from jaxdistill.teachers.stack import TeacherConfig, TeacherStack, fewshot_block, validate_teachers
+
+
+def _logp(*rows):
+    return jnp.log(jnp.asarray(rows, jnp.float32))[:, None, :]  # [N, B=1, V]
+
+
+def test_aggregation_rules_on_hand_computed_distributions():
+    logp = _logp([0.7, 0.2, 0.1, 0.0], [0.1, 0.1, 0.4, 0.4])
+    w = jnp.asarray([[3.0, 1.0]])
+    np.testing.assert_allclose(jnp.exp(agg.MeanProbs()(logp, w))[0], [0.55, 0.175, 0.175, 0.1], atol=1e-6)
+    poe = np.asarray(jnp.exp(agg.MeanLogProbs()(logp, w))[0])
+    expected = np.array([0.7**0.75 * 0.1**0.25, 0.2**0.75 * 0.1**0.25, 0.1**0.75 * 0.4**0.25, 0.0])
+    np.testing.assert_allclose(poe, expected / expected.sum(), atol=1e-6)  # the first teacher vetoes token 3
+    # a teacher with zero weight vetoes nothing, and the mixture of one teacher is that teacher
+    for rule in (agg.MeanProbs(), agg.MeanLogProbs()):
+        np.testing.assert_allclose(jnp.exp(rule(logp, jnp.asarray([[0.0, 1.0]])))[0], [0.1, 0.1, 0.4, 0.4], atol=1e-6)
+    gated = agg.Gated(threshold=0.6)
+    np.testing.assert_allclose(jnp.exp(gated(logp, w))[0], [0.7, 0.2, 0.1, 0.0], atol=1e-6)  # lead is confident
+    np.testing.assert_allclose(jnp.exp(agg.Gated(threshold=0.8)(logp, w))[0], [0.55, 0.175, 0.175, 0.1], atol=1e-6)
+
+
+def test_perplexity_and_online_weights():
+    w = agg.perplexity_weights(np.log([[2.0, 4.0, 4.0]]))  # perplexities 2, 4, 4 -> weights 1/2 : 1/4 : 1/4
+    np.testing.assert_allclose(w, [[0.5, 0.25, 0.25]], atol=1e-6)
+    online = agg.OnlineWeights(3, temperature=1.0)
+    np.testing.assert_allclose(online(), [1 / 3] * 3, atol=1e-6)
+    online.update([[1, 0, 0], [1, 1, 0]])
+    np.testing.assert_allclose(online.accuracy, [3 / 4, 2 / 4, 1 / 4])
+    assert online()[0] > online()[1] > online()[2]
+
+
+@pytest.mark.parametrize("teachers, message", [
+    ([], "stack is empty"),
+    ([TeacherConfig("a", "m"), TeacherConfig("a", "m")], "names must be unique"),
+    ([TeacherConfig("a", "m", style="poem")], "style 'poem'"),
+    ([TeacherConfig("a", "m", weight=-1.0)], "weight must be"),
+    ([TeacherConfig("a", "m", weight=0.0)], "at least one teacher needs a weight"),
+])
+def test_bad_stacks_are_refused_before_loading(teachers, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_teachers(teachers)
+
+
+def test_every_pivot_token_maps_to_gemma_tokens_with_exactly_its_bytes(smollm2, gemma3):
+    pivot, gemma = smollm2[1], gemma3[1]
+    a = align_lib.align(pivot, gemma, width=8)
+    pivot_bytes, gemma_bytes = align_lib.token_bytes(pivot), align_lib.token_bytes(gemma)
+    text_tokens = [c for c, b in enumerate(pivot_bytes) if b is not None]
+    assert a.excluded == 0 and (a.lengths[text_tokens] > 0).all()
+    for c in text_tokens:
+        assert b"".join(gemma_bytes[t] for t in a.pieces[c, : a.lengths[c]]) == pivot_bytes[c]
+    assert (a.lengths[text_tokens] == 1).mean() > 0.9  # most pieces are exact matches
+    narrow = align_lib.align(pivot, gemma, width=2)  # what does not fit is counted, never cut
+    assert narrow.excluded == int((a.lengths > 2).sum()) and narrow.excluded > 0
+
+
+def _stack(smollm2, gemma3, teachers, **kw):
+    loaded = {"smollm2": smollm2, "gemma3": gemma3}
+    return TeacherStack(teachers, loaded=loaded, fewshot=fewshot_block(synthetic_records(2, 0)), **kw)
+
+
+def test_smollm2_and_gemma3_decode_one_text_and_each_stream_is_exactly_that_text(smollm2, gemma3):
+    stack = _stack(smollm2, gemma3, [TeacherConfig("smol", "smollm2"), TeacherConfig("gemma", "gemma3",
+                                                                                      style="fewshot")])
+    records = synthetic_records(3, 1, split="test")
+    out = stack.run(records, rule=sampling.Sample(temperature=1.0), max_new_tokens=40, seed=3)
+    assert out.mask.sum() > 30
+    for r in range(len(records)):
+        committed = out.tokens[r][out.mask[r]].tolist()
+        text = stack.pivot.decode(committed)
+        assert text == out.texts[r]
+        for i, name in enumerate(("smollm2", "gemma3")):
+            tokenizer = stack.models[name][1]
+            assert tokenizer.decode(stack.stream(i, committed)) == text
+    assert np.isfinite(out.teacher_logprob[:, out.mask]).all()
+    np.testing.assert_allclose(np.diag(out.stats["agree"]), out.stats["positions"])
+
+
+def test_a_stack_of_one_teacher_decodes_like_the_teacher_alone(smollm2, gemma3):
+    stack = _stack(smollm2, gemma3, [TeacherConfig("smol", "smollm2")])
+    records = synthetic_records(2, 2, split="test")
+    out = stack.run(records, max_new_tokens=24, top_k=0)
+    model, tokenizer = smollm2
+    alone = sampling.generate(model, [stack.prompt(0, r) for r in records], max_new_tokens=24,
+                              eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id)
+    for r in range(len(records)):
+        n = out.mask[r].sum()
+        np.testing.assert_array_equal(out.tokens[r, :n], alone.tokens[r, :n])
+        # the only difference: special tokens that are never candidates lose their (tiny) mass
+        np.testing.assert_allclose(out.logprob[r, :n], alone.logprobs[r, :n], atol=1e-3)
+        np.testing.assert_allclose(out.teacher_logprob[0, r, :n], out.logprob[r, :n], atol=1e-6)
+
+
+def test_teacher_axis_sharded_over_8_devices_equals_one_device(smollm2):
+    tokenizer = smollm2[1]
+    loaded = {f"t{i}": (tiny_model(seed=i, vocab_size=tokenizer.vocab_size), tokenizer) for i in range(8)}
+    teachers = [TeacherConfig(f"t{i}", f"t{i}", weight=1.0 + i) for i in range(8)]
+    records = synthetic_records(2, 3, split="test")
+    mesh = mesh_lib.make_mesh({"teacher": 8})
+    one = TeacherStack(teachers, loaded=loaded)
+    sharded = TeacherStack(teachers, loaded=loaded, mesh=mesh)
+    assert len(sharded.groups) == 1 and sharded.groups[0].state["embed"].get_value().sharding.spec[0] == "teacher"
+    for rule in (agg.MeanProbs(), agg.MeanLogProbs()):
+        a = one.run(records, aggregate=rule, rule=sampling.Sample(), max_new_tokens=12, seed=1)
+        b = sharded.run(records, aggregate=rule, rule=sampling.Sample(), max_new_tokens=12, seed=1)
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+        np.testing.assert_allclose(a.logprob, b.logprob, atol=1e-5)
+        np.testing.assert_allclose(a.teacher_logprob, b.teacher_logprob, atol=1e-5)
+        np.testing.assert_allclose(a.stats["js"], b.stats["js"], atol=1e-4)
+    assert jax.device_count() == 8
