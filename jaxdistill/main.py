@@ -25,6 +25,8 @@ COMMANDS = {
               "experiments/self_distill/default.py"),
     "route": ("jaxdistill.router.run:run", "dynamic ensemble router: precompute expert paths, train PPO, evaluate",
               "experiments/router/default.py"),
+    "teachers": ("jaxdistill.teachers.run:run", "teacher stack: single teachers vs aggregation rules, diversity",
+                 "experiments/teachers/default.py"),
     "sample": ("jaxdistill.main:sample", "chat with, or complete from, any loadable model",
                "experiments/sample/default.py"),
 }

@@ -123,3 +123,31 @@ def test_teacher_axis_sharded_over_8_devices_equals_one_device(smollm2):
         np.testing.assert_allclose(a.teacher_logprob, b.teacher_logprob, atol=1e-5)
         np.testing.assert_allclose(a.stats["js"], b.stats["js"], atol=1e-4)
     assert jax.device_count() == 8
+
+
+def test_teachers_command_runs_every_arm_and_resumes_without_redoing_them(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parent.parent
+    args = [sys.executable, "-m", "jaxdistill", "teachers", "--config=experiments/teachers/default.py",
+            f"--config.workdir={tmp_path}", "--config.data.eval_size=3", "--config.batch_size=2",
+            "--config.max_new_tokens=12", "--config.rules=['mean_probs','perplexity','online']"]
+    env = {**__import__("os").environ, "XLA_FLAGS": ""}
+    first = subprocess.run(args, capture_output=True, text=True, timeout=900, cwd=root, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert list(results["arms"]) == ["alone: smollm2-chat", "alone: smollm2-fewshot", "alone: gemma3-fewshot",
+                                     "stack: mean_probs", "stack: perplexity", "stack: online"]
+    js = np.asarray(results["diversity"]["js"])
+    assert (np.diag(js) < 1e-5).all() and (js[~np.eye(3, dtype=bool)] > 0).all() and np.allclose(js, js.T)
+    assert (tmp_path / "diversity.png").stat().st_size > 10_000 and "| stack: online |" in (
+        tmp_path / "summary.md").read_text()
+    saved = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "arms").iterdir()}
+    assert len(saved) == 6
+    again = subprocess.run(args, capture_output=True, text=True, timeout=900, cwd=root, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "arms").iterdir()} == saved  # nothing redone
+    assert json.loads((tmp_path / "results.json").read_text())["arms"] == results["arms"]

@@ -112,7 +112,7 @@ class TeacherStack:
             raise ConfigError(f"pivot {pivot_name!r} is not one of the teachers' models "
                               f"{sorted({t.model for t in teachers})}; name a teacher's model.")
         self.pivot = loaded[pivot_name][1]
-        fingerprints = {name: hash(tuple(align_lib.token_bytes(tok))) for name, (_, tok) in loaded.items()}
+        fingerprints = {t.model: hash(tuple(align_lib.token_bytes(loaded[t.model][1]))) for t in teachers}
         by_key: dict[tuple, Group] = {}
         for i, t in enumerate(teachers):
             model, tokenizer = loaded[t.model]

@@ -1,0 +1,249 @@
+"""`python -m jaxdistill teachers`: every teacher alone vs the aggregation rules, and diversity.
+
+Each arm (a single teacher, or the stack under one rule) answers the held-out problems; its
+answers are saved under workdir/arms/ as soon as it finishes, so a rerun skips finished arms.
+Diversity is measured by scoring the reference solutions under every teacher at once.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from jaxdistill import runs, sampling
+from jaxdistill.data.records import extract_answer
+from jaxdistill.data.synthetic import SyntheticConfig, synthetic_records
+from jaxdistill.errors import ConfigError
+from jaxdistill.teachers import aggregate as agg_lib
+from jaxdistill.teachers.stack import TeacherConfig, TeacherStack, fewshot_block, validate_teachers
+
+RULES = ("mean_probs", "mean_logprobs", "gated", "perplexity", "online")
+
+
+def validate(config) -> None:
+    """Every setting, before any model loads."""
+    teachers = [TeacherConfig.from_config(t) for t in config.teachers]
+    validate_teachers(teachers)
+    models = {t.model for t in teachers}
+    if config.pivot and config.pivot not in models:
+        raise ConfigError(f"pivot {config.pivot!r} is not a teacher's model; use one of {sorted(models)} or ''.")
+    unknown = [r for r in config.rules if r not in RULES]
+    if unknown:
+        raise ConfigError(f"unknown aggregation rules {unknown}; known: {list(RULES)}.")
+    checks = [
+        (config.width >= 1, f"width must be >= 1, got {config.width}."),
+        (config.top_k >= 0, f"top_k must be >= 0 (0: every token), got {config.top_k}."),
+        (config.temperature >= 0, f"temperature must be >= 0 (0: greedy), got {config.temperature}."),
+        (config.seeds >= 1, f"seeds must be >= 1, got {config.seeds}."),
+        (config.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {config.max_new_tokens}."),
+        (config.batch_size >= 1, f"batch_size must be >= 1, got {config.batch_size}."),
+        (config.data.eval_size >= 1, f"data.eval_size must be >= 1, got {config.data.eval_size}."),
+        (config.data.fewshot_examples >= 0, "data.fewshot_examples must be >= 0."),
+        (0 < config.gate_threshold <= 1, f"gate_threshold must be in (0, 1], got {config.gate_threshold}."),
+        (config.perplexity_temperature > 0, "perplexity_temperature must be > 0."),
+        (config.online_temperature > 0, "online_temperature must be > 0."),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    SyntheticConfig(steps=config.data.steps, max_start=config.data.max_start, max_operand=config.data.max_operand)
+
+
+@functools.partial(jax.jit, static_argnames="graphdef")
+def _token_logprobs(graphdef, state, tokens, mask):
+    logp = jax.nn.log_softmax(nnx.merge(graphdef, state)(tokens, mask=mask)[:, :-1], axis=-1)
+    return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0] * mask[:, 1:]
+
+
+def nll_per_byte(model, tokenizer, texts) -> np.ndarray:
+    """Each text's negative log-likelihood per UTF-8 byte (comparable across vocabularies)."""
+    ids = [tokenizer.encode(t) for t in texts]
+    length = sampling.bucket(max(len(i) for i in ids))
+    tokens = np.full((len(ids), length), tokenizer.pad_id, np.int32)
+    mask = np.zeros((len(ids), length), bool)
+    for r, i in enumerate(ids):
+        tokens[r, : len(i)], mask[r, : len(i)] = i, True
+    graphdef, state = nnx.split(model)
+    logp = np.asarray(_token_logprobs(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask)))
+    return -logp.sum(axis=1) / np.asarray([max(len(t.encode()), 1) for t in texts])
+
+
+def run(config) -> dict:
+    validate(config)
+    workdir = runs.open_workdir(config.workdir)
+    with runs.WorkdirLock(workdir):
+        return _run(config, Path(str(workdir)))
+
+
+def _run(config, workdir: Path) -> dict:
+    start = time.perf_counter()
+    d = config.data
+    synthetic = SyntheticConfig(steps=d.steps, max_start=d.max_start, max_operand=d.max_operand)
+    test = synthetic_records(d.eval_size, d.seed, synthetic, split="test")
+    examples = synthetic_records(d.fewshot_examples, d.seed, synthetic, split="train")
+    teachers = [TeacherConfig.from_config(t) for t in config.teachers]
+    fewshot = fewshot_block(examples)
+    stack = TeacherStack(teachers, pivot=config.pivot or None, width=config.width, dtype=config.dtype,
+                         fewshot=fewshot)
+    excluded = {stack.teachers[g.teachers[0]].name: g.alignment.excluded for g in stack.groups}
+    print(f"teacher stack: {len(teachers)} teachers in {len(stack.groups)} groups "
+          f"{[[stack.names[i] for i in g.teachers] for g in stack.groups]}; pivot vocabulary "
+          f"{stack.pivot.vocab_size}, {int(stack.allowed.sum())} candidate tokens (pivot tokens needing more than "
+          f"{config.width} tokens in: {excluded})")
+
+    seeds = config.seeds if config.temperature > 0 else 1
+    rule = sampling.rule_from_config(config.temperature)
+    batches = [test[i:i + config.batch_size] for i in range(0, len(test), config.batch_size)]
+    arms = [f"alone: {t.name}" for t in teachers] + [f"stack: {r}" for r in config.rules]
+    bar = tqdm(total=len(arms) * seeds * len(test), desc="teachers: problems", unit="problem")
+    (workdir / "arms").mkdir(exist_ok=True)
+    results = {}
+
+    def run_arm(arm: str, seed: int, solve) -> dict:
+        path = workdir / "arms" / f"{arm.replace(': ', '-')}-seed{seed}.json"
+        if path.exists():
+            bar.update(len(test))
+            return json.loads(path.read_text())
+        t0, texts, tokens = time.perf_counter(), [], 0
+        for b, batch in enumerate(batches):
+            out = solve(b, batch, seed)
+            texts += out.texts
+            tokens += int(out.mask.sum())
+            bar.update(len(batch))
+            bar.set_postfix(arm=arm, seed=seed)
+        correct = [extract_answer(t) == r.answer for t, r in zip(texts, test, strict=True)]
+        row = {"arm": arm, "seed": seed, "accuracy": float(np.mean(correct)), "correct": correct, "texts": texts,
+               "tokens": tokens, "seconds": time.perf_counter() - t0}
+        runs.atomic_write_text(path, json.dumps(row))
+        return row
+
+    run_kw = dict(rule=rule, max_new_tokens=config.max_new_tokens, top_k=config.top_k)
+    singles = {}
+    for i, t in enumerate(teachers):
+        alone = TeacherStack([t], pivot=t.model, width=config.width, loaded=stack.models, fewshot=fewshot)
+        singles[i] = [run_arm(arms[i], s, lambda b, batch, s, alone=alone: alone.run(batch, seed=s, **run_kw))
+                      for s in range(seeds)]
+        results[arms[i]] = singles[i]
+
+    nll = None
+    if "perplexity" in config.rules:
+        texts = [r.problem for r in test]
+        nll = np.stack([nll_per_byte(*stack.models[t.model], texts) for t in teachers], axis=1)  # [P, N]
+
+    def solver(name: str):
+        rule_fn = agg_lib.rule_from_config(name if name in agg_lib.RULES else "mean_probs",
+                                           threshold=config.gate_threshold)
+        offsets = np.cumsum([0] + [len(b) for b in batches])
+
+        def solve(b, batch, seed):
+            weights = None
+            if name == "perplexity":
+                w = agg_lib.perplexity_weights(nll[offsets[b]:offsets[b + 1]], config.perplexity_temperature)
+                weights = w * np.asarray([t.weight for t in teachers])
+            elif name == "online":  # verified accuracy of each teacher on the earlier batches only
+                online = agg_lib.OnlineWeights(len(teachers), config.online_temperature)
+                for earlier in range(b):
+                    online.update(np.stack([singles[i][seed]["correct"][offsets[earlier]:offsets[earlier + 1]]
+                                            for i in range(len(teachers))], axis=1))
+                weights = online() * np.asarray([t.weight for t in teachers])
+            return stack.run(batch, aggregate=rule_fn, weights=weights, seed=seed, **run_kw)
+
+        return solve
+
+    for name in config.rules:
+        arm = f"stack: {name}"
+        results[arm] = [run_arm(arm, s, solver(name)) for s in range(seeds)]
+    bar.close()
+
+    diversity = measure_diversity(stack, test, config.batch_size)
+    best = max(range(len(teachers)), key=lambda i: np.mean([r["accuracy"] for r in singles[i]]))
+    diversity["consensus_differs_from_best"] = diversity["differs"][best]
+    plot_diversity(diversity, stack.names, workdir / "diversity.png")
+
+    summary = format_summary(config, config.pivot or teachers[0].model, results, diversity, stack.names, best, excluded,
+                             time.perf_counter() - start)
+    runs.atomic_write_text(workdir / "summary.md", summary + "\n")
+    out = {"arms": {a: {"accuracy": [r["accuracy"] for r in rows], "tokens": [r["tokens"] for r in rows],
+                        "seconds": [r["seconds"] for r in rows]} for a, rows in results.items()},
+           "teachers": stack.names, "best_single": stack.names[best], "excluded_pivot_tokens": excluded,
+           "diversity": {k: np.asarray(v).tolist() for k, v in diversity.items()}}
+    runs.atomic_write_text(workdir / "results.json", json.dumps(out, indent=1))
+    print("\n" + summary)
+    print(f"\n(written to {workdir}: summary.md, results.json, diversity.png, arms/)")
+    return out
+
+
+def measure_diversity(stack: TeacherStack, records, batch_size: int) -> dict:
+    """Per-position averages over the reference solutions scored under every teacher's prompt."""
+    totals = None
+    for start in range(0, len(records), batch_size):
+        batch = records[start:start + batch_size]
+        forced = [stack.pivot.encode(r.solution, add_special_tokens=False) for r in batch]
+        stats = stack.run(batch, forced=forced, top_k=0).stats
+        totals = stats if totals is None else {k: totals[k] + stats[k] for k in stats}
+    n = float(totals["positions"])
+    return {"positions": n, "js": totals["js"] / n, "agree": totals["agree"] / n,
+            "entropy_gain": float(totals["entropy_gain"]) / n, "differs": totals["differs"] / n}
+
+
+def plot_diversity(diversity: dict, names: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(4 + 2.2 * len(names), 3 + 0.4 * len(names)))
+    for ax, key, title, cmap in ((axes[0], "js", "Jensen-Shannon divergence (nats)", "magma_r"),
+                                 (axes[1], "agree", "top-1 agreement", "viridis")):
+        m = np.asarray(diversity[key])
+        image = ax.imshow(m, cmap=cmap, vmin=0, vmax=np.log(2) if key == "js" else 1)
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+        ax.set_yticks(range(len(names)), names)
+        for (r, c), v in np.ndenumerate(m):
+            ax.text(c, r, f"{v:.2f}", ha="center", va="center", color="white" if (v > 0.5) == (key == "js") else
+                    "black", fontsize=8)
+        ax.set_title(title)
+        fig.colorbar(image, ax=ax, shrink=0.8)
+    fig.suptitle(f"Teacher diversity on reference solutions ({int(diversity['positions'])} positions)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def format_summary(config, pivot, results, diversity, names, best, excluded, seconds) -> str:
+    lines = [f"# Teacher stack on {config.data.eval_size} held-out synthetic problems", "",
+             f"teachers: {', '.join(names)}; pivot vocabulary of {pivot}; "
+             f"top-{config.top_k} candidates; width {config.width} (pivot tokens excluded per teacher: {excluded}); "
+             f"{'greedy' if config.temperature == 0 else f'temperature {config.temperature}'}; "
+             f"{len(next(iter(results.values())))} seed(s)", "",
+             "| arm | accuracy | tokens generated | seconds |", "|---|---|---|---|"]
+    for arm, rows in results.items():
+        acc = [r["accuracy"] for r in rows]
+        spread = f" ± {np.std(acc):.3f}" if len(acc) > 1 else ""
+        lines.append(f"| {arm} | {np.mean(acc):.3f}{spread} | {np.mean([r['tokens'] for r in rows]):.0f} | "
+                     f"{np.mean([r['seconds'] for r in rows]):.0f} |")
+    best_acc = np.mean([r["accuracy"] for r in results[f"alone: {names[best]}"]])
+    stack_best = max((a for a in results if a.startswith("stack")), default=None,
+                     key=lambda a: np.mean([r["accuracy"] for r in results[a]]))
+    if stack_best:
+        gap = np.mean([r["accuracy"] for r in results[stack_best]]) - best_acc
+        lines += ["", f"Best single teacher: {names[best]} ({best_acc:.3f}). Best rule: {stack_best} "
+                      f"({gap:+.3f} against it)."]
+    js = np.asarray(diversity["js"])
+    agree = np.asarray(diversity["agree"])
+    pairs = [(i, j) for i in range(len(names)) for j in range(i + 1, len(names))]
+    lines += ["", f"Diversity on the reference solutions ({int(diversity['positions'])} positions):", ""]
+    lines += [f"- {names[i]} vs {names[j]}: JS {js[i, j]:.3f} nats, top-1 agreement {agree[i, j]:.2f}"
+              for i, j in pairs]
+    lines += [f"- mixture entropy minus mean member entropy: {diversity['entropy_gain']:.3f} nats",
+              f"- positions where the mixture's top token differs from the best single teacher's: "
+              f"{diversity['consensus_differs_from_best']:.2f}", "", f"Total time {seconds:.0f}s."]
+    return "\n".join(lines)
