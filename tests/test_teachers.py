@@ -67,6 +67,17 @@ def test_every_pivot_token_maps_to_gemma_tokens_with_exactly_its_bytes(smollm2, 
     assert (a.lengths[text_tokens] == 1).mean() > 0.9  # most pieces are exact matches
     narrow = align_lib.align(pivot, gemma, width=2)  # what does not fit is counted, never cut
     assert narrow.excluded == int((a.lengths > 2).sum()) and narrow.excluded > 0
+    # scoring: each Gemma token proposes the pivot token with its text, else the longest one it starts with
+    exact = {b: c for c, b in enumerate(pivot_bytes) if b is not None}
+    proposed = 0
+    for t, b in enumerate(gemma_bytes):
+        c = int(a.to_pivot[t])
+        if b is None or c < 0:
+            continue
+        proposed += 1
+        assert b.startswith(pivot_bytes[c])
+        assert c == exact.get(b, c)
+    assert proposed > 0.95 * sum(b is not None for b in gemma_bytes)
 
 
 def _stack(smollm2, gemma3, teachers, **kw):

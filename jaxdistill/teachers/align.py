@@ -1,14 +1,17 @@
 """Vocabulary alignment: scoring and committing text pieces of a pivot vocabulary in every teacher.
 
 The stack decodes in the pivot vocabulary (the student's, or the first teacher's). Each
-teacher keeps its own token stream of the same text. For every pivot token c we precompute,
-per teacher vocabulary (UniTE-style, from the token's exact bytes):
-- `pieces[c]`: the teacher's tokenisation of c's bytes (exact: decoding it gives the bytes
-  back; bytes that are not valid UTF-8 on their own map to the teacher's byte tokens), so a
-  committed pivot token never corrupts a teacher's stream, whatever its token boundaries;
-- `first[c] = pieces[c][0]`: the teacher's probability of c is that of its first sub-token
-  (exact when c's text is one teacher token: exact string matching with first-sub-token
-  fallback).
+teacher keeps its own token stream of the same text. From the tokens' exact bytes we
+precompute, per teacher vocabulary:
+- scoring (UniTE-style), `to_pivot[t]`: each teacher token t proposes the pivot token with
+  exactly its text, or else the first pivot sub-token of its text; a pivot token's score
+  under the teacher is the summed probability of the teacher tokens that propose it;
+- committing, `pieces[c]`: the teacher's tokenisation of pivot token c's bytes (exact:
+  decoding it gives the bytes back; bytes that are not valid UTF-8 on their own map to the
+  teacher's byte tokens), so each teacher's stream decodes to exactly the committed text.
+  Where the committed pivot token ends inside what would be one teacher token (Gemma's
+  "Ava" committed as SmolLM2's "A", "va"), the teacher sees a split it would not have
+  made itself; `split_rate` in the stack's statistics measures how often.
 A decode step feeds `width` teacher tokens per pivot token; pivot tokens that need more in
 some teacher are not candidates (counted in `Alignment.excluded`, reported by the command).
 Special and added tokens are never candidates, except the end-of-turn token, which maps to
@@ -79,10 +82,13 @@ class Alignment:
     pieces: np.ndarray  # [V_pivot, width] int32, padded with the teacher's pad id
     lengths: np.ndarray  # [V_pivot] int32: real tokens in each piece (0: not a candidate)
     excluded: int  # pivot tokens with text that need more than `width` teacher tokens
+    to_pivot: np.ndarray  # [V_teacher] int32: the pivot token each teacher token proposes (-1: none)
 
     @property
-    def first(self) -> np.ndarray:
-        return self.pieces[:, 0]
+    def identity(self) -> bool:
+        """The teacher's vocabulary is the pivot's (scores need no mapping)."""
+        return len(self.to_pivot) == len(self.lengths) and bool(
+            np.all((self.to_pivot == np.arange(len(self.to_pivot))) | (self.to_pivot < 0)))
 
     @property
     def width(self) -> int:
@@ -97,10 +103,9 @@ def align(pivot, teacher, *, width: int = 2) -> Alignment:
     if pivot.hf is teacher.hf or pivot_bytes == token_bytes(teacher):
         ids = np.arange(pivot.vocab_size, dtype=np.int32)
         lengths = np.asarray([b is not None for b in pivot_bytes], np.int32)
-        pieces = np.full((pivot.vocab_size, width), teacher.pad_id, np.int32)
-        pieces[:, 0] = ids
+        pieces = ids[:, None].copy()  # one token per pivot token
         _map_end_tokens(pivot, teacher, pieces, lengths)
-        return Alignment(pieces, lengths, excluded=0)
+        return Alignment(pieces, lengths, excluded=0, to_pivot=np.where(lengths > 0, ids, -1).astype(np.int32))
 
     teacher_bytes = token_bytes(teacher)
     byte_ids = byte_token_ids(teacher, teacher_bytes)
@@ -132,7 +137,34 @@ def align(pivot, teacher, *, width: int = 2) -> Alignment:
         pieces[c, : len(ids)] = ids
         lengths[c] = len(ids)
     _map_end_tokens(pivot, teacher, pieces, lengths)
-    return Alignment(pieces, lengths, excluded)
+    to_pivot = _first_pivot_tokens(pivot, pivot_bytes, teacher_bytes)
+    to_pivot[teacher.turn_end_id] = pivot.turn_end_id
+    return Alignment(pieces, lengths, excluded, to_pivot)
+
+
+def _first_pivot_tokens(pivot, pivot_bytes, teacher_bytes) -> np.ndarray:
+    """For each teacher token: the pivot token with exactly its bytes, else the first pivot
+    token of its text (the longest pivot token its bytes start with); -1 for special tokens."""
+    exact = {b: c for c, b in enumerate(pivot_bytes) if b is not None}
+    pivot_byte_ids = byte_token_ids(pivot, pivot_bytes)
+    out = np.full(len(teacher_bytes), -1, np.int32)
+    texts, where = [], []
+    for t, b in enumerate(teacher_bytes):
+        if b is None:
+            continue
+        if b in exact:
+            out[t] = exact[b]
+            continue
+        try:
+            texts.append(b.decode("utf-8"))
+            where.append(t)
+        except UnicodeDecodeError:
+            out[t] = pivot_byte_ids.get(b[0], -1)
+    for t, ids in zip(where, pivot.hf(texts, add_special_tokens=False)["input_ids"], strict=True):
+        first = ids[0] if ids else -1
+        ok = first >= 0 and pivot_bytes[first] is not None and teacher_bytes[t].startswith(pivot_bytes[first])
+        out[t] = first if ok else pivot_byte_ids.get(teacher_bytes[t][0], -1)
+    return out
 
 
 def _map_end_tokens(pivot, teacher, pieces, lengths) -> None:

@@ -11,8 +11,11 @@ Each step: every teacher's next-token log-probs are projected onto the pivot voc
 the aggregation rule combines them; the sampler rule picks one pivot token; each group
 feeds that token's piece (its own tokens for the same bytes) into its KV cache. The same
 loop, fed a fixed continuation instead of sampling (`forced`), scores text under the
-stack: that is how diversity is measured and how the stack serves as a distillation
-teacher.
+stack: that is how diversity is measured.
+
+Decoding is split into `start` (prefill), `advance` (run until every row has finished or
+paused at a branching point) and `fork` (copy rows, KV caches included, so children of a
+branch share their prefix without a new prefill); `decode` is start + advance.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from jaxdistill.models.transformer import KVCache
 
 _NEG = -1e30
 
@@ -37,6 +42,7 @@ class GroupInputs:
     mask: jax.Array  # [N_g, B, P] bool
     pieces: jax.Array  # [V_pivot, W] int32: this vocabulary's tokens for each pivot token
     lengths: jax.Array  # [V_pivot] int32
+    to_pivot: jax.Array | None  # [V_group] int32: the pivot token each token proposes; None: same vocabulary
 
 
 @jax.tree_util.register_dataclass
@@ -56,8 +62,35 @@ class Settings:
     rule: object  # sampling rule over the aggregated log-probs
     top_k: int  # candidates: union of each teacher's top-k (0: every candidate token)
     new_slots: int  # output length bucket
+    cache_steps: int  # decode steps the KV caches have room for (>= new_slots; more when branching)
     pad_id: int  # pivot pad id
     forced: bool = False  # score `forced` tokens instead of sampling
+    branch_entropy: float = 0.0  # > 0: rows pause where the aggregated entropy (nats) exceeds this
+    proposals: int = 4  # top tokens of the stack and of each teacher recorded at a pause
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecodeState:
+    caches: tuple  # per group, KVCache with leading teacher axis
+    hiddens: tuple  # per group [N_g, B, D]: hidden state that predicts the next token
+    positions: tuple  # per group [N_g, B]: next position in each teacher's stream
+    done: jax.Array  # [B]
+    marked: jax.Array  # [B]: the final-answer marker has been written
+    paused: jax.Array  # [B]: stopped at a branching point, waiting for `fork`
+    branch_after: jax.Array  # [B] int32: the row may pause once it has emitted this many tokens
+    pending: jax.Array  # [B] int32: a token to commit next instead of sampling (-1: none)
+    length: jax.Array  # [B] int32: tokens emitted so far
+    confidence: jax.Array  # [B]: summed aggregated top probability of the emitted tokens
+    key: jax.Array
+    step: jax.Array  # [] int32: loop steps so far (KV-cache slots used per group, over width)
+    tokens: jax.Array  # [B, S]
+    mask: jax.Array  # [B, S]
+    logprob: jax.Array  # [B, S]: aggregated log-prob of each emitted token
+    teacher_logprob: jax.Array  # [N, B, S]
+    top_ids: jax.Array  # [N + 1, B, C]: at the last pause, the stack's (row 0) and each teacher's top tokens
+    top_logprobs: jax.Array  # [N + 1, B, C]
+    stats: dict  # summed diversity statistics over emitted positions
 
 
 def _last_real(hidden, lengths):
@@ -67,13 +100,26 @@ def _last_real(hidden, lengths):
                                axis=2)[:, :, 0]
 
 
-def _group_logprobs(graphdef, state, hidden, first):
-    """[N_g, B, D] hidden -> [N_g, B, V_pivot] teacher log-probs of each pivot token's first piece."""
+def _group_logprobs(graphdef, state, hidden, to_pivot, top_k: int, pivot_size: int):
+    """[N_g, B, D] hidden -> [N_g, B, V_pivot] log-probs of the pivot tokens: each teacher token's
+    probability goes to the pivot token it proposes (only the teacher's top-k when top_k > 0)."""
     def one(s, h):
         return jax.nn.log_softmax(nnx.merge(graphdef, s).logits(h), axis=-1)
 
     logp = jax.vmap(one)(state, hidden)
-    return jnp.take(logp, first, axis=-1)
+    if to_pivot is None:
+        return logp
+    if top_k:
+        logp, ids = jax.lax.top_k(logp, top_k)
+    else:
+        ids = jnp.broadcast_to(jnp.arange(logp.shape[-1]), logp.shape)
+    target = to_pivot[ids]  # [N_g, B, K]
+    probs = jnp.where(target >= 0, jnp.exp(logp), 0.0)
+    lead = jnp.arange(logp.shape[0])[:, None, None], jnp.arange(logp.shape[1])[None, :, None]
+    summed = jnp.zeros((*logp.shape[:2], pivot_size)).at[lead[0], lead[1], jnp.maximum(target, 0)].add(probs)
+    # A token no teacher token proposes gets a floor, not -inf, so a product of experts over
+    # teachers with disjoint proposals stays defined.
+    return jnp.log(jnp.maximum(summed, 1e-10))
 
 
 def candidate_logprobs(per_group, allowed, top_k):
@@ -88,6 +134,11 @@ def candidate_logprobs(per_group, allowed, top_k):
     return jax.nn.log_softmax(logp, axis=-1)
 
 
+def entropy(logp):
+    p = jnp.exp(logp)
+    return -jnp.sum(jnp.where(p > 0, p * logp, 0.0), axis=-1)
+
+
 def pairwise_stats(logp, live):
     """Diversity of one step's teacher distributions [N, B, V], summed over the live rows [B]:
     Jensen-Shannon divergence [N, N], top-1 agreement [N, N] and the mixture's entropy minus
@@ -99,19 +150,15 @@ def pairwise_stats(logp, live):
     log_mix = jnp.log(jnp.maximum(mix, 1e-30))
     kl = lambda a, log_a: jnp.sum(jnp.where(a > 0, a * (log_a - log_mix), 0.0), axis=-1)  # noqa: E731
     js = 0.5 * (kl(p[:, None], logp[:, None]) + kl(p[None, :], logp[None, :]))  # [N, N, B]
-    entropy = -jnp.sum(jnp.where(p > 0, p * logp, 0.0), axis=-1)  # [N, B]
     p_mix = jnp.mean(p, axis=0)
     mix_entropy = -jnp.sum(jnp.where(p_mix > 0, p_mix * jnp.log(jnp.maximum(p_mix, 1e-30)), 0.0), axis=-1)
-    return jnp.sum(js * live, axis=-1), agree, jnp.sum((mix_entropy - jnp.mean(entropy, axis=0)) * live)
+    return jnp.sum(js * live, axis=-1), agree, jnp.sum((mix_entropy - jnp.mean(entropy(logp), axis=0)) * live)
 
 
 @functools.partial(jax.jit, static_argnames=("settings",))
-def decode(settings: Settings, groups: tuple[GroupInputs, ...], weights, allowed, stops: StopTables, key,
-           max_new, forced):
-    """Returns tokens [B, S], mask [B, S], aggregated log-prob of each token [B, S], each
-    teacher's (renormalised) log-prob of it [N, B, S], and summed diversity statistics.
-    `forced`: (tokens [B, S], lengths [B]) to score instead of sampling (with settings.forced)."""
-    batch = weights.shape[0]
+def start(settings: Settings, groups: tuple[GroupInputs, ...], key) -> DecodeState:
+    """Prefill every teacher's prompt; nothing emitted yet."""
+    batch = groups[0].tokens.shape[1]
     slots = settings.new_slots
     caches, hiddens, positions = [], [], []
     for graphdef, g in zip(settings.graphdefs, groups, strict=True):
@@ -119,7 +166,7 @@ def decode(settings: Settings, groups: tuple[GroupInputs, ...], weights, allowed
 
         def prefill(s, tokens, mask, graphdef=graphdef, width=width):
             model = nnx.merge(graphdef, s)
-            hidden, cache = model.prefill(tokens, mask, slots=tokens.shape[-1] + width * slots)
+            hidden, cache = model.prefill(tokens, mask, slots=tokens.shape[-1] + width * settings.cache_steps)
             return hidden[:, -1], cache
 
         hidden, cache = jax.vmap(prefill)(g.state, g.tokens, g.mask)
@@ -127,69 +174,117 @@ def decode(settings: Settings, groups: tuple[GroupInputs, ...], weights, allowed
         hiddens.append(hidden)
         positions.append(jnp.sum(g.mask, axis=-1).astype(jnp.int32))  # [N_g, B]
     teachers = sum(g.tokens.shape[0] for g in groups)
+    c = settings.proposals
+    return DecodeState(
+        caches=tuple(caches), hiddens=tuple(hiddens), positions=tuple(positions),
+        done=~jnp.any(groups[0].mask[0], axis=-1),  # filler rows of the batch bucket start finished
+        marked=jnp.zeros((batch,), bool), paused=jnp.zeros((batch,), bool),
+        branch_after=jnp.full((batch,), 0 if settings.branch_entropy > 0 else 2**30, jnp.int32),
+        pending=jnp.full((batch,), -1, jnp.int32),
+        length=jnp.zeros((batch,), jnp.int32), confidence=jnp.zeros((batch,)), key=key, step=jnp.int32(0),
+        tokens=jnp.full((batch, slots), settings.pad_id, jnp.int32), mask=jnp.zeros((batch, slots), bool),
+        logprob=jnp.zeros((batch, slots)), teacher_logprob=jnp.zeros((teachers, batch, slots)),
+        top_ids=jnp.zeros((teachers + 1, batch, c), jnp.int32), top_logprobs=jnp.zeros((teachers + 1, batch, c)),
+        stats=dict(js=jnp.zeros((teachers, teachers)), agree=jnp.zeros((teachers, teachers)),
+                   entropy_gain=jnp.zeros(()), differs=jnp.zeros((teachers,)), positions=jnp.zeros(())))
 
-    def step_logprobs(hiddens):
-        per_group = [_group_logprobs(gd, g.state, h, g.pieces[:, 0])
-                     for gd, g, h in zip(settings.graphdefs, groups, hiddens, strict=True)]
-        return candidate_logprobs(per_group, allowed, settings.top_k)
 
-    out = dict(
-        tokens=jnp.full((batch, slots), settings.pad_id, jnp.int32),
-        mask=jnp.zeros((batch, slots), bool),
-        logprob=jnp.zeros((batch, slots), jnp.float32),
-        teacher_logprob=jnp.zeros((teachers, batch, slots), jnp.float32),
-    )
-    stats = dict(js=jnp.zeros((teachers, teachers)), agree=jnp.zeros((teachers, teachers)),
-                 entropy_gain=jnp.zeros(()), differs=jnp.zeros((teachers,)), positions=jnp.zeros(()))
+@functools.partial(jax.jit, static_argnames=("settings",), donate_argnames=("state",))
+def advance(settings: Settings, groups: tuple[GroupInputs, ...], state: DecodeState, weights, allowed,
+            stops: StopTables, max_new, forced) -> DecodeState:
+    """Decode until every row is done (end of turn, final answer line, `max_new` tokens) or
+    paused at a branching point. `forced`: (tokens [B, S], lengths [B]) to score instead of
+    sampling (with settings.forced)."""
+    batch = weights.shape[0]
+    rows = jnp.arange(batch)
 
-    def cond(carry):
-        step, done = carry[0], carry[1]
-        return (step < max_new) & ~jnp.all(done)
+    def cond(s):
+        return jnp.any(~s.done & ~s.paused) & (s.step < settings.cache_steps)
 
-    def body(carry):
-        step, done, marked, key, caches, hiddens, positions, out, stats = carry
-        key, sub = jax.random.split(key)
-        live = ~done
-        logp = step_logprobs(hiddens)  # [N, B, V]
+    def body(s: DecodeState) -> DecodeState:
+        key, sub = jax.random.split(s.key)
+        per_group = [_group_logprobs(gd, g.state, h, g.to_pivot, settings.top_k, allowed.shape[0])
+                     for gd, g, h in zip(settings.graphdefs, groups, s.hiddens, strict=True)]
+        logp = candidate_logprobs(per_group, allowed, settings.top_k)  # [N, B, V]
         agg = settings.aggregate(logp, weights)
-        tok = forced[0][:, step] if settings.forced else settings.rule(agg, sub, step).astype(jnp.int32)
-        tok = jnp.where(live, tok, settings.pad_id)
-        rows = jnp.arange(batch)
-        out = dict(
-            tokens=out["tokens"].at[:, step].set(tok),
-            mask=out["mask"].at[:, step].set(live),
-            logprob=out["logprob"].at[:, step].set(jnp.where(live, agg[rows, tok], 0.0)),
-            teacher_logprob=out["teacher_logprob"].at[:, :, step].set(jnp.where(live, logp[:, rows, tok], 0.0)),
-        )
-        js, agree, gain = pairwise_stats(logp, live)
-        differs = jnp.sum((jnp.argmax(agg, -1)[None] != jnp.argmax(logp, -1)) & live[None], axis=-1)
-        stats = dict(js=stats["js"] + js, agree=stats["agree"] + agree, entropy_gain=stats["entropy_gain"] + gain,
-                     differs=stats["differs"] + differs, positions=stats["positions"] + jnp.sum(live))
-        marked = marked | stops.marker[tok]
+        live = ~s.done & ~s.paused
+        has_pending = s.pending >= 0
+        pause = live & ~has_pending & (s.length >= s.branch_after) & (entropy(agg) > settings.branch_entropy)
         if settings.forced:
-            done = done | (step + 1 >= forced[1])
+            tok = forced[0][rows, s.length]
         else:
-            done = done | stops.end[tok] | (marked & stops.newline[tok] & ~stops.marker[tok])
-        new_caches, new_hiddens, new_positions = [], [], []
-        for gd, g, cache, pos in zip(settings.graphdefs, groups, caches, positions, strict=True):
-            width = g.pieces.shape[1]
-            piece, length = g.pieces[tok], jnp.where(live, g.lengths[tok], 0)  # [B, W], [B]
-            real = jnp.arange(width)[None] < length[:, None]  # [B, W]
+            tok = jnp.where(has_pending, s.pending, settings.rule(agg, sub, s.step).astype(jnp.int32))
+        emit = live & ~pause
+        tok = jnp.where(emit, tok, settings.pad_id)
 
-            def feed(s, cache, pos, gd=gd, piece=piece, real=real):
-                model = nnx.merge(gd, s)
-                hidden, cache = model.hidden_states(piece, pos[:, None] + jnp.arange(piece.shape[1])[None], real,
-                                                    cache=cache)
-                return hidden, cache
+        top_agg = jax.lax.top_k(agg, settings.proposals)
+        top_each = jax.lax.top_k(logp, settings.proposals)
+        top_ids = jnp.concatenate([top_agg[1][None], top_each[1]], axis=0)
+        top_lp = jnp.concatenate([top_agg[0][None], top_each[0]], axis=0)
+        at = jnp.where(emit, s.length, 0)
+        js, agree, gain = pairwise_stats(logp, emit)
+        differs = jnp.sum((jnp.argmax(agg, -1)[None] != jnp.argmax(logp, -1)) & emit[None], axis=-1)
+        stats = dict(js=s.stats["js"] + js, agree=s.stats["agree"] + agree,
+                     entropy_gain=s.stats["entropy_gain"] + gain, differs=s.stats["differs"] + differs,
+                     positions=s.stats["positions"] + jnp.sum(emit))
+
+        marked = s.marked | (emit & stops.marker[tok])
+        length = s.length + emit
+        if settings.forced:
+            finished = length >= forced[1]
+        else:
+            finished = stops.end[tok] | (marked & stops.newline[tok] & ~stops.marker[tok]) | (length >= max_new)
+        caches, hiddens, positions = [], [], []
+        for gd, g, cache, hidden_old, pos in zip(settings.graphdefs, groups, s.caches, s.hiddens, s.positions,
+                                                 strict=True):
+            width = g.pieces.shape[1]
+            piece, n = g.pieces[tok], jnp.where(emit, g.lengths[tok], 0)  # [B, W], [B]
+            real = jnp.arange(width)[None] < n[:, None]  # [B, W]
+
+            def feed(params, cache, pos, gd=gd, piece=piece, real=real):
+                model = nnx.merge(gd, params)
+                return model.hidden_states(piece, pos[:, None] + jnp.arange(piece.shape[1])[None], real, cache=cache)
 
             hidden, cache = jax.vmap(feed)(g.state, cache, pos)
-            new_caches.append(cache)
-            new_hiddens.append(_last_real(hidden, length))
-            new_positions.append(pos + length[None])
-        return (step + 1, done, marked, key, new_caches, new_hiddens, new_positions, out, stats)
+            caches.append(cache)
+            hiddens.append(jnp.where(emit[None, :, None], _last_real(hidden, n), hidden_old))
+            positions.append(pos + n[None])
+        return DecodeState(
+            caches=tuple(caches), hiddens=tuple(hiddens), positions=tuple(positions),
+            done=s.done | (emit & finished), marked=marked, paused=s.paused | pause, branch_after=s.branch_after,
+            pending=jnp.where(emit, -1, s.pending), length=length,
+            confidence=s.confidence + jnp.where(emit, jnp.exp(jnp.max(agg, axis=-1)), 0.0), key=key,
+            step=s.step + 1,
+            tokens=s.tokens.at[rows, at].set(jnp.where(emit, tok, s.tokens[rows, at])),
+            mask=s.mask.at[rows, at].set(s.mask[rows, at] | emit),
+            logprob=s.logprob.at[rows, at].set(jnp.where(emit, agg[rows, tok], s.logprob[rows, at])),
+            teacher_logprob=s.teacher_logprob.at[:, rows, at].set(
+                jnp.where(emit, logp[:, rows, tok], s.teacher_logprob[:, rows, at])),
+            top_ids=jnp.where(pause[None, :, None], top_ids, s.top_ids),
+            top_logprobs=jnp.where(pause[None, :, None], top_lp, s.top_logprobs), stats=stats)
 
-    done = ~jnp.any(groups[0].mask[0], axis=-1)  # filler rows of the batch bucket start finished
-    marked = jnp.zeros((batch,), bool)
-    carry = (jnp.int32(0), done, marked, key, caches, hiddens, positions, out, stats)
-    carry = jax.lax.while_loop(cond, body, carry)
-    return carry[7], carry[8]
+    return jax.lax.while_loop(cond, body, state)
+
+
+@functools.partial(jax.jit, donate_argnames=("state",))
+def fork(state: DecodeState, parents, pending, branch_after, active) -> DecodeState:
+    """A new batch whose row i continues row `parents[i]` (its KV caches and outputs copied),
+    first committing token `pending[i]` (-1: sample as usual); it may pause again once it has
+    `branch_after[i]` tokens. Rows with `active[i]` False are filler (finished)."""
+    take = lambda x, axis: jnp.take(x, parents, axis=axis)  # noqa: E731
+    # vmapped caches: k/v [N_g, layers, B, ...], positions [N_g, B, slots]
+    caches = tuple(KVCache(k=take(c.k, 2), v=take(c.v, 2), positions=take(c.positions, 1), index=c.index)
+                   for c in state.caches)
+    return dataclasses.replace(
+        state, caches=caches, hiddens=tuple(take(h, 1) for h in state.hiddens),
+        positions=tuple(take(p, 1) for p in state.positions), done=take(state.done, 0) | ~active,
+        marked=take(state.marked, 0), paused=jnp.zeros(parents.shape, bool), branch_after=branch_after,
+        pending=pending, length=take(state.length, 0), confidence=take(state.confidence, 0),
+        tokens=take(state.tokens, 0), mask=take(state.mask, 0), logprob=take(state.logprob, 0),
+        teacher_logprob=take(state.teacher_logprob, 1), top_ids=take(state.top_ids, 1),
+        top_logprobs=take(state.top_logprobs, 1))
+
+
+def decode(settings: Settings, groups, weights, allowed, stops, key, max_new, forced) -> DecodeState:
+    """Decode every row to its end (no branching)."""
+    return advance(settings, groups, start(settings, groups, key), weights, allowed, stops, max_new, forced)

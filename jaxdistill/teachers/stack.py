@@ -154,19 +154,7 @@ class TeacherStack:
         n = len(records)
         rows = sampling.bucket(n, minimum=1)
         new = max_new_tokens if forced is None else max(len(f) for f in forced)
-        groups = []
-        for g in self.groups:
-            prompts = [[self.prompt(i, r) for r in records] for i in g.teachers]
-            length = sampling.bucket(max(len(p) for ps in prompts for p in ps))
-            limit = self.models[self.teachers[g.teachers[0]].model][0].config.max_seq_len
-            if length + g.alignment.width * sampling.bucket(new) > limit:
-                raise ConfigError(f"prompts of {length} tokens plus {new} new ones exceed the context of "
-                                  f"{limit} of teacher {self.teachers[g.teachers[0]].name!r}.")
-            padded = [sampling.left_pad(ps, length, rows, g.tokenizer.pad_id) for ps in prompts]
-            groups.append(lockstep.GroupInputs(
-                state=g.state, tokens=jnp.asarray(np.stack([t for t, _ in padded])),
-                mask=jnp.asarray(np.stack([m for _, m in padded])),
-                pieces=jnp.asarray(g.alignment.pieces), lengths=jnp.asarray(g.alignment.lengths)))
+        groups = self.inputs(records, rows=rows, new=new)
         w = self.weights(rows, weights if weights is None or np.ndim(weights) == 1 else
                          np.concatenate([weights, np.ones((rows - n, len(self.teachers)))]))
         slots = sampling.bucket(new)
@@ -175,21 +163,45 @@ class TeacherStack:
         for r, f in enumerate(forced or ()):
             forced_tokens[r, : len(f)], forced_lengths[r] = f, len(f)
         settings = lockstep.Settings(graphdefs=tuple(g.graphdef for g in self.groups), aggregate=aggregate,
-                                     rule=rule, top_k=top_k, new_slots=slots, pad_id=self.pivot.pad_id,
-                                     forced=forced is not None)
-        out, stats = lockstep.decode(settings, tuple(groups), jnp.asarray(w[:, self.order]),
-                                     jnp.asarray(self.allowed), self.stops, jax.random.key(seed),
-                                     jnp.int32(new), (jnp.asarray(forced_tokens), jnp.asarray(forced_lengths)))
-        back = np.argsort(self.order)  # group order -> configured order
-        tokens, mask = np.asarray(out["tokens"])[:n, :new], np.asarray(out["mask"])[:n, :new]
-        stats = {k: np.asarray(v) for k, v in stats.items()}
+                                     rule=rule, top_k=top_k, new_slots=slots, cache_steps=slots,
+                                     pad_id=self.pivot.pad_id, forced=forced is not None)
+        state = lockstep.decode(settings, groups, jnp.asarray(w[:, self.order]), jnp.asarray(self.allowed),
+                                self.stops, jax.random.key(seed), jnp.int32(new),
+                                (jnp.asarray(forced_tokens), jnp.asarray(forced_lengths)))
+        return self._output(state, n, new)
+
+    def _output(self, state: lockstep.DecodeState, n: int, new: int) -> StackOutput:
+        """Rows [:n] and tokens [:new] of a decode, teachers back in configured order."""
+        back = np.argsort(self.order)
+        tokens, mask = np.asarray(state.tokens)[:n, :new], np.asarray(state.mask)[:n, :new]
+        stats = {k: np.asarray(v) for k, v in state.stats.items()}
         stats["js"] = stats["js"][back][:, back]
         stats["agree"] = stats["agree"][back][:, back]
         stats["differs"] = stats["differs"][back]
         return StackOutput(
             texts=[self.pivot.decode(row[m].tolist()) for row, m in zip(tokens, mask, strict=True)],
-            tokens=tokens, mask=mask, logprob=np.asarray(out["logprob"])[:n, :new],
-            teacher_logprob=np.asarray(out["teacher_logprob"])[back][:, :n, :new], stats=stats)
+            tokens=tokens, mask=mask, logprob=np.asarray(state.logprob)[:n, :new],
+            teacher_logprob=np.asarray(state.teacher_logprob)[back][:, :n, :new], stats=stats)
+
+    def inputs(self, records: Sequence[Record], *, rows: int, new: int, steps: int = 1
+               ) -> tuple[lockstep.GroupInputs, ...]:
+        """Each group's prompts for `records` (left-padded to `rows` rows), checked against its
+        context: prompt + width x `steps` x the bucket of `new` tokens must fit."""
+        groups = []
+        for g in self.groups:
+            prompts = [[self.prompt(i, r) for r in records] for i in g.teachers]
+            length = sampling.bucket(max(len(p) for ps in prompts for p in ps))
+            limit = self.models[self.teachers[g.teachers[0]].model][0].config.max_seq_len
+            if length + g.alignment.width * steps * sampling.bucket(new) > limit:
+                raise ConfigError(f"prompts of {length} tokens plus {new} new ones (x{steps} levels) exceed the "
+                                  f"context of {limit} of teacher {self.teachers[g.teachers[0]].name!r}.")
+            padded = [sampling.left_pad(ps, length, rows, g.tokenizer.pad_id) for ps in prompts]
+            groups.append(lockstep.GroupInputs(
+                state=g.state, tokens=jnp.asarray(np.stack([t for t, _ in padded])),
+                mask=jnp.asarray(np.stack([m for _, m in padded])),
+                pieces=jnp.asarray(g.alignment.pieces), lengths=jnp.asarray(g.alignment.lengths),
+                to_pivot=None if g.alignment.identity else jnp.asarray(g.alignment.to_pivot)))
+        return tuple(groups)
 
     def stream(self, i: int, pivot_tokens: Sequence[int]) -> list[int]:
         """Teacher i's own token ids for a committed pivot text (what its KV cache was fed)."""
