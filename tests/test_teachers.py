@@ -145,7 +145,9 @@ def test_teachers_command_runs_every_arm_and_resumes_without_redoing_them(tmp_pa
     root = Path(__file__).parent.parent
     args = [sys.executable, "-m", "jaxdistill", "teachers", "--config=experiments/teachers/default.py",
             f"--config.workdir={tmp_path}", "--config.data.eval_size=3", "--config.batch_size=2",
-            "--config.max_new_tokens=12", "--config.rules=['mean_probs','perplexity','online']"]
+            "--config.max_new_tokens=12", "--config.rules=('mean_probs','perplexity','online')",
+            "--config.search.problems=1", "--config.search.max_new_tokens=16", "--config.search.token_budget=64",
+            "--config.search.max_levels=1", "--config.search.branch_entropy=0.5", "--config.seeds=2"]
     env = {**__import__("os").environ, "XLA_FLAGS": ""}
     first = subprocess.run(args, capture_output=True, text=True, timeout=900, cwd=root, env=env)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -156,9 +158,33 @@ def test_teachers_command_runs_every_arm_and_resumes_without_redoing_them(tmp_pa
     assert (np.diag(js) < 1e-5).all() and (js[~np.eye(3, dtype=bool)] > 0).all() and np.allclose(js, js.T)
     assert (tmp_path / "diversity.png").stat().st_size > 10_000 and "| stack: online |" in (
         tmp_path / "summary.md").read_text()
-    saved = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "arms").iterdir()}
-    assert len(saved) == 6
+    search = results["search"]
+    assert search["search"]["leaves"] >= 2 and search["search"]["tokens"] > 16  # it branched
+    assert len(search["best_of_n"]) == 2 and all(r["tokens"] >= search["search"]["tokens"] for r in search["best_of_n"])
+    gold = [json.loads(line) for line in (tmp_path / "traces.jsonl").read_text().splitlines()]
+    assert len(gold) == search["search"]["gold"]
+    assert (tmp_path / "search_tree.png").stat().st_size > 5_000
+    saved = {p.name: p.stat().st_mtime_ns for d in ("arms", "search") for p in (tmp_path / d).iterdir()}
+    assert len(saved) == 6 + 1 + 2
     again = subprocess.run(args, capture_output=True, text=True, timeout=900, cwd=root, env=env)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "arms").iterdir()} == saved  # nothing redone
+    assert {p.name: p.stat().st_mtime_ns for d in ("arms", "search") for p in (tmp_path / d).iterdir()} == saved
     assert json.loads((tmp_path / "results.json").read_text())["arms"] == results["arms"]
+
+
+def test_gold_traces_are_read_by_the_self_distillation_loader_and_negatives_pair_with_them(tmp_path):
+    import json
+
+    from jaxdistill.data import read_jsonl
+    from jaxdistill.teachers.run import write_traces
+
+    record = synthetic_records(1, 0, split="test")[0]
+    good, bad = f"So the answer is\n#### {record.answer}\n", "So the answer is\n#### 999\n"
+    leaves = [{"branch": 1, "text": good, "tokens": [1, 2, 3], "correct": True, "confidence": 0.9, "path": ["right"]},
+              {"branch": 2, "text": bad, "tokens": [1, 2, 4], "correct": False, "confidence": 0.5, "path": ["wrong"],
+               "wrong_at": 2, "wrong_token": "4", "gold_token": "3", "gold_branch": 1}]
+    write_traces([record], [{"leaves": leaves}], None, tmp_path)
+    (loaded,) = read_jsonl(tmp_path / "traces.jsonl")
+    assert (loaded.problem, loaded.solution, loaded.answer) == (record.problem, good, record.answer)
+    (negative,) = [json.loads(line) for line in (tmp_path / "negatives.jsonl").read_text().splitlines()]
+    assert (negative["chosen"], negative["rejected"], negative["wrong_at_token"]) == (good, bad, 2)

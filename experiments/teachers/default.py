@@ -9,7 +9,9 @@ synthetic word problems in lockstep, in SmolLM2's vocabulary. Arms: each teacher
 its own vocabulary), the weighted mixture, the product of experts, the confidence gate on
 the lead teacher, per-prompt perplexity weights and online weights from verified accuracy.
 Diversity (pairwise Jensen-Shannon, top-1 agreement, mixture entropy gain) is measured on the
-reference solutions. Greedy decoding by default, so one seed is exact; with temperature > 0
+reference solutions. Branch search runs on the first `search.problems` problems and writes
+gold traces (traces.jsonl, readable by the self-distillation loader) and located negatives
+(negatives.jsonl, preference pairs), compared with best-of-N sampling at equal tokens. Greedy decoding by default, so one seed is exact; with temperature > 0
 every arm runs `seeds` times. Each finished arm is saved, so an interrupted run resumes.
 About 10 minutes on a 2-core CPU.
 """
@@ -31,7 +33,7 @@ def get_config():
     ]
     c.pivot = ""  # the vocabulary the stack decodes in: a teacher's model ("" = the first teacher's)
     c.width = 2  # teacher tokens fed per pivot token; pivot tokens needing more are not candidates (counted)
-    c.rules = ["mean_probs", "mean_logprobs", "gated", "perplexity", "online"]
+    c.rules = ("mean_probs", "mean_logprobs", "gated", "perplexity", "online")
     c.gate_threshold = 0.5  # gated: the lead (first) teacher alone while its top probability is >= this
     c.perplexity_temperature = 1.0  # perplexity: w ∝ exp(-nll per byte of the problem / temperature)
     c.online_temperature = 0.1  # online: w ∝ exp(verified accuracy so far / temperature)
@@ -41,6 +43,11 @@ def get_config():
     c.max_new_tokens = 96
     c.batch_size = 16
     c.dtype = "float32"
+    # Branch search on the first `problems` held-out problems, against best-of-N sampling from the best
+    # single teacher at the same number of generated tokens (seeds x).
+    c.search = ml_collections.ConfigDict(dict(
+        problems=8, rule="mean_probs", right=2, wrong=2, branch_entropy=1.0, gap=6, max_levels=3, max_live=16,
+        min_confidence=0.0, token_budget=768, max_new_tokens=96, baseline_temperature=0.7))
     c.data = ml_collections.ConfigDict(dict(seed=0, eval_size=32, fewshot_examples=2, steps=1, max_start=20,
                                             max_operand=12))
     return c

@@ -7,6 +7,7 @@ Diversity is measured by scoring the reference solutions under every teacher at 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import time
@@ -23,6 +24,7 @@ from jaxdistill.data.records import extract_answer
 from jaxdistill.data.synthetic import SyntheticConfig, synthetic_records
 from jaxdistill.errors import ConfigError
 from jaxdistill.teachers import aggregate as agg_lib
+from jaxdistill.teachers import search as search_lib
 from jaxdistill.teachers.stack import TeacherConfig, TeacherStack, fewshot_block, validate_teachers
 
 RULES = ("mean_probs", "mean_logprobs", "gated", "perplexity", "online")
@@ -55,6 +57,18 @@ def validate(config) -> None:
         if not ok:
             raise ConfigError(message)
     SyntheticConfig(steps=config.data.steps, max_start=config.data.max_start, max_operand=config.data.max_operand)
+    search_config(config)
+    if config.search.rule not in agg_lib.RULES:
+        raise ConfigError(f"search.rule must be one of {sorted(agg_lib.RULES)}, got {config.search.rule!r}.")
+    if config.search.problems < 0 or config.search.baseline_temperature <= 0:
+        raise ConfigError("search.problems must be >= 0 and search.baseline_temperature > 0.")
+
+
+def search_config(config) -> search_lib.SearchConfig:
+    s = config.search
+    return search_lib.SearchConfig(right=s.right, wrong=s.wrong, branch_entropy=s.branch_entropy, gap=s.gap,
+                                   max_levels=s.max_levels, max_live=s.max_live, min_confidence=s.min_confidence,
+                                   token_budget=s.token_budget, max_new_tokens=s.max_new_tokens)
 
 
 @functools.partial(jax.jit, static_argnames="graphdef")
@@ -163,6 +177,7 @@ def _run(config, workdir: Path) -> dict:
         results[arm] = [run_arm(arm, s, solver(name)) for s in range(seeds)]
     bar.close()
 
+    searched = run_search(config, stack, test[: config.search.problems], workdir, singles, teachers, fewshot)
     diversity = measure_diversity(stack, test, config.batch_size)
     best = max(range(len(teachers)), key=lambda i: np.mean([r["accuracy"] for r in singles[i]]))
     diversity["consensus_differs_from_best"] = diversity["differs"][best]
@@ -170,14 +185,18 @@ def _run(config, workdir: Path) -> dict:
 
     summary = format_summary(config, config.pivot or teachers[0].model, results, diversity, stack.names, best, excluded,
                              time.perf_counter() - start)
+    if searched:
+        summary = summary.replace("\nTotal time", format_search(searched) + "\n\nTotal time")
     runs.atomic_write_text(workdir / "summary.md", summary + "\n")
     out = {"arms": {a: {"accuracy": [r["accuracy"] for r in rows], "tokens": [r["tokens"] for r in rows],
                         "seconds": [r["seconds"] for r in rows]} for a, rows in results.items()},
            "teachers": stack.names, "best_single": stack.names[best], "excluded_pivot_tokens": excluded,
-           "diversity": {k: np.asarray(v).tolist() for k, v in diversity.items()}}
+           "diversity": {k: np.asarray(v).tolist() for k, v in diversity.items()},
+           "search": searched}
     runs.atomic_write_text(workdir / "results.json", json.dumps(out, indent=1))
     print("\n" + summary)
-    print(f"\n(written to {workdir}: summary.md, results.json, diversity.png, arms/)")
+    print(f"\n(written to {workdir}: summary.md, results.json, diversity.png, arms/"
+          + (", search/, traces.jsonl, negatives.jsonl, search_tree.png)" if searched else ")"))
     return out
 
 
@@ -247,3 +266,133 @@ def format_summary(config, pivot, results, diversity, names, best, excluded, sec
               f"- positions where the mixture's top token differs from the best single teacher's: "
               f"{diversity['consensus_differs_from_best']:.2f}", "", f"Total time {seconds:.0f}s."]
     return "\n".join(lines)
+
+
+def run_search(config, stack, problems, workdir: Path, singles, teachers, fewshot) -> dict | None:
+    """Branch search per problem (saved as it finishes), then best-of-N sampling from the best single
+    teacher with the same number of generated tokens, over `seeds` seeds."""
+    if not problems:
+        return None
+    sc = search_config(config)
+    rule = agg_lib.rule_from_config(config.search.rule, threshold=config.gate_threshold)
+    (workdir / "search").mkdir(exist_ok=True)
+    found = []
+    for record in tqdm(problems, desc="branch search: problems", unit="problem"):
+        path = workdir / "search" / f"{record.uid}.json"
+        if not path.exists():
+            t0 = time.perf_counter()
+            result = search_lib.search(stack, record, sc, aggregate=rule, top_k=config.top_k)
+            runs.atomic_write_text(path, json.dumps({
+                "uid": record.uid, "tokens": result.tokens, "pruned": result.pruned,
+                "seconds": time.perf_counter() - t0, "leaves": result.leaves,
+                "branches": [dataclasses.asdict(b) for b in result.branches]}))
+        found.append(json.loads(path.read_text()))
+
+    best = max(range(len(teachers)), key=lambda i: np.mean([r["accuracy"] for r in singles[i]]))
+    alone = TeacherStack([teachers[best]], pivot=teachers[best].model, loaded=stack.models, fewshot=fewshot)
+    sample = sampling.Sample(temperature=config.search.baseline_temperature)
+    baseline = []  # per seed: gold traces and tokens over all problems
+    for seed in range(config.seeds):
+        path = workdir / "search" / f"best-of-n-seed{seed}.json"
+        if not path.exists():
+            rows = []
+            for record, result in zip(problems, found, strict=True):
+                gold, tokens, draws, k = 0, 0, 0, 0
+                while tokens < result["tokens"]:  # equal generated tokens
+                    out = alone.run([record] * 4, rule=sample, max_new_tokens=sc.max_new_tokens,
+                                    seed=seed * 1000 + k)
+                    k += 1
+                    for text, mask in zip(out.texts, out.mask, strict=True):
+                        if tokens >= result["tokens"]:
+                            break
+                        tokens += int(mask.sum())
+                        draws += 1
+                        gold += extract_answer(text) == record.answer
+                rows.append({"uid": record.uid, "gold": gold, "tokens": tokens, "draws": draws})
+            runs.atomic_write_text(path, json.dumps(rows))
+        baseline.append(json.loads(path.read_text()))
+
+    write_traces(problems, found, stack, workdir)
+    plot_tree(found[0], problems[0], workdir / "search_tree.png")
+    search_tokens = sum(r["tokens"] for r in found)
+    search_gold = sum(sum(leaf["correct"] for leaf in r["leaves"]) for r in found)
+    return {
+        "problems": len(problems), "rule": config.search.rule, "teacher_for_best_of_n": teachers[best].name,
+        "search": {"tokens": search_tokens, "gold": search_gold, "gold_per_1k": 1000 * search_gold / search_tokens,
+                   "solved": sum(any(leaf["correct"] for leaf in r["leaves"]) for r in found),
+                   "leaves": sum(len(r["leaves"]) for r in found), "pruned": sum(r["pruned"] for r in found),
+                   "seconds": sum(r["seconds"] for r in found)},
+        "best_of_n": [{"tokens": sum(r["tokens"] for r in rows), "gold": sum(r["gold"] for r in rows),
+                       "gold_per_1k": 1000 * sum(r["gold"] for r in rows) / max(sum(r["tokens"] for r in rows), 1),
+                       "solved": sum(r["gold"] > 0 for r in rows), "draws": sum(r["draws"] for r in rows)}
+                      for rows in baseline],
+    }
+
+
+def write_traces(problems, found, stack, workdir: Path) -> None:
+    """traces.jsonl: gold traces in the generic record form the self-distillation loader reads
+    (prompt, solution, answer); negatives.jsonl: preference pairs with the located mistake."""
+    gold_lines, negative_lines = [], []
+    for record, result in zip(problems, found, strict=True):
+        by_branch = {leaf["branch"]: leaf for leaf in result["leaves"]}
+        for leaf in result["leaves"]:
+            meta = {"uid": record.uid, "branch": leaf["branch"], "path": leaf["path"],
+                    "confidence": leaf["confidence"]}
+            if leaf["correct"]:
+                gold_lines.append({"prompt": record.problem, "solution": leaf["text"], "answer": record.answer,
+                                   "kind": "gold", **meta})
+            elif "wrong_at" in leaf:
+                negative_lines.append({
+                    "prompt": record.problem, "chosen": by_branch[leaf["gold_branch"]]["text"],
+                    "rejected": leaf["text"], "answer": record.answer, "kind": "negative",
+                    "wrong_at_token": leaf["wrong_at"], "wrong_token": leaf["wrong_token"],
+                    "gold_token": leaf["gold_token"], "proposals": leaf.get("proposals"), **meta})
+    for name, lines in (("traces.jsonl", gold_lines), ("negatives.jsonl", negative_lines)):
+        runs.atomic_write_text(workdir / name, "".join(json.dumps(line) + "\n" for line in lines))
+
+
+def plot_tree(result: dict, record, path: Path) -> None:
+    """One problem's search tree: branches by the token where they left their parent, coloured by
+    direction, leaves by outcome."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    branches = result["branches"]
+    ends = {leaf["branch"]: leaf for leaf in result["leaves"]}
+    lane = {}
+    fig, ax = plt.subplots(figsize=(9, 0.35 * len(branches) + 1.5))
+    for b in branches:
+        lane[b["id"]] = len(lane)
+        y = lane[b["id"]]
+        end = len(ends[b["id"]]["tokens"]) if b["id"] in ends else b["position"] + 1
+        colour = {"root": "black", "right": "tab:blue", "wrong": "tab:red"}[b["kind"]]
+        if b["parent"] >= 0:
+            ax.plot([b["position"], b["position"]], [lane[b["parent"]], y], color="lightgray", lw=0.8, zorder=1)
+        ax.plot([b["position"], end], [y, y], color=colour, lw=2, zorder=2)
+        if b["id"] in ends:
+            ax.scatter([end], [y], color="tab:green" if ends[b["id"]]["correct"] else "gray", s=30, zorder=3)
+    ax.invert_yaxis()
+    ax.set_yticks([])
+    ax.set_xlabel("token position")
+    ax.set_title(f"search tree for {record.uid}: blue right direction, red wrong direction; "
+                 "green leaf verified, gray wrong", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def format_search(searched: dict) -> str:
+    s, runs_ = searched["search"], searched["best_of_n"]
+    per_1k = [r["gold_per_1k"] for r in runs_]
+    solved = [r["solved"] for r in runs_]
+    return "\n".join([
+        "", f"Branch search ({searched['rule']}) on {searched['problems']} problems vs best-of-N sampling from "
+        f"{searched['teacher_for_best_of_n']} at the same generated tokens ({len(runs_)} seeds):", "",
+        "| method | generated tokens | gold traces | gold per 1k tokens | problems with a gold trace |",
+        "|---|---:|---:|---:|---:|",
+        f"| branch search | {s['tokens']} | {s['gold']} | {s['gold_per_1k']:.2f} | {s['solved']} |",
+        f"| best-of-N | {np.mean([r['tokens'] for r in runs_]):.0f} | {np.mean([r['gold'] for r in runs_]):.1f} | "
+        f"{np.mean(per_1k):.2f} ± {np.std(per_1k):.2f} | {np.mean(solved):.1f} |",
+        "", f"Search: {s['leaves']} leaves, {s['pruned']} branches pruned, {s['seconds']:.0f}s."])
