@@ -1,19 +1,23 @@
-"""Teacher stack on the offline models: single teachers vs aggregation rules, and their diversity.
+"""Teacher stack on the offline models: single teachers vs aggregation rules, diversity, branch search.
 
     python -m jaxdistill teachers --config=experiments/teachers/default.py
-    python -m jaxdistill teachers --config=experiments/teachers/default.py --config.eval_size=64 --config.top_k=20
+    python -m jaxdistill teachers --config=experiments/teachers/default.py --config.data.eval_size=64 \
+        --config.pivot=smollm2-135m-instruct --config.search.problems=0
 
 Three teachers (SmolLM2-135M-Instruct with its chat template, the same model few-shot,
 Gemma 3 270M few-shot: another architecture and a 262k vocabulary) decode held-out
-synthetic word problems in lockstep, in SmolLM2's vocabulary. Arms: each teacher alone (in
-its own vocabulary), the weighted mixture, the product of experts, the confidence gate on
-the lead teacher, per-prompt perplexity weights and online weights from verified accuracy.
-Diversity (pairwise Jensen-Shannon, top-1 agreement, mixture entropy gain) is measured on the
-reference solutions. Branch search runs on the first `search.problems` problems and writes
-gold traces (traces.jsonl, readable by the self-distillation loader) and located negatives
-(negatives.jsonl, preference pairs), compared with best-of-N sampling at equal tokens. Greedy decoding by default, so one seed is exact; with temperature > 0
-every arm runs `seeds` times. Each finished arm is saved, so an interrupted run resumes.
-About 10 minutes on a 2-core CPU.
+synthetic word problems in lockstep, in the pivot vocabulary (default Gemma's, the larger:
+SmolLM2 splits Gemma's tokens the way it would split the text itself). Arms: each teacher
+alone (in its own vocabulary), the weighted mixture, the product of experts, the confidence
+gate on the lead teacher, per-prompt perplexity weights and online weights from verified
+accuracy. Diversity (pairwise Jensen-Shannon, top-1 agreement, mixture entropy gain) is
+measured on the reference solutions. Branch search runs on the first `search.problems`
+problems and writes gold traces (traces.jsonl, readable by the self-distillation loader)
+and located negatives (negatives.jsonl, preference pairs), against best-of-N sampling from
+the best single teacher at equal generated tokens over `seeds` seeds. Decoding is greedy by
+default, so one seed is exact for the arms; with temperature > 0 every arm runs `seeds`
+times. Finished arms and searched problems are saved, so an interrupted run resumes.
+RUNTIME_PLACEHOLDER
 """
 
 import ml_collections
@@ -31,7 +35,7 @@ def get_config():
         teacher("smollm2-fewshot", "smollm2-135m-instruct", "fewshot"),
         teacher("gemma3-fewshot", "gemma3-270m", "fewshot"),
     ]
-    c.pivot = ""  # the vocabulary the stack decodes in: a teacher's model ("" = the first teacher's)
+    c.pivot = "gemma3-270m"  # the vocabulary the stack decodes in: a teacher's model ("" = the first teacher's)
     c.width = 2  # teacher tokens fed per pivot token; pivot tokens needing more are not candidates (counted)
     c.rules = ("mean_probs", "mean_logprobs", "gated", "perplexity", "online")
     c.gate_threshold = 0.5  # gated: the lead (first) teacher alone while its top probability is >= this
