@@ -188,3 +188,25 @@ def test_gold_traces_are_read_by_the_self_distillation_loader_and_negatives_pair
     assert (loaded.problem, loaded.solution, loaded.answer) == (record.problem, good, record.answer)
     (negative,) = [json.loads(line) for line in (tmp_path / "negatives.jsonl").read_text().splitlines()]
     assert (negative["chosen"], negative["rejected"], negative["wrong_at_token"]) == (good, bad, 2)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.search.wrong=-1", "wrong >= 0"),
+    ("--config.search.token_budget=10", "smaller than one rollout"),
+    ("--config.pivot=llama-70b", "pivot 'llama-70b' is not a teacher's model"),
+    ("--config.rules=('mean_probs','majority')", "unknown aggregation rules ['majority']"),
+    ("--config.top_k=-1", "top_k must be >= 0"),
+])
+def test_bad_settings_are_refused_before_any_model_loads(capsys, tmp_path, monkeypatch, override, message):
+    from jaxdistill.main import main
+    from jaxdistill.teachers import stack as stack_lib
+
+    monkeypatch.setattr(stack_lib, "load", lambda *a, **k: pytest.fail("a model was loaded"))
+    code = main(["jaxdistill", "teachers", "--config=experiments/teachers/default.py",
+                 f"--config.workdir={tmp_path}", override])
+    assert code == 2 and message in capsys.readouterr().err
+
+
+def test_a_teacher_that_cannot_load_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"teacher 'broken' cannot load '.*missing.gguf'"):
+        TeacherStack([TeacherConfig("broken", str(tmp_path / "missing.gguf"))])

@@ -189,7 +189,7 @@ def start(settings: Settings, groups: tuple[GroupInputs, ...], key) -> DecodeSta
                    entropy_gain=jnp.zeros(()), differs=jnp.zeros((teachers,)), positions=jnp.zeros(())))
 
 
-@functools.partial(jax.jit, static_argnames=("settings",), donate_argnames=("state",))
+@functools.partial(jax.jit, static_argnames=("settings",))
 def advance(settings: Settings, groups: tuple[GroupInputs, ...], state: DecodeState, weights, allowed,
             stops: StopTables, max_new, forced) -> DecodeState:
     """Decode until every row is done (end of turn, final answer line, `max_new` tokens) or
@@ -266,7 +266,7 @@ def advance(settings: Settings, groups: tuple[GroupInputs, ...], state: DecodeSt
     return jax.lax.while_loop(cond, body, state)
 
 
-@functools.partial(jax.jit, donate_argnames=("state",))
+@jax.jit
 def fork(state: DecodeState, parents, pending, branch_after, active) -> DecodeState:
     """A new batch whose row i continues row `parents[i]` (its KV caches and outputs copied),
     first committing token `pending[i]` (-1: sample as usual); it may pause again once it has
