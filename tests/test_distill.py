@@ -297,3 +297,32 @@ def test_evaluation_row_on_smollm2_has_a_positive_hint_uplift_and_mean_at_k(smol
     assert row["hint_uplift_logp"] > 0.5
     assert row["kl_teacher_student"] > 0 and row["entropy"] > 0 and 0 < row["length"] <= 8
     assert "| before |" in format_table({"before": row})
+
+
+def test_controls_no_hint_gives_zero_loss_and_wrong_hint_shows_another_solution(smollm2):
+    from flax import nnx
+
+    model, tok = smollm2
+    problems = synthetic_records(2, seed=5)
+    none = train_lib.hinted_pairs(tok, problems, 1, train_lib.PromptConfig(), "none")
+    assert all(student == teacher for student, teacher in none)
+    wrong = train_lib.hinted_pairs(tok, problems, 2, train_lib.PromptConfig(), "wrong")
+    assert len(wrong) == 4 and wrong[0] == wrong[1]
+    assert problems[1].solution in tok.decode(wrong[0][1]) and problems[0].solution not in tok.decode(wrong[0][1])
+    completions = [tok.encode("Let me think. " + r.solution, add_special_tokens=False) + [tok.turn_end_id]
+                   for r in problems]
+    b = step_lib.build_batch([p[0] for p in none], [p[1] for p in none], completions, pad_id=tok.pad_id,
+                             end_ids=tok.eos_ids)
+    graphdef, params = nnx.split(model)
+    value, stats = step_lib.distill_loss(graphdef, params, None, b, train_lib.TargetConfig(),
+                                         train_lib.LossConfig(chunk=32))
+    # no hint: teacher = student, so the entropy-matched blend is the student itself
+    assert abs(float(value)) < 1e-5 and float(stats["kl_teacher_student"]) < 1e-6
+    # the end statistics are the student's probability of the end token where each sample ends
+    logits = model(jnp.asarray(b["tokens"][0::2]), None, jnp.asarray(b["mask"][0::2]))
+    width = b["tokens"].shape[1] - b["target_mask"].shape[1]
+    for row, completion in enumerate(completions):
+        p_end = jax.nn.softmax(logits[row, width + len(completion) - 2])[tok.turn_end_id]
+        assert float(stats["end_p_student"][row]) == pytest.approx(float(p_end), rel=1e-3)
+        assert float(stats["end_p_target"][row]) == pytest.approx(float(p_end), rel=1e-3)
+    assert len(stats["kl_by_position"]) == -(-b["target_mask"].shape[1] // step_lib.KL_BUCKET)

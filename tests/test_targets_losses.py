@@ -112,9 +112,11 @@ def test_top_k_truncation_and_clipping():
     assert float(clipped.max()) <= 0.1 + 1e-7
 
 
-def _chunked(student_h, teacher_h, mask, w, chunk):
-    return losses.chunked_distill_loss(lambda h: h @ w, student_h, teacher_h, mask, losses.TargetConfig(),
-                                       losses.LossConfig(chunk=chunk))
+def _chunked(student_h, teacher_h, mask, w, chunk, kind="forward_kl"):
+    labels = jnp.arange(student_h.shape[0] * student_h.shape[1]).reshape(student_h.shape[:2]) % w.shape[1]
+    per_token = losses.chunked_distill_loss(lambda h: h @ w, student_h, teacher_h, labels, losses.TargetConfig(),
+                                            losses.LossConfig(kind=kind, chunk=chunk))
+    return jnp.sum(jnp.where(mask, per_token["loss"], 0.0)), per_token
 
 
 def test_chunking_does_not_change_loss_or_gradients_and_mask_is_respected():
@@ -137,3 +139,39 @@ def test_chunking_does_not_change_loss_or_gradients_and_mask_is_respected():
     g2 = jax.grad(lambda h: _chunked(h, h_t, mask, w, 4)[0])(scrambled)
     np.testing.assert_allclose(np.asarray(g2), np.asarray(g), atol=1e-6)
     assert float(jnp.abs(jnp.where(mask[..., None], 0.0, g)).max()) == 0.0
+
+
+def test_sampled_reverse_kl_has_reverse_kl_gradient_in_expectation():
+    """Averaged over tokens drawn from the student, -A * grad log p_s(y) is grad KL(student || target)."""
+    s, t = jnp.asarray(random_logits((40,), 2.0, 11)), jnp.asarray(random_logits((40,), 2.0, 12))
+    config = losses.LossConfig(kind="sampled_reverse_kl")
+    p_s = jax.nn.softmax(s)
+    per_label = jax.vmap(lambda y: jax.grad(lambda z: losses.token_losses(z, t, config, y))(s))(jnp.arange(40))
+    expected = jax.grad(lambda z: losses.token_losses(z, t, losses.LossConfig(kind="reverse_kl")))(s)
+    np.testing.assert_allclose(np.asarray(p_s @ per_label), np.asarray(expected), atol=1e-6)
+    # the value: -A log p_s(y) with A = log p_t(y) - log p_s(y), and |A| capped by clip
+    ls, lt = np_log_softmax(np.asarray(s)), np_log_softmax(np.asarray(t))
+    got = float(losses.token_losses(s, t, config, jnp.asarray(3)))
+    assert got == pytest.approx(-(lt[3] - ls[3]) * ls[3], rel=1e-5)
+    capped = float(losses.token_losses(s, t, losses.LossConfig(kind="sampled_reverse_kl", clip=0.01), jnp.asarray(3)))
+    assert capped == pytest.approx(-np.clip(lt[3] - ls[3], -0.01, 0.01) * ls[3], rel=1e-5)
+
+
+def test_sampled_reverse_kl_refuses_top_k():
+    with pytest.raises(ValueError, match="top_k"):
+        losses.LossConfig(kind="sampled_reverse_kl", top_k=20)
+
+
+def test_loss_weights_reweight_end_positions_and_normalise_per_sample():
+    from jaxdistill.distill import step as step_lib
+
+    b = step_lib.build_batch([[5, 6], [7]], [[5, 6, 9], [7, 9]], [[20, 21, 2], [22, 23, 24, 25, 26]], pad_id=0,
+                             multiple=4, end_ids=(2,))
+    assert b["end_mask"].tolist() == [[False, False, True, False, False, False, False, False], [False] * 8]
+    token = np.asarray(step_lib.loss_weights(b, losses.LossConfig()))
+    np.testing.assert_allclose(token[b["target_mask"]], 1 / 8)
+    no_end = np.asarray(step_lib.loss_weights(b, losses.LossConfig(end_weight=0.0)))
+    assert no_end[0, 2] == 0 and no_end[b["target_mask"]].sum() == pytest.approx(1.0)
+    sequence = np.asarray(step_lib.loss_weights(b, losses.LossConfig(normalize="sequence")))
+    np.testing.assert_allclose(sequence.sum(axis=1), [0.5, 0.5], rtol=1e-6)
+    np.testing.assert_allclose(sequence[1, :5], 0.1, rtol=1e-6)

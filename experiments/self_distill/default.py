@@ -10,7 +10,10 @@
 The student answers from a plain CoT prompt; the same model with the reference solution as a
 hint is the teacher; the target is (0.75 * teacher + student) / k with k matched to the
 student's entropy; the loss is KL(target || student) on the student's own samples.
-Arms: blend (default), fixed_k, teacher, sft; guided=True samples from the blend.
+Arms: blend (default), fixed_k, teacher, sft, rejection_sft (SFT on the samples that reach
+the answer); guided=True samples from the blend, rollout=teacher from pTeacher (off-policy).
+Controls: hint=wrong (another problem's solution as the hint), hint=none (no hint: the loss
+vanishes). docs/results.md runs every arm with `python experiments/self_distill/grid.py`.
 Sized to run in under 20 minutes on a 2-core CPU.
 """
 
@@ -25,7 +28,9 @@ def get_config():
     c.remat = False
     c.workdir = "runs/self_distill/default"
     c.seed = 0
-    c.arm = "blend"  # blend | fixed_k | teacher | sft
+    c.arm = "blend"  # blend | fixed_k | teacher | sft | rejection_sft
+    c.hint = "reference"  # what pTeacher shows: reference | wrong (another problem's solution) | none
+    c.rollout = "student"  # which context samples genCoT: student (on-policy) | teacher (pTeacher, off-policy)
     c.teacher_weight = 0.75
     c.fixed_k = 1.75  # used by arm=fixed_k
     c.guided = False  # sample genCoT from the blended target instead of the student
@@ -37,7 +42,10 @@ def get_config():
     c.sample = ml_collections.ConfigDict(dict(max_new_tokens=96, temperature=0.7, top_k=0, top_p=1.0))
     c.optim = ml_collections.ConfigDict(dict(lr=1e-5, warmup_steps=2, end_lr_fraction=0.1, weight_decay=0.0,
                                              b1=0.9, b2=0.95, clip_norm=1.0, accumulate=1))
-    c.loss = ml_collections.ConfigDict(dict(kind="forward_kl", jsd_beta=0.5, top_k=0, clip=0.0, chunk=64))
+    # kind: forward_kl | reverse_kl | jsd | sampled_reverse_kl; end_weight weighs the positions predicting a
+    # sample's end token (0 leaves them out); normalize: token (mean over tokens) | sequence (over samples)
+    c.loss = ml_collections.ConfigDict(dict(kind="forward_kl", jsd_beta=0.5, top_k=0, clip=0.0, end_weight=1.0,
+                                            normalize="token", chunk=64))
     # Data: source synthetic (generated; train_size, steps, max_start, max_operand), jsonl (train_path,
     # eval_path: GSM8K, generic or conversation records) or tfds (tfds_name prepared in tfds_data_dir).
     # Records longer than max_tokens (0: the model's context) stop the run before it starts, or are

@@ -30,8 +30,13 @@ def round_up(n: int, multiple: int) -> int:
 
 
 def build_batch(student_prompts: Sequence[Sequence[int]], teacher_prompts: Sequence[Sequence[int]] | None,
-                completions: Sequence[Sequence[int]], *, pad_id: int, multiple: int = 32) -> dict[str, np.ndarray]:
-    """The aligned batch (see the module docstring). Without teacher prompts: student rows only (SFT)."""
+                completions: Sequence[Sequence[int]], *, pad_id: int, multiple: int = 32,
+                end_ids: Sequence[int] = ()) -> dict[str, np.ndarray]:
+    """The aligned batch (see the module docstring). Without teacher prompts: student rows only (SFT).
+
+    `end_mask` [B, G] marks the position that predicts a completion's last token when that token
+    is one of `end_ids` (the sample ended there rather than at the length cap).
+    """
     if teacher_prompts is None:
         prompts, per_problem = list(student_prompts), 1
     else:
@@ -46,6 +51,7 @@ def build_batch(student_prompts: Sequence[Sequence[int]], teacher_prompts: Seque
     tokens = np.full((rows, width + gen), pad_id, np.int32)
     mask = np.zeros((rows, width + gen), bool)
     target_mask = np.zeros((len(completions), gen), bool)
+    end_mask = np.zeros((len(completions), gen), bool)
     for r, prompt in enumerate(prompts):
         completion = completions[r // per_problem]
         tokens[r, width - len(prompt) : width] = prompt
@@ -53,7 +59,8 @@ def build_batch(student_prompts: Sequence[Sequence[int]], teacher_prompts: Seque
         mask[r, width - len(prompt) : width + len(completion)] = True
     for r, completion in enumerate(completions):
         target_mask[r, : len(completion)] = True
-    return {"tokens": tokens, "mask": mask, "target_mask": target_mask}
+        end_mask[r, len(completion) - 1] = completion[-1] in end_ids
+    return {"tokens": tokens, "mask": mask, "target_mask": target_mask, "end_mask": end_mask}
 
 
 def split_contexts(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -116,13 +123,30 @@ def init_state(model, tx, *, frozen_teacher: bool = False, mesh=None) -> tuple[n
     return graphdef, state
 
 
+KL_BUCKET = 16  # generated positions per bucket of the logged KL-by-position profile
+
+
+def loss_weights(batch, loss: LossConfig) -> jax.Array:
+    """Per-token weights [B, G] summing to 1: the mean over generated tokens (or over samples)."""
+    m = batch["target_mask"].astype(jnp.float32)
+    m = m * jnp.where(batch["end_mask"], loss.end_weight, 1.0)
+    if loss.normalize == "sequence":
+        rows = jnp.maximum(jnp.sum(jnp.any(batch["target_mask"], axis=1)), 1)
+        return m / jnp.maximum(m.sum(axis=1, keepdims=True), 1e-9) / rows
+    return m / jnp.maximum(m.sum(), 1e-9)
+
+
 def distill_loss(graphdef, params, teacher_params, batch, target: TargetConfig, loss: LossConfig,
                  combined_forward: bool = True):
-    """Mean per-token loss over generated tokens, and diagnostics.
+    """The weighted per-token loss over generated tokens, and diagnostics.
 
     combined_forward (live teacher only): one forward over student and teacher rows, whose
     backward runs through the student rows only (`grad_rows_stride=2`). False runs the
     teacher as a second, gradient-free forward instead (needed for a frozen teacher).
+    Diagnostics: token means of the per-token quantities; `kl_by_position`, the mean
+    KL(target || student) per bucket of KL_BUCKET generated positions; and, per sample, the
+    student's and the target's probability of the end token where the sample ended
+    (`end_p_student`, `end_p_target`, 0 where it ran to the length cap).
     """
     model = nnx.merge(graphdef, params)
     tokens, mask, target_mask = batch["tokens"], batch["mask"], batch["target_mask"]
@@ -136,10 +160,20 @@ def distill_loss(graphdef, params, teacher_params, batch, target: TargetConfig, 
         student_h = model.hidden_states(student_tokens, None, student_mask)[0][:, region]
         teacher = nnx.merge(graphdef, jax.lax.stop_gradient(params if teacher_params is None else teacher_params))
         teacher_h = teacher.hidden_states(teacher_tokens, None, teacher_mask)[0][:, region]
-    total, sums = chunked_distill_loss(model.logits, student_h, jax.lax.stop_gradient(teacher_h), target_mask,
-                                       target, loss)
-    count = jnp.maximum(target_mask.sum(), 1)
-    return total / count, {name: value / count for name, value in sums.items()}
+    labels = split_contexts(tokens)[0][:, region.start + 1 : region.stop + 1]
+    per_token = chunked_distill_loss(model.logits, student_h, jax.lax.stop_gradient(teacher_h), labels, target, loss)
+    weights = loss_weights(batch, loss)
+    value = jnp.sum(jnp.where(weights > 0, per_token.pop("loss") * weights, 0.0))
+    m = target_mask.astype(jnp.float32)
+    stats = {name: jnp.sum(v * m) / jnp.maximum(m.sum(), 1) for name, v in per_token.items()}
+    buckets = -(-m.shape[1] // KL_BUCKET)
+    by_bucket = lambda x: jnp.pad(x, ((0, 0), (0, buckets * KL_BUCKET - x.shape[1]))).reshape(  # noqa: E731
+        x.shape[0], buckets, KL_BUCKET).sum(axis=(0, 2))
+    stats["kl_by_position"] = by_bucket(per_token["kl_target_student"] * m) / jnp.maximum(by_bucket(m), 1)
+    end = batch["end_mask"]
+    stats["end_p_student"] = jnp.sum(jnp.where(end, jnp.exp(per_token["logp_student"]), 0.0), axis=1)
+    stats["end_p_target"] = jnp.sum(jnp.where(end, jnp.exp(per_token["logp_target"]), 0.0), axis=1)
+    return value, stats
 
 
 def sft_loss(graphdef, params, teacher_params, batch, target=None, loss=None, combined_forward=True):
@@ -155,8 +189,7 @@ def sft_loss(graphdef, params, teacher_params, batch, target=None, loss=None, co
         return -jnp.take_along_axis(jax.nn.log_softmax(model.logits(h)), y[..., None], axis=-1)[..., 0]
 
     per_token = jax.lax.map(lambda xs: nll(*xs), (hidden.swapaxes(0, 1), labels.swapaxes(0, 1))).swapaxes(0, 1)
-    count = jnp.maximum(target_mask.sum(), 1)
-    return jnp.sum(jnp.where(target_mask, per_token, 0.0)) / count, {}
+    return jnp.sum(jnp.where(target_mask, per_token, 0.0)) / jnp.maximum(target_mask.sum(), 1), {}
 
 
 def make_train_step(graphdef, tx, *, mode: str = "distill", target: TargetConfig = TargetConfig(),
@@ -187,7 +220,8 @@ def jit_train_step(train_step, state: TrainState, mesh=None):
     if mesh is None:
         return jax.jit(train_step, donate_argnums=0)
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
-    batch_shardings = {name: mesh_lib.batch_sharding(mesh, 2) for name in ("tokens", "mask", "target_mask")}
+    batch_shardings = {name: mesh_lib.batch_sharding(mesh, 2)
+                       for name in ("tokens", "mask", "target_mask", "end_mask")}
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     return jax.jit(train_step, in_shardings=(state_shardings, batch_shardings, replicated),
                    out_shardings=(state_shardings, replicated), donate_argnums=0)

@@ -4,8 +4,12 @@
 - "blend": target (w*teacher + student)/k with entropy-matched k (the method);
 - "fixed_k": the same blend with a fixed k (config.fixed_k);
 - "teacher": the teacher's logits alone (plain on-policy self-distillation);
-- "sft": cross-entropy on the reference solutions (no sampling).
-config.guided=True samples genCoT from the blended target instead of the student.
+- "sft": cross-entropy on the reference solutions (no sampling);
+- "rejection_sft": cross-entropy on the sampled genCoT that reach the right answer.
+config.guided=True samples genCoT from the blended target instead of the student;
+config.rollout="teacher" samples it from pTeacher instead (off-policy, teacher-forced).
+Controls: config.hint="wrong" shows another problem's solution as the hint, "none" no hint
+(pTeacher = pCoT, so the blend equals the student and the loss vanishes).
 
 Everything random derives from (config.seed, step), and the data iterator's position is
 saved with each checkpoint, so a resumed run continues exactly where it stopped.
@@ -33,11 +37,14 @@ from jaxdistill.distill.losses import LossConfig, TargetConfig
 from jaxdistill.distill.prompts import PromptConfig, prompt_pair
 from jaxdistill.distill.targets import blend_logits
 from jaxdistill.errors import ConfigError, DataError
+from jaxdistill.eval import metrics as metrics_lib
 from jaxdistill.eval.harness import evaluate, format_table
 from jaxdistill.models import load
 from jaxdistill.models.loading import describe
 
-ARMS = ("blend", "fixed_k", "teacher", "sft")
+ARMS = ("blend", "fixed_k", "teacher", "sft", "rejection_sft")
+HINTS = ("reference", "wrong", "none")  # what pTeacher shows (config.hint)
+ROLLOUTS = ("student", "teacher")  # which context samples genCoT (config.rollout)
 OVERLONG = ("error", "skip")  # what to do with records longer than the context (data.overlong)
 
 
@@ -70,17 +77,67 @@ def data_iterator(records, seed: int):
     return iter(grain.MapDataset.source(records).repeat(epochs).shuffle(seed=seed).to_iter_dataset())
 
 
+def hinted_pairs(tokenizer, problems: list[Record], samples: int, prompt_config: PromptConfig,
+                 hint: str = "reference") -> list[tuple[list[int], list[int]]]:
+    """(pCoT, pTeacher) token ids for each row: `samples` rows per problem.
+
+    hint "reference" is the method; "wrong" shows the next problem's solution instead (a
+    control: a hint that does not fit); "none" makes pTeacher the plain pCoT (a control whose
+    loss must vanish).
+    """
+    pairs = []
+    for i, record in enumerate(problems):
+        student, teacher = prompt_pair(tokenizer, record, prompt_config)
+        if hint == "wrong":
+            other = problems[(i + 1) % len(problems)]
+            teacher = prompt_pair(tokenizer, dataclasses.replace(record, solution=other.solution), prompt_config)[1]
+        elif hint == "none":
+            teacher = student
+        pairs += [(student, teacher)] * samples
+    return pairs
+
+
 def sample_completions(model, tokenizer, pairs, config, key):
-    """genCoT for each problem: on-policy from pCoT, or guided by the blend of both contexts."""
+    """genCoT for each row: on-policy from pCoT, from pTeacher (rollout="teacher"), or guided by
+    the blend of both contexts."""
     s = config.sample
     common = dict(max_new_tokens=s.max_new_tokens, rng=key, eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id)
     if config.guided:
         rule = GuidedRule(config.teacher_weight, s.temperature, config.fixed_k if config.arm == "fixed_k" else None)
         out = sampling.generate(model, [prompt for pair in pairs for prompt in pair], rule=rule, **common)
         return out.sequences()[0::2]  # the student rows
-    out = sampling.generate(model, [p[0] for p in pairs], rule=sampling.Sample(s.temperature, s.top_k, s.top_p),
-                            **common)
+    context = 1 if config.get("rollout", "student") == "teacher" else 0
+    out = sampling.generate(model, [p[context] for p in pairs],
+                            rule=sampling.Sample(s.temperature, s.top_k, s.top_p), **common)
     return out.sequences()
+
+
+def sample_metrics(tokenizer, records: list[Record], completions: list[list[int]]) -> dict[str, float]:
+    """What the sampled genCoT look like: reward, length, the answer line, copying of the
+    reference solution and of the problem (word 4-gram overlap, longest common substring)."""
+    texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
+    pairs = list(zip(records, texts, strict=True))
+    verifiable = [(r, t) for r, t in pairs if r.answer is not None]
+    mean = lambda xs: float(np.mean(xs)) if len(xs) else float("nan")  # noqa: E731
+    return {
+        "reward": mean([extract_answer(t) == r.answer for r, t in verifiable]),
+        "length": mean([len(c) for c in completions]),
+        "ended": mean([c[-1] in tokenizer.eos_ids for c in completions]),
+        "answer_line": mean([metrics_lib.has_answer_line(t) for t in texts]),
+        "copy_solution_4gram": mean([metrics_lib.ngram_overlap(t, r.solution) for r, t in pairs]),
+        "copy_problem_4gram": mean([metrics_lib.ngram_overlap(t, r.problem) for r, t in pairs]),
+        "copy_solution_lcs": mean([metrics_lib.longest_common_substring(t, r.solution) for r, t in pairs]),
+    }
+
+
+def end_metrics(stats, ended: np.ndarray, answered: np.ndarray) -> dict[str, float]:
+    """Student and target probability of the end token where samples ended (`ended` [B]), overall
+    and split by whether the sample wrote its '#### <answer>' line (`answered` [B])."""
+    out = {}
+    for suffix, rows in (("", ended), ("_answered", ended & answered), ("_unanswered", ended & ~answered)):
+        for name in ("end_p_student", "end_p_target"):
+            out[name + suffix] = float(np.asarray(stats[name])[rows].mean()) if rows.any() else float("nan")
+    return out
 
 
 def validate(config) -> None:
@@ -91,6 +148,12 @@ def validate(config) -> None:
 
     need(config.arm in ARMS, f"arm {config.arm!r} is not one of {ARMS}.")
     samples = config.get("samples_per_problem", 1)
+    need(config.get("hint", "reference") in HINTS, f"hint {config.get('hint')!r} is not one of {HINTS}.")
+    need(config.get("rollout", "student") in ROLLOUTS, f"rollout {config.get('rollout')!r} is not one of {ROLLOUTS}.")
+    need(config.get("hint", "reference") != "wrong" or config.batch_size >= 2,
+         "hint=wrong shows another problem's solution from the same batch: batch_size must be >= 2.")
+    need(not (config.guided and config.get("rollout", "student") == "teacher"),
+         "guided=True and rollout=teacher both choose where genCoT comes from; set one of them.")
     need(samples >= 1 and (config.arm != "sft" or samples == 1),
          f"samples_per_problem must be >= 1 (and 1 for the sft arm, which samples nothing), got {samples}.")
     need(config.steps >= 1, f"steps must be >= 1, got {config.steps}.")
@@ -178,13 +241,16 @@ def _train(config, workdir) -> dict:
                               f"multiple of {ways} or change --config.mesh.")
     model, tokenizer = load(config.model, dtype=config.dtype, compute_dtype=config.compute_dtype or None,
                             mesh=mesh, remat=config.remat)
+    if config.arm == "rejection_sft" and any(r.answer is None for r in train_records):
+        raise DataError("arm=rejection_sft keeps the samples that reach the right answer, so every training record "
+                        "needs an answer; these records have none. Use arm=sft or a verifiable dataset.")
     eval_kwargs = dict(prompt_config=prompt_config, max_new_tokens=config.eval.max_new_tokens,
                        batch_size=config.eval.batch_size, mean_at_k=config.eval.mean_at_k)
 
     optim = step_lib.OptimConfig(**config.optim, total_steps=config.steps)
     tx = step_lib.make_optimizer(optim)
     graphdef, state = step_lib.init_state(model, tx, frozen_teacher=config.frozen_teacher, mesh=mesh)
-    mode = "sft" if config.arm == "sft" else "distill"
+    mode = "sft" if config.arm in ("sft", "rejection_sft") else "distill"
     train_step = step_lib.jit_train_step(
         step_lib.make_train_step(graphdef, tx, mode=mode, target=target_for(config), loss=LossConfig(**config.loss),
                                  combined_forward=config.combined_forward),
@@ -213,30 +279,42 @@ def _train(config, workdir) -> dict:
             key = jax.random.fold_in(jax.random.key(config.seed), step)
             problems = [next(iterator) for _ in range(config.batch_size)]
             records = [r for r in problems for _ in range(samples)]  # each sample gets its own (pCoT, pTeacher) pair
-            pairs = [prompt_pair(tokenizer, r, prompt_config) for r in records]
+            pairs = hinted_pairs(tokenizer, problems, samples, prompt_config, config.get("hint", "reference"))
             model = nnx.merge(graphdef, state.params)
-            if mode == "sft":
+            seen = {}
+            if config.arm == "sft":
                 completions = [tokenizer.encode(r.solution, add_special_tokens=False) + [tokenizer.turn_end_id]
                                for r in records]
                 batch = step_lib.build_batch([p[0] for p in pairs], None, completions, pad_id=tokenizer.pad_id)
-                reward = float("nan")
             else:
                 completions = sample_completions(model, tokenizer, pairs, config, jax.random.fold_in(key, 1))
                 completions = [c if c else [tokenizer.turn_end_id] for c in completions]
-                batch = step_lib.build_batch([p[0] for p in pairs], [p[1] for p in pairs], completions,
-                                             pad_id=tokenizer.pad_id)
-                verifiable = [(r, c) for r, c in zip(records, completions, strict=True) if r.answer is not None]
-                reward = float(np.mean([extract_answer(tokenizer.decode(c)) == r.answer for r, c in verifiable])
-                               ) if verifiable else float("nan")
+                seen = sample_metrics(tokenizer, records, completions)
+                teacher_prompts = None if mode == "sft" else [p[1] for p in pairs]
+                batch = step_lib.build_batch([p[0] for p in pairs], teacher_prompts, completions,
+                                             pad_id=tokenizer.pad_id, end_ids=tokenizer.eos_ids)
+                if config.arm == "rejection_sft":  # train only on the samples that reach the answer
+                    correct = np.asarray([extract_answer(tokenizer.decode(c)) == r.answer
+                                          for r, c in zip(records, completions, strict=True)])
+                    batch["target_mask"] &= correct[:, None]
+                    seen["kept"] = int(correct.sum())
+            ended, answered = batch["end_mask"].any(axis=1), np.asarray(
+                [metrics_lib.has_answer_line(tokenizer.decode(c)) for c in completions])
             if mesh is not None:
                 batch = mesh_lib.host_to_global(batch, mesh)
             state, metrics = train_step(state, batch, jax.random.fold_in(key, 2))
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            metrics = jax.device_get(metrics)
+            profile = metrics.pop("kl_by_position", None)
+            per_sample = {name: metrics.pop(name) for name in ("end_p_student", "end_p_target") if name in metrics}
+            metrics = {k: float(v) for k, v in metrics.items()} | seen
+            if profile is not None:
+                metrics["kl_by_position"] = [round(float(v), 6) for v in profile]
+            if per_sample:
+                metrics |= end_metrics(per_sample, ended, answered)
             seconds = time.perf_counter() - tick
-            metrics |= {"step": step + 1, "reward": reward, "seconds": seconds,
-                        "tokens_per_s": metrics["generated_tokens"] / seconds}
+            metrics |= {"step": step + 1, "seconds": seconds, "tokens_per_s": metrics["generated_tokens"] / seconds}
             metrics_log.write(metrics)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", reward=f"{reward:.2f}",
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", reward=f"{metrics.get('reward', float('nan')):.2f}",
                             tok_s=f"{metrics['tokens_per_s']:.0f}")
             done = step + 1
             if config.eval.every and done % config.eval.every == 0 and done < config.steps:

@@ -5,7 +5,10 @@
 - hint uplift: mean per-token log-prob of the reference solution under pTeacher minus
   under pCoT (how much the hint helps the model predict the solution);
 - on the student's greedy responses: teacher-student KL(teacher || student) per token,
-  the student's entropy per token, and the response length.
+  the student's entropy per token, the response length, the fraction that end before the
+  length cap, the fraction with a '#### <answer>' line, and how much they copy the
+  reference solution (word 4-gram overlap; the student never sees it, so this measures
+  what training moved into the student's own prompt).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from jaxdistill import sampling
 from jaxdistill.data.records import Record, extract_answer
 from jaxdistill.distill.prompts import PromptConfig, prompt_pair
 from jaxdistill.distill.step import build_batch, completion_columns, split_contexts
+from jaxdistill.eval import metrics
 
 
 @functools.partial(jax.jit, static_argnames="graphdef")
@@ -70,7 +74,7 @@ def evaluate(model, tokenizer, records: list[Record], *, prompt_config: PromptCo
                             pad_id=tokenizer.pad_id)
     verifiable = [r for r in records if r.answer is not None]
     correct = {"student": [], "teacher": []}
-    stats = {"kl": [], "entropy": [], "length": [], "uplift": []}
+    stats = {"kl": [], "entropy": [], "length": [], "uplift": [], "ended": [], "answer_line": [], "copy": []}
     for chunk in _batches(records, batch_size):
         pairs = [prompt_pair(tokenizer, r, prompt_config) for r in chunk]
         student = gen([p[0] for p in pairs]).sequences()
@@ -85,6 +89,10 @@ def evaluate(model, tokenizer, records: list[Record], *, prompt_config: PromptCo
             stats["kl"] += scored["kl"].tolist()
             stats["entropy"] += scored["entropy"].tolist()
         stats["length"] += [len(s) for s in student]
+        stats["ended"] += [bool(s) and s[-1] in tokenizer.eos_ids for s in student]
+        texts = [tokenizer.decode(s, skip_special_tokens=True) for s in student]
+        stats["answer_line"] += [metrics.has_answer_line(t) for t in texts]
+        stats["copy"] += [metrics.ngram_overlap(t, r.solution) for r, t in zip(chunk, texts, strict=True)]
         solutions = [tokenizer.encode(r.solution, add_special_tokens=False) for r in chunk]
         ref = score_completions(model, tokenizer, pairs, solutions)
         stats["uplift"] += (ref["logp_teacher"] - ref["logp_student"]).tolist()
@@ -95,6 +103,9 @@ def evaluate(model, tokenizer, records: list[Record], *, prompt_config: PromptCo
         "kl_teacher_student": float(np.mean(stats["kl"])) if stats["kl"] else float("nan"),
         "entropy": float(np.mean(stats["entropy"])) if stats["entropy"] else float("nan"),
         "length": float(np.mean(stats["length"])),
+        "ended": float(np.mean(stats["ended"])),
+        "answer_line": float(np.mean(stats["answer_line"])),
+        "copy_solution_4gram": float(np.mean(stats["copy"])),
     }
     if mean_at_k and verifiable:
         rule = sampling.Sample(temperature)

@@ -10,6 +10,7 @@ states, F1 of the two directions.
 from __future__ import annotations
 
 import collections
+import difflib
 import re
 import string
 from collections.abc import Callable, Sequence
@@ -20,6 +21,7 @@ from jaxdistill.data.records import extract_answer
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans("", "", string.punctuation)
+_ANSWER_LINE = re.compile(r"####\s*\S")
 
 
 def normalize(text: str) -> str:
@@ -108,6 +110,28 @@ TEXT_METRICS: dict[str, Callable[[str, str], float]] = {
     "rouge_l": rouge_l,
 }
 METRICS = (*TEXT_METRICS, "embedding")
+
+
+def has_answer_line(text: str) -> bool:
+    """Whether the text states its answer as '#### <answer>', as the prompts ask."""
+    return _ANSWER_LINE.search(text) is not None
+
+
+def ngram_overlap(text: str, source: str, n: int = 4) -> float:
+    """Fraction of the text's word n-grams (normalised words) that also occur in the source; 0 for
+    a text shorter than n words. A copy measure: 1 means every n-gram was taken from the source."""
+    words, source_words = normalize(text).split(), normalize(source).split()
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    if not grams:
+        return 0.0
+    known = {tuple(source_words[i : i + n]) for i in range(len(source_words) - n + 1)}
+    return sum(g in known for g in grams) / len(grams)
+
+
+def longest_common_substring(text: str, source: str) -> int:
+    """Length in characters of the longest run the text shares with the source (exact, by difflib)."""
+    matcher = difflib.SequenceMatcher(None, text, source, autojunk=False)
+    return matcher.find_longest_match(0, len(text), 0, len(source)).size
 
 
 def check_metric(name: str) -> None:
