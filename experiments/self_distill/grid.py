@@ -1,0 +1,182 @@
+"""Every arm of docs/results.md ("Why the method loses at 135M"), over seeds, and its report.
+
+    python experiments/self_distill/grid.py                      # run what is missing, then report
+    python experiments/self_distill/grid.py --arms=blend,sft --seeds=0,1,2
+    python experiments/self_distill/grid.py --report             # only the table and the plots
+
+Each arm is the default config plus overrides, run as its own `python -m jaxdistill train`
+process in runs/grid/<arm>-s<seed>. A finished run (its summary.json exists) is skipped, so
+an interrupted grid resumes with the next run. The untrained model is evaluated once, in the
+first blend run. The report prints a markdown table (mean ± std over seeds of the held-out
+metrics and of the training-time mechanism metrics) and writes docs/results/mechanism.png and
+docs/results/kl_by_position.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+CONFIG = "experiments/self_distill/default.py"
+ARMS = {  # name: (what it is, overrides)
+    "blend": ("the method: entropy-matched blend, forward KL", []),
+    "teacher": ("pure teacher target, forward KL", ["arm=teacher"]),
+    "blend-rkl": ("blend, reverse KL (full vocabulary)", ["loss.kind=reverse_kl"]),
+    "blend-srkl": ("blend, sampled-token reverse KL (on-policy distillation form)", ["loss.kind=sampled_reverse_kl"]),
+    "blend-jsd": ("blend, generalized JSD(0.5)", ["loss.kind=jsd"]),
+    "teacher-rkl": ("pure teacher, reverse KL", ["arm=teacher", "loss.kind=reverse_kl"]),
+    "teacher-srkl": ("pure teacher, sampled-token reverse KL", ["arm=teacher", "loss.kind=sampled_reverse_kl"]),
+    "teacher-jsd": ("pure teacher, JSD(0.5)", ["arm=teacher", "loss.kind=jsd"]),
+    "blend-top20": ("blend, forward KL on the target's top 20 tokens", ["loss.top_k=20"]),
+    "wrong-hint": ("control: another problem's solution as the hint", ["hint=wrong"]),
+    "no-hint": ("control: no hint (the loss must be ~0)", ["hint=none"]),
+    "teacher-rollout": ("off-policy: blend loss on samples from pTeacher", ["rollout=teacher"]),
+    "sft": ("SFT on the reference solutions", ["arm=sft"]),
+    "rejection-sft": ("SFT on the student's own correct samples", ["arm=rejection_sft"]),
+    "teacher-sample-sft": ("SFT on pTeacher's correct samples (sequence-level KD)",
+                           ["arm=rejection_sft", "rollout=teacher"]),
+    "blend-no-end": ("fix: the end-token positions left out of the loss", ["loss.end_weight=0"]),
+    "blend-seq": ("fix: per-sample (length-normalised) loss", ["loss.normalize=sequence"]),
+}
+HELD_OUT = ("accuracy", "accuracy_teacher", "length", "ended", "answer_line", "copy_solution_4gram")
+TRAINING = ("reward", "end_p_student", "end_p_target", "end_p_student_unanswered", "end_p_target_unanswered",
+            "copy_solution_4gram")
+
+
+def workdir(root: Path, arm: str, seed: int) -> Path:
+    return root / f"{arm}-s{seed}"
+
+
+def run(root: Path, arm: str, seed: int, extra: list[str]) -> None:
+    out = workdir(root, arm, seed)
+    if (out / "summary.json").exists():
+        return
+    overrides = ARMS[arm][1] + [f"seed={seed}", f"workdir={out}"] + extra
+    before = arm == "blend" and seed == 0
+    overrides.append(f"eval.before={before}")
+    command = [sys.executable, "-m", "jaxdistill", "train", f"--config={CONFIG}",
+               *[f"--config.{o}" for o in overrides]]
+    print("$", " ".join(command[1:]), flush=True)
+    subprocess.run(command, check=True)
+
+
+def load(root: Path, arm: str, seeds: list[int]):
+    """[(summary, metrics rows)] of the finished seeds."""
+    found = []
+    for seed in seeds:
+        out = workdir(root, arm, seed)
+        if (out / "summary.json").exists():
+            rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+            found.append((json.loads((out / "summary.json").read_text()), rows))
+    return found
+
+
+def mean_std(values) -> str:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return "–"
+    return f"{np.mean(values):.3f} ± {np.std(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
+
+
+def training_mean(rows, name: str) -> float:
+    values = [r[name] for r in rows if isinstance(r.get(name), (int, float)) and not math.isnan(r[name])]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def report(root: Path, arms: list[str], seeds: list[int], figures: Path) -> str:
+    lines = ["| arm | seeds | " + " | ".join(HELD_OUT) + " | " + " | ".join(f"train {n}" for n in TRAINING) + " |",
+             "|---|---:|" + "---:|" * (len(HELD_OUT) + len(TRAINING))]
+    before = next((s["eval"]["before"] for arm in arms for s, _ in load(root, arm, seeds) if "before" in s["eval"]),
+                  None)
+    if before:
+        lines.append("| before training | | " + " | ".join(f"{before.get(n, float('nan')):.3f}" for n in HELD_OUT)
+                     + " |" + " |" * len(TRAINING))
+    curves = {}
+    for arm in arms:
+        found = load(root, arm, seeds)
+        if not found:
+            continue
+        held = [mean_std([s["eval"]["after"].get(n, float("nan")) for s, _ in found]) for n in HELD_OUT]
+        train = [mean_std([training_mean(rows, n) for _, rows in found]) for n in TRAINING]
+        lines.append(f"| {arm} | {len(found)} | " + " | ".join(held + train) + " |")
+        curves[arm] = [rows for _, rows in found]
+    plot(curves, figures)
+    return "\n".join(lines)
+
+
+def plot(curves: dict, figures: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not curves:
+        return
+    figures.mkdir(parents=True, exist_ok=True)
+    panels = [("length", "sampled length (tokens)"), ("ended", "samples that end"),
+              ("answer_line", "samples with '####'"), ("end_p_student", "p(end) where samples end: student"),
+              ("end_p_target", "p(end) there: target"), ("copy_solution_4gram", "4-gram copy of the reference"),
+              ("entropy_student", "student entropy (nats)"), ("reward", "training reward")]
+    fig, axes = plt.subplots(2, 4, figsize=(18, 7))
+    for ax, (name, title) in zip(axes.flat, panels, strict=True):
+        for arm, runs in curves.items():
+            steps = max(len(rows) for rows in runs)
+            values = np.full((len(runs), steps), np.nan)
+            for i, rows in enumerate(runs):
+                for j, r in enumerate(rows):
+                    v = r.get(name)
+                    values[i, j] = v if isinstance(v, (int, float)) else np.nan
+            with np.errstate(all="ignore"):
+                mean = np.nanmean(values, axis=0)
+            ax.plot(np.arange(1, steps + 1), mean, label=arm)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(figures / "mechanism.png", dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for arm, runs in curves.items():
+        profiles = [r["kl_by_position"] for rows in runs for r in rows if "kl_by_position" in r]
+        if profiles:
+            width = max(len(p) for p in profiles)
+            stacked = np.array([p + [np.nan] * (width - len(p)) for p in profiles])
+            with np.errstate(all="ignore"):
+                ax.plot(16 * np.arange(width) + 8, np.nanmean(stacked, axis=0), marker="o", label=arm)
+    ax.set_xlabel("generated position")
+    ax.set_ylabel("KL(target || student), nats")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(figures / "kl_by_position.png", dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated, from: " + ", ".join(ARMS))
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--root", default="runs/grid")
+    parser.add_argument("--figures", default="docs/results")
+    parser.add_argument("--report", action="store_true", help="no runs: only the table and the plots")
+    parser.add_argument("--override", action="append", default=[], help="extra key=value for every run")
+    args = parser.parse_args()
+    arms, seeds, root = args.arms.split(","), [int(s) for s in args.seeds.split(",")], Path(args.root)
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        parser.error(f"unknown arms {unknown}; choose from {list(ARMS)}")
+    if not args.report:
+        for seed in seeds:  # every arm's seed 0 first, so a partial grid already compares every arm
+            for arm in arms:
+                run(root, arm, seed, args.override)
+    print(report(root, arms, seeds, Path(args.figures)))
+
+
+if __name__ == "__main__":
+    main()
