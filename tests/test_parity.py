@@ -12,6 +12,7 @@ import torch
 
 from jaxdistill import sampling
 from jaxdistill.models import load
+from jaxdistill.models.config import ConfigError
 
 RELATIVE_TOLERANCE = 1e-3
 
@@ -150,3 +151,52 @@ def test_bfloat16_params_stay_close_to_float32(smollm2):
     a, b = np.asarray(forward(model32, ids)), np.asarray(forward(model16, ids))
     assert (a.argmax(-1) == b.argmax(-1)).mean() > 0.9
     assert np.abs(a - b).max() < 0.1 * np.abs(a).max()
+
+
+@pytest.mark.parametrize("mesh_shape,dtype", [(None, "float32"), ({"data": 2, "fsdp": 2, "tensor": 2}, "float32"),
+                                              ({"fsdp": 4, "tensor": 2}, "bfloat16")])
+def test_streaming_load_equals_the_eager_reader_on_any_mesh(tiny_checkpoint, mesh_shape, dtype):
+    """Every parameter read slice by slice into its sharding equals the whole-file reader's."""
+    from flax import nnx
+
+    from jaxdistill import mesh as mesh_lib
+    from jaxdistill.models.loading import DTYPES, canonical_to_state, read_hf_directory
+    from jaxdistill.models.streaming import load_hf_streaming
+
+    _, path, _ = tiny_checkpoint
+    config, weights = read_hf_directory(path)
+    eager = canonical_to_state(config, weights)
+    mesh = mesh_lib.make_mesh(mesh_shape) if mesh_shape else None
+    model = load_hf_streaming(path, config, dtype=DTYPES[dtype], mesh=mesh)
+    split = 0
+    for state_path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        value = variable.get_value()
+        assert value.dtype == DTYPES[dtype]
+        np.testing.assert_array_equal(np.asarray(value.astype(np.float32)),
+                                      eager[state_path].astype(DTYPES[dtype]).astype(np.float32))
+        if mesh is not None:
+            expected = mesh_lib.param_sharding(mesh, variable.get_metadata()["axes"], value.shape)
+            assert value.sharding.is_equivalent_to(expected, value.ndim)
+            split += len(value.addressable_shards) > 1 and value.addressable_shards[0].data.size < value.size
+    assert mesh is None or split > 0  # some parameters really are split
+
+
+def test_streaming_load_names_a_truncated_file_and_a_contradicting_config(tiny_checkpoint, tmp_path):
+    import json
+    import shutil
+
+    kind, path, _ = tiny_checkpoint
+    if kind != "qwen3":
+        pytest.skip("one architecture is enough")
+    broken = tmp_path / "broken"
+    shutil.copytree(path, broken)
+    data = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) - 1000])
+    with pytest.raises(ValueError, match="truncated"):
+        load(broken)
+    wrong = tmp_path / "wrong"
+    shutil.copytree(path, wrong)
+    config = json.loads((wrong / "config.json").read_text())
+    (wrong / "config.json").write_text(json.dumps(config | {"intermediate_size": 128}))
+    with pytest.raises(ConfigError, match="has shape .* but the config implies"):
+        load(wrong)

@@ -340,15 +340,25 @@ def load(
     """Load a model and its tokenizer.
 
     `name_or_path`: a built-in name ("smollm2-135m-instruct", "gemma3-270m"), a .gguf
-    file, or a Hugging Face directory with config.json and safetensors. `dtype` is the
+    file, or a Hugging Face directory with config.json and safetensors (streamed: each
+    process reads only the slices its devices hold, see `streaming.py`). `dtype` is the
     parameter dtype, `compute_dtype` that of activations (default: `dtype`). With a
     `mesh`, parameters are created directly in their shardings.
     """
+    from jaxdistill.models.streaming import load_hf_streaming
+
     path = resolve(name_or_path)
-    config, weights = read_weights(path)
-    state = canonical_to_state(config, weights)
-    del weights
-    model = build_model(config, state, dtype=dtype, compute_dtype=compute_dtype, mesh=mesh, remat=remat)
+    _check_kind(path)
+    if path.is_dir():  # safetensors: read slice by slice into the shardings
+        model = load_hf_streaming(path, read_config(path), dtype=_dtype(dtype),
+                                  compute_dtype=_dtype(compute_dtype) if compute_dtype else None, mesh=mesh,
+                                  remat=remat)
+    else:  # GGUF: quantised blocks are dequantised whole
+        config, weights = read_gguf(path)
+        state = canonical_to_state(config, weights)
+        del weights
+        model = build_model(config, state, dtype=dtype, compute_dtype=compute_dtype, mesh=mesh, remat=remat)
+    config = model.config
     tokenizer = load_tokenizer(path, arch=config.arch, gguf_fields=lambda: _gguf_reader(path).fields)
     _gguf_reader.cache_clear()
     return model, tokenizer
