@@ -50,19 +50,22 @@ def fake_cpu_devices(count: int) -> None:
 
 
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int = 1, process_id: int = 0,
-                           local_device_ids: Sequence[int] | None = None) -> None:
+                           local_device_ids: Sequence[int] | str | None = None) -> None:
     """Start jax.distributed for multi-process runs; a no-op for a single process.
 
     On TPU pods and SLURM clusters JAX finds the values itself: pass no coordinator and
-    set num_processes to -1.
+    set num_processes to -1. `local_device_ids` ("0,1,2,3" or a list; empty: JAX's choice)
+    are the accelerators this process drives; launch/slurm_gpu.sh passes all of a node's GPUs.
     """
     if num_processes == 1:
         return
+    if isinstance(local_device_ids, str):
+        local_device_ids = [int(i) for i in local_device_ids.split(",") if i.strip()] or None
     coordinator_address = coordinator_address or None
     # Cross-process collectives on CPU (tests, CPU clusters); ignored by GPU and TPU backends.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if num_processes == -1:
-        jax.distributed.initialize()
+        jax.distributed.initialize(local_device_ids=local_device_ids)
     else:
         jax.distributed.initialize(coordinator_address, num_processes, process_id, local_device_ids=local_device_ids)
 
@@ -151,3 +154,24 @@ def host_to_global(batch, mesh: Mesh):
         return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x)
 
     return jax.tree.map(put, batch)
+
+
+def bytes_per_device(abstract_state, mesh) -> int:
+    """Bytes of the largest per-device share of an (abstract) NNX state under the logical rules.
+
+    `mesh` may be a jax.sharding.AbstractMesh, so a pod's arithmetic can be checked on a laptop.
+    """
+    from flax import nnx
+
+    total = 0
+    for _, variable in nnx.to_flat_state(abstract_state):
+        value = variable.get_value()
+        axes = variable.get_metadata().get("axes") or (None,) * len(value.shape)
+        spec = logical_to_spec(axes, value.shape, mesh)
+        share = 1
+        for dim, split in zip(value.shape, spec, strict=False):
+            ways = math.prod(mesh.shape[a] for a in ((split,) if isinstance(split, str) else split or ()))
+            share *= -(-dim // ways)
+        share *= math.prod(value.shape[len(spec):])
+        total += share * np.dtype(value.dtype).itemsize
+    return total

@@ -1,10 +1,21 @@
 #!/usr/bin/env bash
-# TPU pod slice: the same command on every worker; JAX discovers the pod itself.
-#   launch/tpu_pod.sh TPU_NAME ZONE experiments/self_distill/default.py [--config.x=y ...]
+# TPU pod slice: set up and run the same command on every worker; JAX discovers the slice.
+#   launch/tpu_pod.sh TPU_NAME ZONE experiments/self_distill/qwen3_8b_v5p64.py --config.model=/data/Qwen3-8B ...
+#   launch/tpu_pod.sh --dry-run TPU_NAME ZONE CONFIG ...     # print the gcloud command instead
+# The repository must be at ~/jaxdistill on every worker (git clone or
+# `gcloud compute tpus tpu-vm scp --recurse --worker=all`). scripts/setup.sh installs the TPU
+# build of jax inside .venv and stops with the exact apt command if Python 3.11 is missing
+# (TPU VM images ship 3.10). The mesh comes from the config; nothing here overrides it.
 set -euo pipefail
-name=${1:?TPU name}; zone=${2:?zone}; config=${3:?config}
+dry=""
+[ "${1:-}" = "--dry-run" ] && { dry=echo; shift; }
+name=${1:?usage: launch/tpu_pod.sh [--dry-run] TPU_NAME ZONE CONFIG [overrides...]}
+zone=${2:?usage: launch/tpu_pod.sh [--dry-run] TPU_NAME ZONE CONFIG [overrides...]}
+config=${3:?usage: launch/tpu_pod.sh [--dry-run] TPU_NAME ZONE CONFIG [overrides...]}
 shift 3
-gcloud compute tpus tpu-vm ssh "$name" --zone="$zone" --worker=all --command="
-  cd ~/jaxdistill && bash scripts/setup.sh && pip install -q 'jax[tpu]<0.11.1' &&
-  .venv/bin/python -m jaxdistill train --config=$config --config.distributed.num_processes=-1 \
-    --config.mesh.data=-1 $*"
+overrides=""
+[ $# -eq 0 ] || overrides=$(printf ' %q' "$@")
+remote="cd ~/jaxdistill && bash scripts/setup.sh --accelerator tpu && \
+JAX_COMPILATION_CACHE_DIR=\$HOME/jaxdistill/.cache/jax .venv/bin/python -m jaxdistill train --config=$config \
+--config.distributed.num_processes=-1$overrides"
+$dry gcloud compute tpus tpu-vm ssh "$name" --zone="$zone" --worker=all --command="$remote"

@@ -59,6 +59,8 @@ def get_config():
     c.checkpoint = ml_collections.ConfigDict(dict(every=8, keep=2, resume_from=0))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: all remaining devices
     # Multi-process (GPU clusters, TPU pods): num_processes=-1 lets JAX discover everything;
-    # launch/ has the scripts. 1 = a single process, no jax.distributed.
-    c.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=1, process_id=0))
+    # launch/ has the scripts. 1 = a single process, no jax.distributed. local_device_ids: "0,1,..." the
+    # accelerators this process drives ("" = JAX's choice).
+    c.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=1, process_id=0,
+                                                   local_device_ids=""))
     return c

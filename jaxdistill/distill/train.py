@@ -146,6 +146,8 @@ def validate(config) -> None:
         if not ok:
             raise ConfigError(message)
 
+    need(bool(config.model), "no model: pass --config.model=NAME_OR_PATH (a built-in name, a .gguf file or a "
+         "Hugging Face directory).")
     need(config.arm in ARMS, f"arm {config.arm!r} is not one of {ARMS}.")
     samples = config.get("samples_per_problem", 1)
     need(config.get("hint", "reference") in HINTS, f"hint {config.get('hint')!r} is not one of {HINTS}.")

@@ -1,0 +1,89 @@
+"""Peak host memory of loading a bfloat16 safetensors checkpoint: streaming vs the whole-file reader.
+
+    .venv/bin/python benchmarks/loading.py                      # a 318M-parameter Llama shape
+    .venv/bin/python benchmarks/loading.py --layers=4 --hidden=512
+
+Writes a random checkpoint with transformers (bfloat16 files, untied head), then loads it
+in a fresh process each way into bfloat16 parameters and reports the peak resident memory
+above the process's level just before loading, per parameter. The parameters themselves
+take 2 bytes per parameter on this CPU device; the rest is what loading costs on top.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+WORKER = r"""
+import json, sys, time
+from pathlib import Path
+import jax, jax.numpy as jnp
+path, how = Path(sys.argv[1]), sys.argv[2]
+from jaxdistill.models import loading, streaming
+jnp.zeros(1).block_until_ready()
+def rss(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current level
+base = rss("VmRSS")
+tick = time.perf_counter()
+if how == "streaming":
+    model = streaming.load_hf_streaming(path, loading.read_config(path), dtype=jnp.bfloat16)
+else:
+    config, weights = loading.read_hf_directory(path)
+    state = loading.canonical_to_state(config, weights)
+    del weights
+    model = loading.build_model(config, state, dtype="bfloat16")
+    del state
+jax.block_until_ready(jax.tree.leaves(model))
+seconds = time.perf_counter() - tick
+params = sum(x.size for x in jax.tree.leaves(model))
+print(json.dumps({"params": params, "peak": rss("VmHWM") - base, "after": rss("VmRSS") - base,
+                  "seconds": seconds}))
+"""
+
+
+def write_checkpoint(path: Path, args) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
+                         num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
+                         num_key_value_heads=args.hidden // 128, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(path, max_shard_size="200MB")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--vocab", type=int, default=32000)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "checkpoint"
+        write_checkpoint(path, args)
+        file_bytes = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+        rows = {}
+        for how in ("whole-file reader", "streaming"):
+            out = subprocess.run([sys.executable, "-c", WORKER, str(path), how.split()[0]], check=True,
+                                 capture_output=True, text=True).stdout
+            rows[how] = json.loads(out.strip().splitlines()[-1])
+    params = rows["streaming"]["params"]
+    print(f"checkpoint: {params / 1e6:.0f}M parameters, {file_bytes / 1e6:.0f} MB of bfloat16 safetensors")
+    print("| loader | peak RSS above start, bytes/param | after loading, bytes/param | seconds | peak vs whole-file |")
+    print("|---|---:|---:|---:|---:|")
+    reference = rows["whole-file reader"]["peak"]
+    for how, r in rows.items():
+        print(f"| {how} | {r['peak'] / params:.2f} | {r['after'] / params:.2f} | {r['seconds']:.1f} | "
+              f"{r['peak'] / reference:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
