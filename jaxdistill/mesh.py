@@ -147,6 +147,46 @@ def shard_model(model, mesh: Mesh):
     return model
 
 
+def batch_rows_per_process(mesh: Mesh) -> int:
+    """How many ways this process's rows split over its devices: a process's row count must be a
+    multiple of this. The batch axes (data x fsdp) must span every process."""
+    ways = math.prod(mesh.shape.get(a, 1) for a in ("data", "fsdp"))
+    if ways % jax.process_count():
+        raise ValueError(f"the batch axes (data x fsdp = {ways}) must be a multiple of the {jax.process_count()} "
+                         "processes, so that each process feeds its own rows; change the mesh.")
+    return ways // jax.process_count()
+
+
+def process_max(values: Sequence[int]) -> list[int]:
+    """Elementwise maximum of a few integers over all processes (the same answer on each)."""
+    if jax.process_count() == 1:
+        return [int(v) for v in values]
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(np.asarray(values, np.int32)).max(axis=0).tolist()
+
+
+def process_concat(values: np.ndarray) -> np.ndarray:
+    """Every process's rows of a per-row array, in process order (the global batch's order)."""
+    if jax.process_count() == 1:
+        return np.asarray(values)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(np.asarray(values), tiled=True))
+
+
+def global_to_local(x: jax.Array) -> np.ndarray:
+    """A global array over the batch -> this process's rows, where `host_to_global` put them
+    (processes own consecutive blocks of rows: the batch axes lead the mesh)."""
+    if jax.process_count() == 1:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    full = np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    rows = full.shape[0] // jax.process_count()
+    return full[jax.process_index() * rows : (jax.process_index() + 1) * rows]
+
+
 def host_to_global(batch, mesh: Mesh):
     """Per-process host arrays (this process's rows) -> global arrays split over the batch axes."""
     def put(x):

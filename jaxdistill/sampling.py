@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxdistill import mesh as mesh_lib
 from jaxdistill.models.transformer import Decoder
 
 Rule = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
@@ -108,8 +109,15 @@ def generate(
     rng: jax.Array | int = 0,
     eos_ids: Sequence[int] = (),
     pad_id: int = 0,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> Generation:
-    """Generate up to `max_new_tokens` after each prompt (lists of token ids)."""
+    """Generate up to `max_new_tokens` after each prompt (lists of token ids).
+
+    With a `mesh`, the rows are split over its batch axes (data x fsdp), so data-parallel
+    devices decode different rows; in a multi-process run `prompts` are this process's rows
+    and every process calls with the same settings. Random draws do not depend on the
+    sharding, so the tokens equal a one-device run's on the same global batch.
+    """
     if not prompts:
         raise ValueError("generate() needs at least one prompt.")
     if any(len(p) == 0 for p in prompts):
@@ -132,16 +140,24 @@ def generate(
         raise ValueError(
             f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context of {limit}."
         )
-    rows = bucket(len(prompts), minimum=1)
-    tokens, mask = left_pad(prompts, bucket(longest), rows, pad_id)
+    rows, width = bucket(len(prompts), minimum=1), bucket(longest)
+    if mesh is not None:  # every process pads to the same shape; rows split evenly over its devices
+        ways = mesh_lib.batch_rows_per_process(mesh)
+        rows, width = mesh_lib.process_max([-(-rows // ways) * ways, width])
+    tokens, mask = left_pad(prompts, width, rows, pad_id)
+    if mesh is None:
+        tokens, mask = jnp.asarray(tokens), jnp.asarray(mask)
+    else:
+        tokens, mask = mesh_lib.host_to_global((tokens, mask), mesh)
     key = jax.random.key(rng) if isinstance(rng, int) else rng
     graphdef, state = nnx.split(model)
     out = _generate_jit(
-        graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), key, jnp.int32(max_new_tokens),
+        graphdef, state, tokens, mask, key, jnp.int32(max_new_tokens),
         new_slots=bucket(max_new_tokens), rule=rule, eos_ids=tuple(sorted(set(eos_ids))), pad_id=int(pad_id),
     )
     n = len(prompts)
-    toks, logprobs, gen_mask = (np.asarray(x)[:n, :max_new_tokens] for x in out)
+    to_host = np.asarray if mesh is None else mesh_lib.global_to_local
+    toks, logprobs, gen_mask = (to_host(x)[:n, :max_new_tokens] for x in out)
     return Generation(tokens=toks, logprobs=logprobs, mask=gen_mask)
 
 

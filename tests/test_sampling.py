@@ -116,3 +116,20 @@ def test_chat_helper_uses_the_template_and_stops_at_end_of_turn(smollm2):
     [reply] = sampling.chat(model, tok, "What is the capital of France? One word.", max_new_tokens=24)
     assert "Paris" in reply
     assert "<|im_end|>" not in reply and "<|im_start|>" not in reply
+
+
+@pytest.mark.parametrize("shape", [{"data": -1}, {"data": 2, "fsdp": 2, "tensor": 2}, {"data": 1}])
+def test_rows_split_over_a_mesh_sample_exactly_what_one_device_samples(shape):
+    """Data-parallel decoding: each device decodes its own rows, and the random draws do not
+    depend on how the batch is split (so a multi-process run samples what one process would)."""
+    from jaxdistill import mesh as mesh_lib
+
+    mesh = mesh_lib.make_mesh(shape, jax.devices() if shape != {"data": 1} else jax.devices()[:1])
+    model = tiny_model(seed=2)
+    sharded = mesh_lib.shard_model(tiny_model(seed=2), mesh)
+    prompts = [[1, 5, 9], [3], [7, 7, 7, 7, 2], [4, 8], [6]]  # 5 rows: the mesh pads them to a multiple
+    rule = sampling.Sample(temperature=1.0)
+    alone = sampling.generate(model, prompts, max_new_tokens=10, rule=rule, rng=3)
+    split = sampling.generate(sharded, prompts, max_new_tokens=10, rule=rule, rng=3, mesh=mesh)
+    np.testing.assert_array_equal(split.tokens, alone.tokens)
+    np.testing.assert_allclose(split.logprobs, alone.logprobs, atol=1e-5)

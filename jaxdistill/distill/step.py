@@ -29,13 +29,20 @@ def round_up(n: int, multiple: int) -> int:
     return max(multiple, -(-n // multiple) * multiple)
 
 
+def padded_widths(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
+                  multiple: int = 32) -> tuple[int, int]:
+    """(prompt width P, completion width G) of a batch: the longest of each, rounded up."""
+    return round_up(max(len(p) for p in prompts), multiple), round_up(max(len(c) for c in completions), multiple)
+
+
 def build_batch(student_prompts: Sequence[Sequence[int]], teacher_prompts: Sequence[Sequence[int]] | None,
                 completions: Sequence[Sequence[int]], *, pad_id: int, multiple: int = 32,
-                end_ids: Sequence[int] = ()) -> dict[str, np.ndarray]:
+                end_ids: Sequence[int] = (), widths: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
     """The aligned batch (see the module docstring). Without teacher prompts: student rows only (SFT).
 
     `end_mask` [B, G] marks the position that predicts a completion's last token when that token
-    is one of `end_ids` (the sample ended there rather than at the length cap).
+    is one of `end_ids` (the sample ended there rather than at the length cap). `widths`
+    (P, G) pads wider than this batch needs: processes of one run agree on them.
     """
     if teacher_prompts is None:
         prompts, per_problem = list(student_prompts), 1
@@ -45,8 +52,9 @@ def build_batch(student_prompts: Sequence[Sequence[int]], teacher_prompts: Seque
         raise ValueError(f"{len(prompts) // per_problem} prompts but {len(completions)} completions.")
     if any(len(c) == 0 for c in completions):
         raise ValueError("every completion needs at least one token.")
-    width = round_up(max(len(p) for p in prompts), multiple)
-    gen = round_up(max(len(c) for c in completions), multiple)
+    width, gen = padded_widths(prompts, completions, multiple)
+    if widths is not None:
+        width, gen = max(width, widths[0]), max(gen, widths[1])
     rows = len(prompts)
     tokens = np.full((rows, width + gen), pad_id, np.int32)
     mask = np.zeros((rows, width + gen), bool)

@@ -97,11 +97,12 @@ def hinted_pairs(tokenizer, problems: list[Record], samples: int, prompt_config:
     return pairs
 
 
-def sample_completions(model, tokenizer, pairs, config, key):
+def sample_completions(model, tokenizer, pairs, config, key, mesh=None):
     """genCoT for each row: on-policy from pCoT, from pTeacher (rollout="teacher"), or guided by
     the blend of both contexts."""
     s = config.sample
-    common = dict(max_new_tokens=s.max_new_tokens, rng=key, eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id)
+    common = dict(max_new_tokens=s.max_new_tokens, rng=key, eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id,
+                  mesh=mesh)
     if config.guided:
         rule = GuidedRule(config.teacher_weight, s.temperature, config.fixed_k if config.arm == "fixed_k" else None)
         out = sampling.generate(model, [prompt for pair in pairs for prompt in pair], rule=rule, **common)
@@ -112,22 +113,22 @@ def sample_completions(model, tokenizer, pairs, config, key):
     return out.sequences()
 
 
-def sample_metrics(tokenizer, records: list[Record], completions: list[list[int]]) -> dict[str, float]:
-    """What the sampled genCoT look like: reward, length, the answer line, copying of the
-    reference solution and of the problem (word 4-gram overlap, longest common substring)."""
+def sample_rows(tokenizer, records: list[Record], completions: list[list[int]]) -> dict[str, np.ndarray]:
+    """What each sampled genCoT looks like: reward (NaN without an answer), length, whether it
+    ended and wrote its answer line, how much it copies the reference solution and the
+    problem (word 4-gram overlap, longest common substring)."""
     texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
     pairs = list(zip(records, texts, strict=True))
-    verifiable = [(r, t) for r, t in pairs if r.answer is not None]
-    mean = lambda xs: float(np.mean(xs)) if len(xs) else float("nan")  # noqa: E731
-    return {
-        "reward": mean([extract_answer(t) == r.answer for r, t in verifiable]),
-        "length": mean([len(c) for c in completions]),
-        "ended": mean([c[-1] in tokenizer.eos_ids for c in completions]),
-        "answer_line": mean([metrics_lib.has_answer_line(t) for t in texts]),
-        "copy_solution_4gram": mean([metrics_lib.ngram_overlap(t, r.solution) for r, t in pairs]),
-        "copy_problem_4gram": mean([metrics_lib.ngram_overlap(t, r.problem) for r, t in pairs]),
-        "copy_solution_lcs": mean([metrics_lib.longest_common_substring(t, r.solution) for r, t in pairs]),
+    rows = {
+        "reward": [float(extract_answer(t) == r.answer) if r.answer is not None else np.nan for r, t in pairs],
+        "length": [len(c) for c in completions],
+        "ended": [c[-1] in tokenizer.eos_ids for c in completions],
+        "answer_line": [metrics_lib.has_answer_line(t) for t in texts],
+        "copy_solution_4gram": [metrics_lib.ngram_overlap(t, r.solution) for r, t in pairs],
+        "copy_problem_4gram": [metrics_lib.ngram_overlap(t, r.problem) for r, t in pairs],
+        "copy_solution_lcs": [metrics_lib.longest_common_substring(t, r.solution) for r, t in pairs],
     }
+    return {name: np.asarray(values, np.float32) for name, values in rows.items()}
 
 
 def end_metrics(stats, ended: np.ndarray, answered: np.ndarray) -> dict[str, float]:
@@ -241,13 +242,17 @@ def _train(config, workdir) -> dict:
             raise ConfigError(f"batch_size x samples_per_problem = {config.batch_size * samples} problems do not "
                               f"split evenly over the mesh's {ways} data-parallel devices (data x fsdp); use a "
                               f"multiple of {ways} or change --config.mesh.")
+    if config.batch_size % jax.process_count():
+        raise ConfigError(f"batch_size {config.batch_size} does not split over the {jax.process_count()} processes; "
+                          "each process samples its own share of every batch: use a multiple.")
+    local = config.batch_size // jax.process_count()  # problems each process samples and scores
     model, tokenizer = load(config.model, dtype=config.dtype, compute_dtype=config.compute_dtype or None,
                             mesh=mesh, remat=config.remat)
     if config.arm == "rejection_sft" and any(r.answer is None for r in train_records):
         raise DataError("arm=rejection_sft keeps the samples that reach the right answer, so every training record "
                         "needs an answer; these records have none. Use arm=sft or a verifiable dataset.")
     eval_kwargs = dict(prompt_config=prompt_config, max_new_tokens=config.eval.max_new_tokens,
-                       batch_size=config.eval.batch_size, mean_at_k=config.eval.mean_at_k)
+                       batch_size=config.eval.batch_size, mean_at_k=config.eval.mean_at_k, mesh=mesh)
 
     optim = step_lib.OptimConfig(**config.optim, total_steps=config.steps)
     tx = step_lib.make_optimizer(optim)
@@ -279,36 +284,45 @@ def _train(config, workdir) -> dict:
         for step in bar:
             tick = time.perf_counter()
             key = jax.random.fold_in(jax.random.key(config.seed), step)
+            # Every process reads the same global batch and keeps its own slice of it.
             problems = [next(iterator) for _ in range(config.batch_size)]
-            records = [r for r in problems for _ in range(samples)]  # each sample gets its own (pCoT, pTeacher) pair
-            pairs = hinted_pairs(tokenizer, problems, samples, prompt_config, config.get("hint", "reference"))
+            mine = slice(jax.process_index() * local * samples, (jax.process_index() + 1) * local * samples)
+            pairs = hinted_pairs(tokenizer, problems, samples, prompt_config, config.get("hint", "reference"))[mine]
+            records = [r for r in problems for _ in range(samples)][mine]
             model = nnx.merge(graphdef, state.params)
-            seen = {}
+            rows = {}
             if config.arm == "sft":
                 completions = [tokenizer.encode(r.solution, add_special_tokens=False) + [tokenizer.turn_end_id]
                                for r in records]
-                batch = step_lib.build_batch([p[0] for p in pairs], None, completions, pad_id=tokenizer.pad_id)
+                teacher_prompts = None
             else:
-                completions = sample_completions(model, tokenizer, pairs, config, jax.random.fold_in(key, 1))
+                completions = sample_completions(model, tokenizer, pairs, config, jax.random.fold_in(key, 1), mesh)
                 completions = [c if c else [tokenizer.turn_end_id] for c in completions]
-                seen = sample_metrics(tokenizer, records, completions)
+                rows = sample_rows(tokenizer, records, completions)
                 teacher_prompts = None if mode == "sft" else [p[1] for p in pairs]
-                batch = step_lib.build_batch([p[0] for p in pairs], teacher_prompts, completions,
-                                             pad_id=tokenizer.pad_id, end_ids=tokenizer.eos_ids)
-                if config.arm == "rejection_sft":  # train only on the samples that reach the answer
-                    correct = np.asarray([extract_answer(tokenizer.decode(c)) == r.answer
-                                          for r, c in zip(records, completions, strict=True)])
-                    batch["target_mask"] &= correct[:, None]
-                    seen["kept"] = int(correct.sum())
-            ended, answered = batch["end_mask"].any(axis=1), np.asarray(
-                [metrics_lib.has_answer_line(tokenizer.decode(c)) for c in completions])
+            prompts = [p[0] for p in pairs] + (teacher_prompts or [])
+            widths = mesh_lib.process_max(step_lib.padded_widths(prompts, completions))  # one shape on every process
+            batch = step_lib.build_batch([p[0] for p in pairs], teacher_prompts, completions, pad_id=tokenizer.pad_id,
+                                         end_ids=tokenizer.eos_ids, widths=widths)
+            if config.arm == "rejection_sft":  # train only on the samples that reach the answer
+                correct = rows["reward"] == 1
+                batch["target_mask"] &= correct[:, None]
+                rows["kept"] = correct.astype(np.float32)
+            rows["ended_at_end_token"] = batch["end_mask"].any(axis=1).astype(np.float32)
+            rows["wrote_answer_line"] = np.asarray([metrics_lib.has_answer_line(tokenizer.decode(c))
+                                                    for c in completions], np.float32)
+            rows = {name: mesh_lib.process_concat(values) for name, values in rows.items()}  # the global batch's
             if mesh is not None:
                 batch = mesh_lib.host_to_global(batch, mesh)
             state, metrics = train_step(state, batch, jax.random.fold_in(key, 2))
             metrics = jax.device_get(metrics)
             profile = metrics.pop("kl_by_position", None)
             per_sample = {name: metrics.pop(name) for name in ("end_p_student", "end_p_target") if name in metrics}
-            metrics = {k: float(v) for k, v in metrics.items()} | seen
+            ended, answered = rows.pop("ended_at_end_token") > 0, rows.pop("wrote_answer_line") > 0
+            metrics = {k: float(v) for k, v in metrics.items()}
+            for name, values in rows.items():  # kept: a count; the rest: means over the rows that have a value
+                metrics[name] = float(values.sum() if name == "kept" else np.nanmean(values) if
+                                      np.isfinite(values).any() else np.nan)
             if profile is not None:
                 metrics["kl_by_position"] = [round(float(v), 6) for v in profile]
             if per_sample:

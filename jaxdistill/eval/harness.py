@@ -20,10 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxdistill import mesh as mesh_lib
 from jaxdistill import sampling
 from jaxdistill.data.records import Record, extract_answer
 from jaxdistill.distill.prompts import PromptConfig, prompt_pair
-from jaxdistill.distill.step import build_batch, completion_columns, split_contexts
+from jaxdistill.distill.step import build_batch, completion_columns, padded_widths, split_contexts
 from jaxdistill.eval import metrics
 
 
@@ -47,16 +48,28 @@ def _score(graphdef, params, tokens, mask, target_mask):
     return tuple(x.swapaxes(0, 1) for x in out)
 
 
-def score_completions(model, tokenizer, pairs, completions):
+def score_completions(model, tokenizer, pairs, completions, mesh=None):
     """Per-problem means of the _score quantities over each completion's tokens.
 
     pairs: the (pCoT, pTeacher) token ids of each problem, as `prompt_pair` returns them.
+    With a mesh, rows are split over its batch axes (in a multi-process run, these are this
+    process's rows; every process calls with the same number of them).
     """
     graphdef, params = nnx.split(model)
-    batch = build_batch([p[0] for p in pairs], [p[1] for p in pairs], completions, pad_id=tokenizer.pad_id)
-    logp_s, logp_t, kl, ent = (np.asarray(x) for x in _score(graphdef, params, batch["tokens"], batch["mask"],
-                                                              batch["target_mask"]))
-    m = batch["target_mask"]
+    n = len(pairs)
+    if mesh is not None:  # rows split evenly over this process's devices: repeat the last row to fill
+        extra = -n % mesh_lib.batch_rows_per_process(mesh)
+        pairs, completions = list(pairs) + [pairs[-1]] * extra, list(completions) + [completions[-1]] * extra
+    prompts = [p for pair in pairs for p in pair]
+    widths = mesh_lib.process_max(padded_widths(prompts, completions)) if mesh is not None else None
+    batch = build_batch([p[0] for p in pairs], [p[1] for p in pairs], completions, pad_id=tokenizer.pad_id,
+                        widths=widths)
+    arrays = [batch[k] for k in ("tokens", "mask", "target_mask")]
+    if mesh is not None:
+        arrays = mesh_lib.host_to_global(arrays, mesh)
+    to_host = np.asarray if mesh is None else mesh_lib.global_to_local
+    logp_s, logp_t, kl, ent = (to_host(x)[:n] for x in _score(graphdef, params, *arrays))
+    m = batch["target_mask"][:n]
     mean = lambda x: (x * m).sum(1) / m.sum(1)  # noqa: E731
     return {"logp_student": mean(logp_s), "logp_teacher": mean(logp_t), "kl": mean(kl), "entropy": mean(ent)}
 
@@ -66,56 +79,79 @@ def _batches(items, size):
         yield items[i : i + size]
 
 
+def _share(items: list, mesh) -> tuple[list, np.ndarray]:
+    """This process's equal share of `items` (the last item repeated to even it out) and which
+    of its entries are real; the whole list on a single process."""
+    if mesh is None or jax.process_count() == 1:
+        return items, np.ones(len(items), bool)
+    count, index = jax.process_count(), jax.process_index()
+    size = -(-len(items) // count)
+    mine = items[index * size : (index + 1) * size]
+    real = np.arange(size) < len(mine)
+    return mine + [items[-1]] * (size - len(mine)), real
+
+
 def evaluate(model, tokenizer, records: list[Record], *, prompt_config: PromptConfig = PromptConfig(),
              max_new_tokens: int = 96, batch_size: int = 32, mean_at_k: int = 0, temperature: float = 1.0,
-             seed: int = 0) -> dict[str, float]:
-    """One row of the before/after table."""
+             seed: int = 0, mesh=None) -> dict[str, float]:
+    """One row of the before/after table.
+
+    With a mesh, rows are split over its batch axes; in a multi-process run each process
+    evaluates its share of the records and the row is computed over all of them.
+    """
     gen = functools.partial(sampling.generate, model, max_new_tokens=max_new_tokens, eos_ids=tokenizer.eos_ids,
-                            pad_id=tokenizer.pad_id)
-    verifiable = [r for r in records if r.answer is not None]
-    correct = {"student": [], "teacher": []}
-    stats = {"kl": [], "entropy": [], "length": [], "uplift": [], "ended": [], "answer_line": [], "copy": []}
-    for chunk in _batches(records, batch_size):
+                            pad_id=tokenizer.pad_id, mesh=mesh)
+    mine, real = _share(records, mesh)
+    per_record = {name: [] for name in ("correct", "correct_teacher", "kl", "entropy", "length", "ended",
+                                        "answer_line", "copy", "uplift")}
+    for chunk in _batches(mine, batch_size):
         pairs = [prompt_pair(tokenizer, r, prompt_config) for r in chunk]
         student = gen([p[0] for p in pairs]).sequences()
         teacher = gen([p[1] for p in pairs]).sequences()
-        for r, s, t in zip(chunk, student, teacher, strict=True):
-            if r.answer is not None:
-                correct["student"].append(extract_answer(tokenizer.decode(s)) == r.answer)
-                correct["teacher"].append(extract_answer(tokenizer.decode(t)) == r.answer)
-        nonempty = [(pair, s) for pair, s in zip(pairs, student, strict=True) if s]
-        if nonempty:
-            scored = score_completions(model, tokenizer, [p for p, _ in nonempty], [s for _, s in nonempty])
-            stats["kl"] += scored["kl"].tolist()
-            stats["entropy"] += scored["entropy"].tolist()
-        stats["length"] += [len(s) for s in student]
-        stats["ended"] += [bool(s) and s[-1] in tokenizer.eos_ids for s in student]
+        nan_if_open = lambda r, ok: float(ok) if r.answer is not None else np.nan  # noqa: E731
+        per_record["correct"] += [nan_if_open(r, extract_answer(tokenizer.decode(s)) == r.answer)
+                                  for r, s in zip(chunk, student, strict=True)]
+        per_record["correct_teacher"] += [nan_if_open(r, extract_answer(tokenizer.decode(t)) == r.answer)
+                                          for r, t in zip(chunk, teacher, strict=True)]
+        # Every row is scored (an empty response as a lone end token, left out of the means), so
+        # every process makes the same calls.
+        scored = score_completions(model, tokenizer, pairs, [s or [tokenizer.turn_end_id] for s in student], mesh)
+        per_record["kl"] += [k if s else np.nan for k, s in zip(scored["kl"].tolist(), student, strict=True)]
+        per_record["entropy"] += [e if s else np.nan for e, s in zip(scored["entropy"].tolist(), student,
+                                                                      strict=True)]
+        per_record["length"] += [len(s) for s in student]
+        per_record["ended"] += [bool(s) and s[-1] in tokenizer.eos_ids for s in student]
         texts = [tokenizer.decode(s, skip_special_tokens=True) for s in student]
-        stats["answer_line"] += [metrics.has_answer_line(t) for t in texts]
-        stats["copy"] += [metrics.ngram_overlap(t, r.solution) for r, t in zip(chunk, texts, strict=True)]
+        per_record["answer_line"] += [metrics.has_answer_line(t) for t in texts]
+        per_record["copy"] += [metrics.ngram_overlap(t, r.solution) for r, t in zip(chunk, texts, strict=True)]
         solutions = [tokenizer.encode(r.solution, add_special_tokens=False) for r in chunk]
-        ref = score_completions(model, tokenizer, pairs, solutions)
-        stats["uplift"] += (ref["logp_teacher"] - ref["logp_student"]).tolist()
-    row = {
-        "accuracy": float(np.mean(correct["student"])) if verifiable else float("nan"),
-        "accuracy_teacher": float(np.mean(correct["teacher"])) if verifiable else float("nan"),
-        "hint_uplift_logp": float(np.mean(stats["uplift"])),
-        "kl_teacher_student": float(np.mean(stats["kl"])) if stats["kl"] else float("nan"),
-        "entropy": float(np.mean(stats["entropy"])) if stats["entropy"] else float("nan"),
-        "length": float(np.mean(stats["length"])),
-        "ended": float(np.mean(stats["ended"])),
-        "answer_line": float(np.mean(stats["answer_line"])),
-        "copy_solution_4gram": float(np.mean(stats["copy"])),
-    }
+        ref = score_completions(model, tokenizer, pairs, solutions, mesh)
+        per_record["uplift"] += (ref["logp_teacher"] - ref["logp_student"]).tolist()
+    real = mesh_lib.process_concat(real) if mesh is not None else real
+
+    def mean(name):
+        values = np.asarray(per_record[name], np.float64)
+        values = (mesh_lib.process_concat(values) if mesh is not None else values)[real]
+        return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+
+    row = {"accuracy": mean("correct"), "accuracy_teacher": mean("correct_teacher"),
+           "hint_uplift_logp": mean("uplift"), "kl_teacher_student": mean("kl"), "entropy": mean("entropy"),
+           "length": mean("length"), "ended": mean("ended"), "answer_line": mean("answer_line"),
+           "copy_solution_4gram": mean("copy")}
+    verifiable = [r for r in records if r.answer is not None]
     if mean_at_k and verifiable:
         rule = sampling.Sample(temperature)
+        mine, real = _share(verifiable, mesh)
         hits = []
-        for chunk in _batches(verifiable, max(batch_size // mean_at_k, 1)):
+        for chunk in _batches(mine, max(batch_size // mean_at_k, 1)):
             prompts = [prompt_pair(tokenizer, r, prompt_config)[0] for r in chunk for _ in range(mean_at_k)]
             out = gen(prompts, rule=rule, rng=seed).sequences()
             hits += [extract_answer(tokenizer.decode(s)) == r.answer
                      for s, r in zip(out, [r for r in chunk for _ in range(mean_at_k)], strict=True)]
-        row[f"mean@{mean_at_k}"] = float(np.mean(hits))
+        hits = np.asarray(hits, np.float64).reshape(-1, mean_at_k).mean(axis=1)
+        if mesh is not None:
+            hits, real = mesh_lib.process_concat(hits), mesh_lib.process_concat(real)
+        row[f"mean@{mean_at_k}"] = float(hits[real].mean())
     return row
 
 

@@ -1,0 +1,95 @@
+"""The multi-host data path: two processes on localhost (4 CPU devices each) run the real
+training loop and must equal one process with 8 devices on the same global batch."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ARGS = ["--config.steps=2", "--config.optim.warmup_steps=1", "--config.batch_size=4", "--config.data.eval_size=6",
+        "--config.sample.max_new_tokens=12", "--config.eval.max_new_tokens=8", "--config.eval.before=False",
+        "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2", "--config.checkpoint.every=2"]
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_model(tmp_path_factory):
+    """A tiny random Llama with SmolLM2's tokenizer and chat template, as a Hugging Face directory."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from jaxdistill.models.loading import describe
+
+    path = tmp_path_factory.mktemp("tiny-chat")
+    _, tokenizer = describe("smollm2-135m-instruct")
+    config = LlamaConfig(vocab_size=tokenizer.hf.vocab_size, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=2048, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.hf.bos_token_id, eos_token_id=tokenizer.turn_end_id)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tokenizer.hf.save_pretrained(path)
+    return path
+
+
+def _port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _train(model, workdir, arm, processes):
+    devices = 8 // processes
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    command = [sys.executable, "-m", "jaxdistill", "train", "--config=experiments/self_distill/default.py",
+               f"--config.model={model}", f"--config.workdir={workdir}", f"--config.arm={arm}", *ARGS]
+    port = _port()
+    procs = [subprocess.Popen(command + ([f"--config.distributed.coordinator_address=localhost:{port}",
+                                          f"--config.distributed.num_processes={processes}",
+                                          f"--config.distributed.process_id={i}"] if processes > 1 else []),
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(processes)]
+    for p in procs:
+        output, _ = p.communicate(timeout=900)
+        assert p.returncode == 0, output[-4000:]
+
+
+def _final_params(workdir):
+    """The last checkpoint's parameters, restored onto this test process's first device."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    path = workdir / "checkpoints" / "2" / "state"
+    checkpointer = ocp.StandardCheckpointer()
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    template = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                            checkpointer.metadata(path).item_metadata.tree)
+    restored = checkpointer.restore(path, template)
+    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(
+        restored["params"])[0]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arm", ["blend", "sft"])
+def test_two_processes_train_exactly_like_one(tiny_chat_model, tmp_path, arm):
+    one, two = tmp_path / "one", tmp_path / "two"
+    _train(tiny_chat_model, one, arm, processes=1)
+    _train(tiny_chat_model, two, arm, processes=2)
+    rows = [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (one, two)]
+    assert [r["step"] for r in rows[1]] == [1, 2]  # one metrics file, one line per step: process 0 writes
+    for a, b in zip(*rows, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6)
+        assert b["generated_tokens"] == a["generated_tokens"]  # the same samples: each process decoded its rows
+        for name in ("reward", "length", "answer_line"):
+            assert b.get(name) == pytest.approx(a.get(name), nan_ok=True)
+    summaries = [json.loads((d / "summary.json").read_text())["eval"]["after"] for d in (one, two)]
+    assert summaries[1]["length"] == summaries[0]["length"]
+    assert summaries[1]["accuracy"] == summaries[0]["accuracy"]
+    assert summaries[1]["kl_teacher_student"] == pytest.approx(summaries[0]["kl_teacher_student"], rel=1e-3)
+    p1, p2 = _final_params(one), _final_params(two)  # the 2-process checkpoint restores in this one process
+    assert p1.keys() == p2.keys()
+    for name in p1:
+        np.testing.assert_allclose(p2[name], p1[name], atol=1e-6, err_msg=name)
