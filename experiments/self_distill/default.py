@@ -46,7 +46,8 @@ def get_config():
     # sample's end token (0 leaves them out); normalize: token (mean over tokens) | sequence (over samples)
     c.loss = ml_collections.ConfigDict(dict(kind="forward_kl", jsd_beta=0.5, top_k=0, clip=0.0, end_weight=1.0,
                                             normalize="token", chunk=64))
-    # Data: source synthetic (generated; train_size, steps, max_start, max_operand), jsonl (train_path,
+    # Data: source synthetic (generated; train_size, steps, max_start, max_operand), conversations (generated
+    # revisions under constraints: the non-verifiable case, scored by checks), jsonl (train_path,
     # eval_path: GSM8K, generic or conversation records) or tfds (tfds_name prepared in tfds_data_dir).
     # Records longer than max_tokens (0: the model's context) stop the run before it starts, or are
     # left out with a printed count when overlong="skip".

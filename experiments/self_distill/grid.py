@@ -43,10 +43,21 @@ ARMS = {  # name: (what it is, overrides)
                            ["arm=rejection_sft", "rollout=teacher"]),
     "blend-no-end": ("fix: the end-token positions left out of the loss", ["loss.end_weight=0"]),
     "blend-seq": ("fix: per-sample (length-normalised) loss", ["loss.normalize=sequence"]),
+    # the non-verifiable case: conversations revised under constraints, the accepted reply as the hint
+    "conv-blend": ("conversations: the method", ["data.source=conversations"]),
+    "conv-teacher": ("conversations: pure teacher target", ["data.source=conversations", "arm=teacher"]),
+    "conv-sft": ("conversations: SFT on the accepted replies", ["data.source=conversations", "arm=sft"]),
 }
-HELD_OUT = ("accuracy", "accuracy_teacher", "length", "ended", "answer_line", "copy_solution_4gram")
+HELD_OUT = {  # task: held-out columns
+    "math": ("accuracy", "accuracy_teacher", "length", "ended", "answer_line", "copy_solution_4gram"),
+    "conversations": ("constraints", "reference_logp", "hint_uplift_logp", "length", "ended", "copy_solution_4gram"),
+}
 TRAINING = ("reward", "end_p_student", "end_p_target", "end_p_student_unanswered", "end_p_target_unanswered",
             "copy_solution_4gram")
+
+
+def task(arm: str) -> str:
+    return "conversations" if "data.source=conversations" in ARMS[arm][1] else "math"
 
 
 def workdir(root: Path, arm: str, seed: int) -> Path:
@@ -58,8 +69,8 @@ def run(root: Path, arm: str, seed: int, extra: list[str]) -> None:
     if (out / "summary.json").exists():
         return
     overrides = ARMS[arm][1] + [f"seed={seed}", f"workdir={out}"] + extra
-    before = arm == "blend" and seed == 0
-    overrides.append(f"eval.before={before}")
+    first_of_task = next(a for a in ARMS if task(a) == task(arm)) == arm
+    overrides.append(f"eval.before={first_of_task and seed == 0}")  # the untrained model, once per task
     command = [sys.executable, "-m", "jaxdistill", "train", f"--config={CONFIG}",
                *[f"--config.{o}" for o in overrides]]
     print("$", " ".join(command[1:]), flush=True)
@@ -90,24 +101,29 @@ def training_mean(rows, name: str) -> float:
 
 
 def report(root: Path, arms: list[str], seeds: list[int], figures: Path) -> str:
-    lines = ["| arm | seeds | " + " | ".join(HELD_OUT) + " | " + " | ".join(f"train {n}" for n in TRAINING) + " |",
-             "|---|---:|" + "---:|" * (len(HELD_OUT) + len(TRAINING))]
-    before = next((s["eval"]["before"] for arm in arms for s, _ in load(root, arm, seeds) if "before" in s["eval"]),
-                  None)
-    if before:
-        lines.append("| before training | | " + " | ".join(f"{before.get(n, float('nan')):.3f}" for n in HELD_OUT)
-                     + " |" + " |" * len(TRAINING))
-    curves = {}
-    for arm in arms:
-        found = load(root, arm, seeds)
-        if not found:
+    tables, curves = [], {}
+    for name, columns in HELD_OUT.items():
+        chosen = [a for a in arms if task(a) == name and load(root, a, seeds)]
+        if not chosen:
             continue
-        held = [mean_std([s["eval"]["after"].get(n, float("nan")) for s, _ in found]) for n in HELD_OUT]
-        train = [mean_std([training_mean(rows, n) for _, rows in found]) for n in TRAINING]
-        lines.append(f"| {arm} | {len(found)} | " + " | ".join(held + train) + " |")
-        curves[arm] = [rows for _, rows in found]
+        lines = [f"{name}:", "", "| arm | seeds | " + " | ".join(columns) + " | "
+                 + " | ".join(f"train {n}" for n in TRAINING) + " |",
+                 "|---|---:|" + "---:|" * (len(columns) + len(TRAINING))]
+        before = next((s["eval"]["before"] for a in chosen for s, _ in load(root, a, seeds) if "before" in s["eval"]),
+                      None)
+        if before:
+            lines.append("| before training | | " + " | ".join(f"{before.get(n, float('nan')):.3f}" for n in columns)
+                         + " |" + " |" * len(TRAINING))
+        for arm in chosen:
+            found = load(root, arm, seeds)
+            held = [mean_std([s["eval"]["after"].get(n, float("nan")) for s, _ in found]) for n in columns]
+            train = [mean_std([training_mean(rows, n) for _, rows in found]) for n in TRAINING]
+            lines.append(f"| {arm} | {len(found)} | " + " | ".join(held + train) + " |")
+            if name == "math":
+                curves[arm] = [rows for _, rows in found]
+        tables.append("\n".join(lines))
     plot(curves, figures)
-    return "\n".join(lines)
+    return "\n\n".join(tables)
 
 
 def plot(curves: dict, figures: Path) -> None:

@@ -2,18 +2,21 @@
 
 `load_records(config)` returns (train, eval) lists of `Record`s; `config.source` picks:
 - "synthetic": generated problems (knobs: steps, max_start, max_operand), the default;
+- "conversations": generated conversations where the user revises a request under
+  constraints and accepts the last reply (no exact answer; checks for evaluation);
 - "jsonl": `train_path` and `eval_path` (GSM8K, generic or conversation form);
 - "tfds": `tfds_name` (gsm8k) from `tfds_data_dir`, already prepared by the user.
 """
 
 from __future__ import annotations
 
+from jaxdistill.data.conversations import conversation_records
 from jaxdistill.data.records import DataError, Record, extract_answer, iter_tfds, parse_record, read_jsonl
 from jaxdistill.data.synthetic import SyntheticConfig, synthetic_records
 from jaxdistill.errors import ConfigError
 
-__all__ = ["DataError", "Record", "SyntheticConfig", "extract_answer", "load_records", "read_jsonl",
-           "synthetic_records", "tfds_records"]
+__all__ = ["DataError", "Record", "SyntheticConfig", "conversation_records", "extract_answer", "load_records",
+           "read_jsonl", "synthetic_records", "tfds_records"]
 
 
 def tfds_records(name: str, split: str, data_dir: str | None, limit: int = 0) -> list[Record]:
@@ -28,6 +31,9 @@ def load_records(config) -> tuple[list[Record], list[Record]]:
         task = SyntheticConfig(steps=config.steps, max_start=config.max_start, max_operand=config.max_operand)
         return (synthetic_records(config.train_size, config.seed, task, "train"),
                 synthetic_records(config.eval_size, config.seed, task, "test"))
+    if source == "conversations":
+        return (conversation_records(config.train_size, config.seed, "train"),
+                conversation_records(config.eval_size, config.seed, "test"))
     if source == "jsonl":
         if not config.get("train_path"):
             raise ConfigError("data.source='jsonl' reads --config.data.train_path=<file.jsonl> (and optionally "
@@ -48,4 +54,4 @@ def load_records(config) -> tuple[list[Record], list[Record]]:
         return (tfds_records(config.tfds_name, "train", config.get("tfds_data_dir") or None,
                              config.get("train_size", 0)),
                 tfds_records(config.tfds_name, "test", config.get("tfds_data_dir") or None, config.eval_size))
-    raise ConfigError(f"data.source {source!r} is not one of 'synthetic', 'jsonl', 'tfds'.")
+    raise ConfigError(f"data.source {source!r} is not one of 'synthetic', 'conversations', 'jsonl', 'tfds'.")

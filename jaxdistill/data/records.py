@@ -4,9 +4,10 @@ A record is a problem, a solution the teacher sees as a hint, and (when verifiab
 exact answer. Three JSONL forms are read:
 - GSM8K: {"question", "answer"} where the answer ends with "#### N";
 - generic: {"prompt", "solution", "answer"?};
-- conversations: {"messages": [{"role", "content"}, ...]}, where the last assistant
-  message (the reply the user accepted) is the solution and the messages before it
-  are the problem; there is no exact answer (the non-verifiable case).
+- conversations: {"messages": [{"role", "content"}, ...], "checks"?: [[kind, arg], ...]},
+  where the last assistant message (the reply the user accepted) is the solution and the
+  messages before it are the problem; there is no exact answer (the non-verifiable case),
+  and the optional checks are constraints evaluation applies (`eval.metrics.CHECKS`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class Record:
     solution: str  # the reference the teacher sees as a hint
     answer: str | None = None  # exact answer when the task is verifiable
     history: tuple[tuple[str, str], ...] = ()  # earlier (role, content) turns of a conversation
+    checks: tuple[tuple[str, str], ...] = ()  # (kind, argument) constraints a good reply meets (evaluation only)
 
 
 _ANSWER = re.compile(r"####\s*(.+?)\s*$", re.S)
@@ -71,7 +73,11 @@ def parse_record(record: Any, where: str, uid: str) -> Record:
         if last is None or last == 0 or turns[last - 1][0] != "user":
             raise DataError(f"{where}: field 'messages' needs a user message followed by the accepted assistant reply.")
         history = tuple(turns[: last - 1])
-        return Record(uid=uid, problem=turns[last - 1][1], solution=turns[last][1], answer=None, history=history)
+        checks = record.get("checks", [])
+        if not isinstance(checks, list) or not all(isinstance(c, list) and len(c) == 2 for c in checks):
+            raise DataError(f"{where}: field 'checks' must be a list of [kind, argument] pairs.")
+        return Record(uid=uid, problem=turns[last - 1][1], solution=turns[last][1], answer=None, history=history,
+                      checks=tuple((str(k), str(a)) for k, a in checks))
     if "question" in record:  # GSM8K
         question = require_field(record, "question", where)
         full = require_field(record, "answer", where)

@@ -8,7 +8,11 @@
   the student's entropy per token, the response length, the fraction that end before the
   length cap, the fraction with a '#### <answer>' line, and how much they copy the
   reference solution (word 4-gram overlap; the student never sees it, so this measures
-  what training moved into the student's own prompt).
+  what training moved into the student's own prompt);
+- reference_logp: the mean per-token log-prob of the reference solution under pCoT (for
+  conversations: of the reply the user accepted, held out);
+- constraints (records with checks, e.g. synthetic conversations): the fraction of the
+  student's greedy replies that meet every constraint of their request.
 """
 
 from __future__ import annotations
@@ -103,7 +107,7 @@ def evaluate(model, tokenizer, records: list[Record], *, prompt_config: PromptCo
                             pad_id=tokenizer.pad_id, mesh=mesh)
     mine, real = _share(records, mesh)
     per_record = {name: [] for name in ("correct", "correct_teacher", "kl", "entropy", "length", "ended",
-                                        "answer_line", "copy", "uplift")}
+                                        "answer_line", "copy", "uplift", "constraints", "reference_logp")}
     for chunk in _batches(mine, batch_size):
         pairs = [prompt_pair(tokenizer, r, prompt_config) for r in chunk]
         student = gen([p[0] for p in pairs]).sequences()
@@ -124,9 +128,12 @@ def evaluate(model, tokenizer, records: list[Record], *, prompt_config: PromptCo
         texts = [tokenizer.decode(s, skip_special_tokens=True) for s in student]
         per_record["answer_line"] += [metrics.has_answer_line(t) for t in texts]
         per_record["copy"] += [metrics.ngram_overlap(t, r.solution) for r, t in zip(chunk, texts, strict=True)]
+        per_record["constraints"] += [float(metrics.passes_checks(t, r.checks)) if r.checks else np.nan
+                                      for r, t in zip(chunk, texts, strict=True)]
         solutions = [tokenizer.encode(r.solution, add_special_tokens=False) for r in chunk]
         ref = score_completions(model, tokenizer, pairs, solutions, mesh)
         per_record["uplift"] += (ref["logp_teacher"] - ref["logp_student"]).tolist()
+        per_record["reference_logp"] += ref["logp_student"].tolist()
     real = mesh_lib.process_concat(real) if mesh is not None else real
 
     def mean(name):
@@ -137,7 +144,9 @@ def evaluate(model, tokenizer, records: list[Record], *, prompt_config: PromptCo
     row = {"accuracy": mean("correct"), "accuracy_teacher": mean("correct_teacher"),
            "hint_uplift_logp": mean("uplift"), "kl_teacher_student": mean("kl"), "entropy": mean("entropy"),
            "length": mean("length"), "ended": mean("ended"), "answer_line": mean("answer_line"),
-           "copy_solution_4gram": mean("copy")}
+           "copy_solution_4gram": mean("copy"), "reference_logp": mean("reference_logp")}
+    if any(r.checks for r in records):  # constraint satisfaction, for records that carry checks
+        row["constraints"] = mean("constraints")
     verifiable = [r for r in records if r.answer is not None]
     if mean_at_k and verifiable:
         rule = sampling.Sample(temperature)

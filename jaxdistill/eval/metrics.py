@@ -134,6 +134,46 @@ def longest_common_substring(text: str, source: str) -> int:
     return matcher.find_longest_match(0, len(text), 0, len(source)).size
 
 
+def _items(text: str) -> list[str]:
+    """The non-empty lines of a list reply, without their "1." numbering."""
+    return [re.sub(r"^\s*\d+[.)]\s*", "", line).strip() for line in text.strip().splitlines() if line.strip()]
+
+
+def _numbers(text: str) -> list[int]:
+    return [int(n) for n in re.findall(r"-?\d+", text)]
+
+
+CHECKS: dict[str, Callable[[str, str], bool]] = {  # kind -> (reply, argument) -> satisfied
+    "line_count": lambda t, n: len(_items(t)) == int(n),
+    "numbered": lambda t, _: [line.strip().split(".")[0] for line in t.strip().splitlines() if line.strip()]
+    == [str(i) for i in range(1, len(_items(t)) + 1)],
+    "alphabetical": lambda t, _: bool(_items(t)) and [i.lower() for i in _items(t)] == sorted(i.lower()
+                                                                                             for i in _items(t)),
+    "items_from": lambda t, category: bool(_items(t)) and all(i.lower() in _category(category) for i in _items(t)),
+    "max_words": lambda t, k: 0 < len(t.split()) <= int(k),
+    "uppercase": lambda t, _: any(c.isalpha() for c in t) and t == t.upper(),
+    "lowercase": lambda t, _: any(c.isalpha() for c in t) and t == t.lower(),
+    "ends_with": lambda t, end: t.strip().endswith(end),
+    "contains": lambda t, word: re.search(rf"\b{re.escape(word)}\b", t, re.I) is not None,
+    "sorted_numbers": lambda t, given: _numbers(t) == sorted(_numbers(given), reverse=True),
+    "separator": lambda t, sep: len(t.strip().splitlines()) == 1 and len(t.split(sep)) == len(_numbers(t)) > 1,
+}
+
+
+def _category(name: str) -> set[str]:
+    from jaxdistill.data.conversations import CATEGORIES
+
+    return set(CATEGORIES.get(name, ()))
+
+
+def passes_checks(text: str, checks) -> bool:
+    """Whether a reply meets every (kind, argument) constraint of its record."""
+    unknown = [kind for kind, _ in checks if kind not in CHECKS]
+    if unknown:
+        raise ValueError(f"unknown checks {unknown}; known: {sorted(CHECKS)}.")
+    return all(CHECKS[kind](text, arg) for kind, arg in checks)
+
+
 def check_metric(name: str) -> None:
     if name not in METRICS:
         raise ValueError(f"unknown quality metric {name!r}; choose one of {list(METRICS)}.")
