@@ -19,6 +19,7 @@ import json
 import math
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -137,8 +138,13 @@ def plot(curves: dict, figures: Path) -> None:
     figures.mkdir(parents=True, exist_ok=True)
     panels = [("length", "sampled length (tokens)"), ("ended", "samples that end"),
               ("answer_line", "samples with '####'"), ("end_p_student", "p(end) where samples end: student"),
-              ("end_p_target", "p(end) there: target"), ("copy_solution_4gram", "4-gram copy of the reference"),
+              ("end_gap", "p(end) there: target - student"), ("copy_solution_4gram", "4-gram copy of reference"),
               ("entropy_student", "student entropy (nats)"), ("reward", "training reward")]
+    for runs in curves.values():
+        for rows in runs:
+            for r in rows:
+                if isinstance(r.get("end_p_target"), float) and isinstance(r.get("end_p_student"), float):
+                    r["end_gap"] = r["end_p_target"] - r["end_p_student"]
     fig, axes = plt.subplots(2, 4, figsize=(18, 7))
     for ax, (name, title) in zip(axes.flat, panels, strict=True):
         for arm, runs in curves.items():
@@ -148,10 +154,12 @@ def plot(curves: dict, figures: Path) -> None:
                 for j, r in enumerate(rows):
                     v = r.get(name)
                     values[i, j] = v if isinstance(v, (int, float)) else np.nan
-            with np.errstate(all="ignore"):
-                mean = np.nanmean(values, axis=0)
-            ax.plot(np.arange(1, steps + 1), mean, label=arm)
-        ax.set_title(title, fontsize=10)
+            with np.errstate(all="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                mean = np.nanmean(values, axis=0)  # over seeds, then a 4-step moving average (4 problems a step)
+                smooth = [np.nanmean(mean[max(0, i - 3) : i + 1]) for i in range(steps)]
+            ax.plot(np.arange(1, steps + 1), smooth, label=arm)
+        ax.set_title(title + " (4-step mean)", fontsize=9)
         ax.set_xlabel("step")
     axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
