@@ -117,6 +117,26 @@ def test_a_stack_of_one_teacher_decodes_like_the_teacher_alone(smollm2, gemma3):
         np.testing.assert_allclose(out.teacher_logprob[0, r, :n], out.logprob[r, :n], atol=1e-6)
 
 
+def test_recorded_top_k_is_the_aggregated_distribution_at_every_forced_position(smollm2, gemma3):
+    """A one-teacher stack scoring a given text keeps, at each position, that teacher's top
+    tokens with their log-probs renormalised over its top-k candidates (the sparse target)."""
+    stack = _stack(smollm2, gemma3, [TeacherConfig("smol", "smollm2")])
+    model, tokenizer = smollm2
+    record = synthetic_records(1, 4, split="test")[0]
+    text = tokenizer.encode(record.solution, add_special_tokens=False)
+    out = stack.run([record], forced=[text], top_k=10, record_top=5)
+    prompt = stack.prompt(0, record)
+    logits = model(jnp.asarray([prompt + text]))[0, len(prompt) - 1 : len(prompt) - 1 + len(text)]
+    logp = np.asarray(jax.nn.log_softmax(logits))
+    allowed = np.asarray(stack.allowed)  # pivot tokens that can be committed: text and the end tokens
+    for position in range(len(text)):
+        ranked = [int(i) for i in np.argsort(-logp[position]) if allowed[i]][:10]
+        renormalised = logp[position, ranked] - np.logaddexp.reduce(logp[position, ranked])
+        assert out.top_ids[0, position].tolist() == ranked[:5]
+        np.testing.assert_allclose(out.top_logprobs[0, position], renormalised[:5], atol=2e-4)
+    assert out.tokens[0, : len(text)].tolist() == text
+
+
 def test_teacher_axis_sharded_over_8_devices_equals_one_device(smollm2):
     tokenizer = smollm2[1]
     loaded = {f"t{i}": (tiny_model(seed=i, vocab_size=tokenizer.vocab_size), tokenizer) for i in range(8)}
@@ -163,6 +183,8 @@ def test_teachers_command_runs_every_arm_and_resumes_without_redoing_them(tmp_pa
     assert len(search["best_of_n"]) == 2 and all(r["tokens"] >= search["search"]["tokens"] for r in search["best_of_n"])
     gold = [json.loads(line) for line in (tmp_path / "traces.jsonl").read_text().splitlines()]
     assert len(gold) == search["search"]["gold"]
+    for trace in gold:  # the stack's top-20 distribution at each token of the trace
+        assert len(trace["top_ids"]) == len(trace["pivot_tokens"]) and len(trace["top_ids"][0]) == 20
     assert (tmp_path / "search_tree.png").stat().st_size > 5_000
     saved = {p.name: p.stat().st_mtime_ns for d in ("arms", "search") for p in (tmp_path / d).iterdir()}
     assert len(saved) == 6 + 1 + 2

@@ -67,6 +67,7 @@ class Settings:
     forced: bool = False  # score `forced` tokens instead of sampling
     branch_entropy: float = 0.0  # > 0: rows pause where the aggregated entropy (nats) exceeds this
     proposals: int = 4  # top tokens of the stack and of each teacher recorded at a pause
+    record_top: int = 0  # > 0: keep the aggregated distribution's top tokens at every emitted position
 
 
 @jax.tree_util.register_dataclass
@@ -90,6 +91,8 @@ class DecodeState:
     teacher_logprob: jax.Array  # [N, B, S]
     top_ids: jax.Array  # [N + 1, B, C]: at the last pause, the stack's (row 0) and each teacher's top tokens
     top_logprobs: jax.Array  # [N + 1, B, C]
+    dist_ids: jax.Array  # [B, S, K]: the aggregated top-K at each emitted position (K = max(record_top, 1))
+    dist_logprobs: jax.Array  # [B, S, K]
     stats: dict  # summed diversity statistics over emitted positions
 
 
@@ -185,6 +188,8 @@ def start(settings: Settings, groups: tuple[GroupInputs, ...], key) -> DecodeSta
         tokens=jnp.full((batch, slots), settings.pad_id, jnp.int32), mask=jnp.zeros((batch, slots), bool),
         logprob=jnp.zeros((batch, slots)), teacher_logprob=jnp.zeros((teachers, batch, slots)),
         top_ids=jnp.zeros((teachers + 1, batch, c), jnp.int32), top_logprobs=jnp.zeros((teachers + 1, batch, c)),
+        dist_ids=jnp.zeros((batch, slots, max(settings.record_top, 1)), jnp.int32),
+        dist_logprobs=jnp.full((batch, slots, max(settings.record_top, 1)), -jnp.inf),
         stats=dict(js=jnp.zeros((teachers, teachers)), agree=jnp.zeros((teachers, teachers)),
                    entropy_gain=jnp.zeros(()), differs=jnp.zeros((teachers,)), positions=jnp.zeros(())))
 
@@ -222,6 +227,12 @@ def advance(settings: Settings, groups: tuple[GroupInputs, ...], state: DecodeSt
         top_ids = jnp.concatenate([top_agg[1][None], top_each[1]], axis=0)
         top_lp = jnp.concatenate([top_agg[0][None], top_each[0]], axis=0)
         at = jnp.where(emit, s.length, 0)
+        if settings.record_top:
+            dist_lp, dist_ids = jax.lax.top_k(agg, settings.record_top)
+            dist_ids = s.dist_ids.at[rows, at].set(jnp.where(emit[:, None], dist_ids, s.dist_ids[rows, at]))
+            dist_lp = s.dist_logprobs.at[rows, at].set(jnp.where(emit[:, None], dist_lp, s.dist_logprobs[rows, at]))
+        else:
+            dist_ids, dist_lp = s.dist_ids, s.dist_logprobs
         js, agree, gain = pairwise_stats(logp, emit)
         differs = jnp.sum((jnp.argmax(agg, -1)[None] != jnp.argmax(logp, -1)) & emit[None], axis=-1)
         stats = dict(js=s.stats["js"] + js, agree=s.stats["agree"] + agree,
@@ -261,7 +272,8 @@ def advance(settings: Settings, groups: tuple[GroupInputs, ...], state: DecodeSt
             teacher_logprob=s.teacher_logprob.at[:, rows, at].set(
                 jnp.where(emit, logp[:, rows, tok], s.teacher_logprob[:, rows, at])),
             top_ids=jnp.where(pause[None, :, None], top_ids, s.top_ids),
-            top_logprobs=jnp.where(pause[None, :, None], top_lp, s.top_logprobs), stats=stats)
+            top_logprobs=jnp.where(pause[None, :, None], top_lp, s.top_logprobs), dist_ids=dist_ids,
+            dist_logprobs=dist_lp, stats=stats)
 
     return jax.lax.while_loop(cond, body, state)
 
@@ -282,7 +294,8 @@ def fork(state: DecodeState, parents, pending, branch_after, active) -> DecodeSt
         pending=pending, length=take(state.length, 0), confidence=take(state.confidence, 0),
         tokens=take(state.tokens, 0), mask=take(state.mask, 0), logprob=take(state.logprob, 0),
         teacher_logprob=take(state.teacher_logprob, 1), top_ids=take(state.top_ids, 1),
-        top_logprobs=take(state.top_logprobs, 1))
+        top_logprobs=take(state.top_logprobs, 1), dist_ids=take(state.dist_ids, 0),
+        dist_logprobs=take(state.dist_logprobs, 0))
 
 
 def decode(settings: Settings, groups, weights, allowed, stops, key, max_new, forced) -> DecodeState:

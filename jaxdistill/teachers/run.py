@@ -312,7 +312,7 @@ def run_search(config, stack, problems, workdir: Path, singles, teachers, fewsho
             runs.atomic_write_text(path, json.dumps(rows))
         baseline.append(json.loads(path.read_text()))
 
-    write_traces(problems, found, stack, workdir)
+    write_traces(problems, found, stack, workdir, rule, config.top_k, config.search.get("trace_top", 0))
     plot_tree(found[0], problems[0], workdir / "search_tree.png")
     search_tokens = sum(r["tokens"] for r in found)
     search_gold = sum(sum(leaf["correct"] for leaf in r["leaves"]) for r in found)
@@ -329,18 +329,30 @@ def run_search(config, stack, problems, workdir: Path, singles, teachers, fewsho
     }
 
 
-def write_traces(problems, found, stack, workdir: Path) -> None:
+def write_traces(problems, found, stack, workdir: Path, rule=None, top_k: int = 10, trace_top: int = 0) -> None:
     """traces.jsonl: gold traces in the generic record form the self-distillation loader reads
-    (prompt, solution, answer); negatives.jsonl: preference pairs with the located mistake."""
+    (prompt, solution, answer); negatives.jsonl: preference pairs with the located mistake.
+
+    With trace_top > 0, each gold trace also carries the stack's aggregated distribution at each
+    of its tokens (the top `trace_top` pivot ids and log-probs, scored by forcing the trace):
+    a sparse multi-teacher target."""
     gold_lines, negative_lines = [], []
     for record, result in zip(problems, found, strict=True):
         by_branch = {leaf["branch"]: leaf for leaf in result["leaves"]}
+        gold = [leaf for leaf in result["leaves"] if leaf["correct"]]
+        scored = (stack.run([record] * len(gold), aggregate=rule, top_k=top_k, forced=[g["tokens"] for g in gold],
+                            record_top=trace_top) if gold and trace_top else None)
         for leaf in result["leaves"]:
             meta = {"uid": record.uid, "branch": leaf["branch"], "path": leaf["path"],
                     "confidence": leaf["confidence"]}
             if leaf["correct"]:
-                gold_lines.append({"prompt": record.problem, "solution": leaf["text"], "answer": record.answer,
-                                   "kind": "gold", **meta})
+                line = {"prompt": record.problem, "solution": leaf["text"], "answer": record.answer, "kind": "gold",
+                        **meta}
+                if scored is not None:
+                    row, n = gold.index(leaf), len(leaf["tokens"])
+                    line |= {"pivot_tokens": leaf["tokens"], "top_ids": scored.top_ids[row, :n].tolist(),
+                             "top_logprobs": np.round(scored.top_logprobs[row, :n], 4).tolist()}
+                gold_lines.append(line)
             elif "wrong_at" in leaf:
                 negative_lines.append({
                     "prompt": record.problem, "chosen": by_branch[leaf["gold_branch"]]["text"],

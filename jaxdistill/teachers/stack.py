@@ -88,6 +88,8 @@ class StackOutput:
     logprob: np.ndarray  # [B, S] aggregated log-prob of each token
     teacher_logprob: np.ndarray  # [N, B, S] each teacher's log-prob of it (teacher order as configured)
     stats: dict  # summed diversity statistics (teacher order as configured)
+    top_ids: np.ndarray | None = None  # [B, S, K] with record_top=K: the aggregated distribution's top tokens
+    top_logprobs: np.ndarray | None = None  # [B, S, K] their aggregated log-probs
 
 
 class TeacherStack:
@@ -146,8 +148,12 @@ class TeacherStack:
 
     def run(self, records: Sequence[Record], *, aggregate=None, rule=sampling.Greedy(),
             max_new_tokens: int = 128, top_k: int = 10, weights: np.ndarray | None = None, seed: int = 0,
-            forced: Sequence[Sequence[int]] | None = None) -> StackOutput:
-        """Decode (or, with `forced` pivot token ids per record, score) one batch of records."""
+            forced: Sequence[Sequence[int]] | None = None, record_top: int = 0) -> StackOutput:
+        """Decode (or, with `forced` pivot token ids per record, score) one batch of records.
+
+        `record_top` > 0 keeps the aggregated distribution's top tokens at every position: a
+        sparse multi-teacher target for distillation and for traces.
+        """
         aggregate = aggregate or agg_lib.MeanProbs()
         if top_k < 0:
             raise ConfigError(f"top_k must be >= 0 (0: every token), got {top_k}.")
@@ -164,11 +170,15 @@ class TeacherStack:
             forced_tokens[r, : len(f)], forced_lengths[r] = f, len(f)
         settings = lockstep.Settings(graphdefs=tuple(g.graphdef for g in self.groups), aggregate=aggregate,
                                      rule=rule, top_k=top_k, new_slots=slots, cache_steps=slots,
-                                     pad_id=self.pivot.pad_id, forced=forced is not None)
+                                     pad_id=self.pivot.pad_id, forced=forced is not None, record_top=record_top)
         state = lockstep.decode(settings, groups, jnp.asarray(w[:, self.order]), jnp.asarray(self.allowed),
                                 self.stops, jax.random.key(seed), jnp.int32(new),
                                 (jnp.asarray(forced_tokens), jnp.asarray(forced_lengths)))
-        return self._output(state, n, new)
+        out = self._output(state, n, new)
+        if record_top:
+            out.top_ids = np.asarray(state.dist_ids)[:n, :new]
+            out.top_logprobs = np.asarray(state.dist_logprobs)[:n, :new]
+        return out
 
     def _output(self, state: lockstep.DecodeState, n: int, new: int) -> StackOutput:
         """Rows [:n] and tokens [:new] of a decode, teachers back in configured order."""
