@@ -326,3 +326,48 @@ def test_controls_no_hint_gives_zero_loss_and_wrong_hint_shows_another_solution(
         assert float(stats["end_p_student"][row]) == pytest.approx(float(p_end), rel=1e-3)
         assert float(stats["end_p_target"][row]) == pytest.approx(float(p_end), rel=1e-3)
     assert len(stats["kl_by_position"]) == -(-b["target_mask"].shape[1] // step_lib.KL_BUCKET)
+
+
+def test_sparse_target_loss_is_the_kl_to_the_renormalised_top_k_and_padding_adds_no_nan():
+    from flax import nnx
+
+    model = tiny_model()
+    b = step_lib.build_batch(STUDENT, None, COMPLETIONS, pad_id=0, multiple=8)
+    rows, width, k = len(COMPLETIONS), b["target_mask"].shape[1], 5
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, model.config.vocab_size, size=(rows, width, k)).astype(np.int32)
+    logprobs = rng.normal(size=(rows, width, k)).astype(np.float32)
+    logprobs[1, len(COMPLETIONS[1]):] = -np.inf  # padding positions: no target at all
+    logprobs[0, 0, -1] = -np.inf  # a token outside the kept mass
+    b |= {"target_ids": ids, "target_logprobs": logprobs}
+    graphdef, params = nnx.split(model)
+    value, grads = jax.value_and_grad(lambda p: step_lib.sparse_distill_loss(graphdef, p, None, b)[0])(params)
+    assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+    logits = np.asarray(model(jnp.asarray(b["tokens"]), None, jnp.asarray(b["mask"])))
+    width_p = b["tokens"].shape[1] - width
+    expected = []
+    for r, completion in enumerate(COMPLETIONS):
+        for j in range(len(completion)):
+            log_s = logits[r, width_p - 1 + j] - np.logaddexp.reduce(logits[r, width_p - 1 + j])
+            keep = np.isfinite(logprobs[r, j])
+            lt = logprobs[r, j, keep] - np.logaddexp.reduce(logprobs[r, j, keep])
+            expected.append(np.sum(np.exp(lt) * (lt - log_s[ids[r, j, keep]])))
+    assert float(value) == pytest.approx(np.mean(expected), rel=1e-4)
+
+
+@pytest.mark.slow
+def test_the_teacher_stack_trains_the_student_as_a_sparse_target(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XLA_FLAGS": ""}  # one CPU device, as a user's run
+    out = subprocess.run([sys.executable, "-m", "jaxdistill", "train", "--config=experiments/self_distill/default.py",
+                          "--config.arm=stack", "--config.steps=2", "--config.optim.warmup_steps=1",
+                          "--config.batch_size=2", "--config.sample.max_new_tokens=12", "--config.eval.before=False",
+                          "--config.eval.after=False", f"--config.workdir={tmp_path}"],
+                         capture_output=True, text=True, timeout=900, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(np.isfinite(r["loss"]) and r["loss"] > 0 and np.isfinite(r["grad_norm"])
+                                  for r in rows)

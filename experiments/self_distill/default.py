@@ -28,11 +28,18 @@ def get_config():
     c.remat = False
     c.workdir = "runs/self_distill/default"
     c.seed = 0
-    c.arm = "blend"  # blend | fixed_k | teacher | sft | rejection_sft
+    c.arm = "blend"  # blend | fixed_k | teacher | sft | rejection_sft | stack
     c.hint = "reference"  # what pTeacher shows: reference | wrong (another problem's solution) | none
     c.rollout = "student"  # which context samples genCoT: student (on-policy) | teacher (pTeacher, off-policy)
     c.teacher_weight = 0.75
     c.fixed_k = 1.75  # used by arm=fixed_k
+    # arm=stack: the frozen teacher stack (jaxdistill/teachers) as the target, in the student's vocabulary;
+    # hint=True shows every teacher the reference solution, as the self-teacher sees it.
+    c.stack = ml_collections.ConfigDict(dict(
+        teachers=[dict(name="smollm2-chat", model="smollm2-135m-instruct", style="chat"),
+                  dict(name="smollm2-fewshot", model="smollm2-135m-instruct", style="fewshot"),
+                  dict(name="gemma3-fewshot", model="gemma3-270m", style="fewshot")],
+        hint=True, rule="mean_probs", top_k=10, record_top=20, width=2, fewshot_examples=2))
     c.guided = False  # sample genCoT from the blended target instead of the student
     c.frozen_teacher = False  # True: a frozen copy of the initial weights teaches (one more forward)
     c.combined_forward = True  # one forward over both contexts; False: teacher in a second, gradient-free one

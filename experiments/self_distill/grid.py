@@ -44,6 +44,7 @@ ARMS = {  # name: (what it is, overrides)
                            ["arm=rejection_sft", "rollout=teacher"]),
     "blend-no-end": ("fix: the end-token positions left out of the loss", ["loss.end_weight=0"]),
     "blend-seq": ("fix: per-sample (length-normalised) loss", ["loss.normalize=sequence"]),
+    "stack": ("the teacher stack (3 frozen teachers, with the hint) as a sparse top-20 target", ["arm=stack"]),
     # the non-verifiable case: conversations revised under constraints, the accepted reply as the hint
     "conv-blend": ("conversations: the method", ["data.source=conversations"]),
     "conv-teacher": ("conversations: pure teacher target", ["data.source=conversations", "arm=teacher"]),

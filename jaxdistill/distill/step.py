@@ -200,10 +200,33 @@ def sft_loss(graphdef, params, teacher_params, batch, target=None, loss=None, co
     return jnp.sum(jnp.where(target_mask, per_token, 0.0)) / jnp.maximum(target_mask.sum(), 1), {}
 
 
+def sparse_distill_loss(graphdef, params, teacher_params, batch, target=None, loss=None, combined_forward=True):
+    """KL(target || student) against a sparse target given in the batch (student rows only): at
+    each completion position, `target_ids` [B, G, K] and `target_logprobs` [B, G, K], e.g. the
+    teacher stack's aggregated top-K, renormalised over the K tokens."""
+    model = nnx.merge(graphdef, params)
+    tokens, mask, target_mask = batch["tokens"], batch["mask"], batch["target_mask"]
+    region = completion_columns(batch)
+    hidden = model.hidden_states(tokens, None, mask)[0][:, region]
+    log_t = jax.nn.log_softmax(batch["target_logprobs"].astype(jnp.float32), axis=-1)  # renormalise over K
+
+    @jax.checkpoint
+    def kl(h, ids, lt):
+        log_s = jax.nn.log_softmax(model.logits(h))
+        picked = jnp.take_along_axis(log_s, ids, axis=-1)
+        known = jnp.isfinite(lt)  # -inf (a token outside the kept mass) or NaN (a padding position): weight 0
+        p = jnp.where(known, jnp.exp(jnp.where(known, lt, 0.0)), 0.0)
+        return jnp.sum(p * (jnp.where(known, lt, 0.0) - picked), axis=-1)
+
+    per_token = jax.lax.map(lambda xs: kl(*xs), (hidden.swapaxes(0, 1), batch["target_ids"].swapaxes(0, 1),
+                                                 log_t.swapaxes(0, 1))).swapaxes(0, 1)
+    return jnp.sum(jnp.where(target_mask, per_token, 0.0)) / jnp.maximum(target_mask.sum(), 1), {}
+
+
 def make_train_step(graphdef, tx, *, mode: str = "distill", target: TargetConfig = TargetConfig(),
                     loss: LossConfig = LossConfig(), combined_forward: bool = True):
     """A pure `(state, batch, rng) -> (state, metrics)`; jit it with `jit_train_step`."""
-    loss_fn = {"distill": distill_loss, "sft": sft_loss}[mode]
+    loss_fn = {"distill": distill_loss, "sft": sft_loss, "sparse": sparse_distill_loss}[mode]
 
     def train_step(state: TrainState, batch, rng):
         del rng  # the step itself is deterministic; the key is part of the signature for arms that sample
@@ -221,8 +244,9 @@ def make_train_step(graphdef, tx, *, mode: str = "distill", target: TargetConfig
     return train_step
 
 
-def jit_train_step(train_step, state: TrainState, mesh=None):
-    """jit with explicit shardings (state as it is placed, batch split over data/fsdp) and donation."""
+def jit_train_step(train_step, state: TrainState, mesh=None, sparse_target: bool = False):
+    """jit with explicit shardings (state as it is placed, batch split over data/fsdp) and donation.
+    `sparse_target`: the batch also holds target_ids/target_logprobs (mode "sparse")."""
     from jaxdistill import mesh as mesh_lib
 
     if mesh is None:
@@ -230,6 +254,8 @@ def jit_train_step(train_step, state: TrainState, mesh=None):
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     batch_shardings = {name: mesh_lib.batch_sharding(mesh, 2)
                        for name in ("tokens", "mask", "target_mask", "end_mask")}
+    if sparse_target:
+        batch_shardings |= {name: mesh_lib.batch_sharding(mesh, 3) for name in ("target_ids", "target_logprobs")}
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     return jax.jit(train_step, in_shardings=(state_shardings, batch_shardings, replicated),
                    out_shardings=(state_shardings, replicated), donate_argnums=0)

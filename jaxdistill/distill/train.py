@@ -5,7 +5,9 @@
 - "fixed_k": the same blend with a fixed k (config.fixed_k);
 - "teacher": the teacher's logits alone (plain on-policy self-distillation);
 - "sft": cross-entropy on the reference solutions (no sampling);
-- "rejection_sft": cross-entropy on the sampled genCoT that reach the right answer.
+- "rejection_sft": cross-entropy on the sampled genCoT that reach the right answer;
+- "stack": KL to the teacher stack's aggregated distribution on the student's own samples
+  (config.stack: several frozen teachers, by default with the hint; a sparse top-K target).
 config.guided=True samples genCoT from the blended target instead of the student;
 config.rollout="teacher" samples it from pTeacher instead (off-policy, teacher-forced).
 Controls: config.hint="wrong" shows another problem's solution as the hint, "none" no hint
@@ -42,7 +44,7 @@ from jaxdistill.eval.harness import evaluate, format_table
 from jaxdistill.models import load
 from jaxdistill.models.loading import describe
 
-ARMS = ("blend", "fixed_k", "teacher", "sft", "rejection_sft")
+ARMS = ("blend", "fixed_k", "teacher", "sft", "rejection_sft", "stack")
 HINTS = ("reference", "wrong", "none")  # what pTeacher shows (config.hint)
 ROLLOUTS = ("student", "teacher")  # which context samples genCoT (config.rollout)
 OVERLONG = ("error", "skip")  # what to do with records longer than the context (data.overlong)
@@ -131,6 +133,29 @@ def sample_rows(tokenizer, records: list[Record], completions: list[list[int]]) 
     return {name: np.asarray(values, np.float32) for name, values in rows.items()}
 
 
+def make_stack(config, train_records):
+    """The frozen teacher stack of arm "stack", decoding in the student's vocabulary."""
+    from jaxdistill.teachers.stack import TeacherConfig, TeacherStack, fewshot_block
+
+    c = config.stack
+    teachers = [TeacherConfig.from_config(t) for t in c.teachers]
+    return TeacherStack(teachers, pivot=config.model, width=c.width, dtype=config.dtype, hint=c.hint,
+                        fewshot=fewshot_block(train_records[: c.fewshot_examples]))
+
+
+def stack_targets(stack, c, records, completions, width: int) -> dict[str, np.ndarray]:
+    """The stack's aggregated top-K at every completion position, padded to the batch's width."""
+    from jaxdistill.teachers import aggregate as agg_lib
+
+    out = stack.run(records, aggregate=agg_lib.rule_from_config(c.rule), top_k=c.top_k, forced=completions,
+                    record_top=c.record_top)
+    ids = np.zeros((len(records), width, c.record_top), np.int32)
+    logprobs = np.full((len(records), width, c.record_top), -np.inf, np.float32)
+    n = out.top_ids.shape[1]
+    ids[:, :n], logprobs[:, :n] = out.top_ids, out.top_logprobs
+    return {"target_ids": ids, "target_logprobs": logprobs}
+
+
 def end_metrics(stats, ended: np.ndarray, answered: np.ndarray) -> dict[str, float]:
     """Student and target probability of the end token where samples ended (`ended` [B]), overall
     and split by whether the sample wrote its '#### <answer>' line (`answered` [B])."""
@@ -182,6 +207,19 @@ def validate(config) -> None:
         target_for(config)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    if config.arm == "stack":
+        from jaxdistill.teachers.aggregate import RULES
+        from jaxdistill.teachers.stack import TeacherConfig, validate_teachers
+
+        c = config.get("stack")
+        need(c is not None and c.teachers, "arm=stack needs config.stack.teachers (see experiments/self_distill/"
+             "default.py).")
+        validate_teachers([TeacherConfig.from_config(t) for t in c.teachers])
+        need(config.model in {t["model"] for t in c.teachers},
+             f"arm=stack decodes in the student's vocabulary, so one teacher must use the student's model "
+             f"{config.model!r}.")
+        need(c.rule in RULES, f"stack.rule {c.rule!r} is not one of {sorted(RULES)}.")
+        need(c.record_top >= 1 and c.top_k >= 0, "stack.record_top must be >= 1 and stack.top_k >= 0.")
 
 
 def fit_to_context(records: list[Record], tokenizer, limit: int, prompt_config: PromptConfig, new_tokens: int,
@@ -257,11 +295,12 @@ def _train(config, workdir) -> dict:
     optim = step_lib.OptimConfig(**config.optim, total_steps=config.steps)
     tx = step_lib.make_optimizer(optim)
     graphdef, state = step_lib.init_state(model, tx, frozen_teacher=config.frozen_teacher, mesh=mesh)
-    mode = "sft" if config.arm in ("sft", "rejection_sft") else "distill"
+    mode = {"sft": "sft", "rejection_sft": "sft", "stack": "sparse"}.get(config.arm, "distill")
     train_step = step_lib.jit_train_step(
         step_lib.make_train_step(graphdef, tx, mode=mode, target=target_for(config), loss=LossConfig(**config.loss),
                                  combined_forward=config.combined_forward),
-        state, mesh)
+        state, mesh, sparse_target=mode == "sparse")
+    stack = make_stack(config, train_records) if config.arm == "stack" else None
     iterator = data_iterator(train_records, config.seed)
     summary_path = workdir / "summary.json"
     summary = {"config": config.to_dict(), "eval": {}}
@@ -299,11 +338,13 @@ def _train(config, workdir) -> dict:
                 completions = sample_completions(model, tokenizer, pairs, config, jax.random.fold_in(key, 1), mesh)
                 completions = [c if c else [tokenizer.turn_end_id] for c in completions]
                 rows = sample_rows(tokenizer, records, completions)
-                teacher_prompts = None if mode == "sft" else [p[1] for p in pairs]
+                teacher_prompts = None if mode in ("sft", "sparse") else [p[1] for p in pairs]
             prompts = [p[0] for p in pairs] + (teacher_prompts or [])
             widths = mesh_lib.process_max(step_lib.padded_widths(prompts, completions))  # one shape on every process
             batch = step_lib.build_batch([p[0] for p in pairs], teacher_prompts, completions, pad_id=tokenizer.pad_id,
                                          end_ids=tokenizer.eos_ids, widths=widths)
+            if stack is not None:
+                batch |= stack_targets(stack, config.stack, records, completions, batch["target_mask"].shape[1])
             if config.arm == "rejection_sft":  # train only on the samples that reach the answer
                 correct = rows["reward"] == 1
                 batch["target_mask"] &= correct[:, None]

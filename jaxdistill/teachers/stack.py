@@ -23,7 +23,7 @@ from flax import nnx
 from jaxdistill import mesh as mesh_lib
 from jaxdistill import sampling
 from jaxdistill.data.records import Record
-from jaxdistill.distill.prompts import student_messages
+from jaxdistill.distill.prompts import student_messages, teacher_messages
 from jaxdistill.errors import ConfigError
 from jaxdistill.models import load
 from jaxdistill.teachers import aggregate as agg_lib
@@ -94,13 +94,16 @@ class StackOutput:
 
 class TeacherStack:
     def __init__(self, teachers: Sequence[TeacherConfig], *, pivot: str | None = None, width: int = 2,
-                 dtype: str = "float32", mesh=None, loaded: dict | None = None, fewshot: str = ""):
+                 dtype: str = "float32", mesh=None, loaded: dict | None = None, fewshot: str = "",
+                 hint: bool = False):
         """`pivot`: the model whose vocabulary the stack decodes in (default: the first teacher's).
         `loaded`: already loaded {model: (model, tokenizer)}; `fewshot`: worked examples for
-        fewshot-style teachers (`fewshot_block`)."""
+        fewshot-style teachers (`fewshot_block`); `hint`: every teacher also sees the record's
+        reference solution (privileged information, as the self-distillation teacher does)."""
         validate_teachers(teachers)
         self.teachers = list(teachers)
         self.fewshot = fewshot
+        self.hint = hint
         loaded = dict(loaded or {})
         for t in teachers:
             if t.model not in loaded:
@@ -137,9 +140,10 @@ class TeacherStack:
         teacher = self.teachers[i]
         tokenizer = self.models[teacher.model][1]
         if teacher.style == "fewshot":
-            return tokenizer.encode(f"{self.fewshot}Question: {record.problem}\nAnswer:\n")
+            hint = f"Reference solution (a hint):\n{record.solution}\n" if self.hint else ""
+            return tokenizer.encode(f"{self.fewshot}Question: {record.problem}\n{hint}Answer:\n")
         system = [{"role": "system", "content": teacher.system}] if teacher.system else []
-        return tokenizer.chat(system + student_messages(record))
+        return tokenizer.chat(system + (teacher_messages if self.hint else student_messages)(record))
 
     def weights(self, rows: int, weights: np.ndarray | None = None) -> np.ndarray:
         """[rows, N] weights in configured teacher order (default: the configured weights)."""
