@@ -371,3 +371,25 @@ def test_the_teacher_stack_trains_the_student_as_a_sparse_target(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(np.isfinite(r["loss"]) and r["loss"] > 0 and np.isfinite(r["grad_norm"])
                                   for r in rows)
+
+
+def test_fewshot_prompts_for_a_base_model_stop_at_the_blank_line(gemma3):
+    """Gemma 3 270M few-shot: pCoT and pTeacher share the examples and end at "Solution:\\n"; the
+    reply stops at the blank line, so evaluation sees finished replies."""
+    from jaxdistill.distill import prompts as prompt_lib
+    from jaxdistill.eval.harness import evaluate
+
+    model, tok = gemma3
+    train = synthetic_records(2, 0)
+    config = prompt_lib.PromptConfig(style="fewshot", examples=tuple((r.problem, r.solution) for r in train))
+    record = synthetic_records(3, 0, split="test")[0]
+    student, teacher = (tok.decode(ids) for ids in prompt_lib.prompt_pair(tok, record, config))
+    assert student.endswith(f"Problem: {record.problem}\nSolution:\n") and teacher.endswith("#### "
+                                                                                           f"{record.answer}\nSolution:\n")
+    assert teacher.startswith(student[: student.index(f"Problem: {record.problem}")])  # the same examples
+    blank = tok.encode("\n\n", add_special_tokens=False)[0]
+    assert blank in prompt_lib.stop_ids(tok, config) and prompt_lib.end_id(tok, config) == blank
+    row = evaluate(model, tok, synthetic_records(4, 0, split="test"), prompt_config=config, max_new_tokens=64,
+                   batch_size=4)
+    assert row["ended"] > 0.5 and row["length"] < 64  # the examples teach it to stop
+    assert row["accuracy_teacher"] >= row["accuracy"]

@@ -40,6 +40,9 @@ def get_config():
                   dict(name="smollm2-fewshot", model="smollm2-135m-instruct", style="fewshot"),
                   dict(name="gemma3-fewshot", model="gemma3-270m", style="fewshot")],
         hint=True, rule="mean_probs", top_k=10, record_top=20, width=2, fewshot_examples=2))
+    # Prompts: chat (the model's chat template) or fewshot (worked examples from the first training records,
+    # for base models such as gemma3-270m; replies end at a blank line).
+    c.prompts = ml_collections.ConfigDict(dict(style="chat", fewshot_examples=2))
     c.guided = False  # sample genCoT from the blended target instead of the student
     c.frozen_teacher = False  # True: a frozen copy of the initial weights teaches (one more forward)
     c.combined_forward = True  # one forward over both contexts; False: teacher in a second, gradient-free one

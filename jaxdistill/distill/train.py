@@ -34,6 +34,7 @@ from jaxdistill import mesh as mesh_lib
 from jaxdistill import runs, sampling
 from jaxdistill.data import load_records
 from jaxdistill.data.records import Record, extract_answer
+from jaxdistill.distill import prompts as prompt_lib
 from jaxdistill.distill import step as step_lib
 from jaxdistill.distill.losses import LossConfig, TargetConfig
 from jaxdistill.distill.prompts import PromptConfig, prompt_pair
@@ -73,6 +74,21 @@ def target_for(config) -> TargetConfig:
                         temperature=config.fixed_k if config.arm == "fixed_k" else None)
 
 
+def prompts_for(config, train_records: list[Record]) -> PromptConfig:
+    """The prompt settings (config.prompts); fewshot takes its worked examples from the first
+    training records."""
+    settings = dict(config.get("prompts") or {})
+    examples = settings.pop("fewshot_examples", 0)
+    try:
+        prompts = PromptConfig(**settings)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"config.prompts: {err}") from None
+    if prompts.style == "fewshot":
+        prompts = dataclasses.replace(prompts, examples=tuple((r.problem, r.solution)
+                                                              for r in train_records[:examples]))
+    return prompts
+
+
 def data_iterator(records, seed: int):
     """An endless, seeded, reshuffled stream of records whose position can be saved."""
     epochs = 10_000  # finite so grain can shuffle across the whole index space
@@ -99,11 +115,11 @@ def hinted_pairs(tokenizer, problems: list[Record], samples: int, prompt_config:
     return pairs
 
 
-def sample_completions(model, tokenizer, pairs, config, key, mesh=None):
+def sample_completions(model, tokenizer, pairs, config, key, mesh=None, stops=None):
     """genCoT for each row: on-policy from pCoT, from pTeacher (rollout="teacher"), or guided by
     the blend of both contexts."""
     s = config.sample
-    common = dict(max_new_tokens=s.max_new_tokens, rng=key, eos_ids=tokenizer.eos_ids, pad_id=tokenizer.pad_id,
+    common = dict(max_new_tokens=s.max_new_tokens, rng=key, eos_ids=stops or tokenizer.eos_ids, pad_id=tokenizer.pad_id,
                   mesh=mesh)
     if config.guided:
         rule = GuidedRule(config.teacher_weight, s.temperature, config.fixed_k if config.arm == "fixed_k" else None)
@@ -115,7 +131,7 @@ def sample_completions(model, tokenizer, pairs, config, key, mesh=None):
     return out.sequences()
 
 
-def sample_rows(tokenizer, records: list[Record], completions: list[list[int]]) -> dict[str, np.ndarray]:
+def sample_rows(tokenizer, records: list[Record], completions: list[list[int]], stops=None) -> dict[str, np.ndarray]:
     """What each sampled genCoT looks like: reward (NaN without an answer), length, whether it
     ended and wrote its answer line, how much it copies the reference solution and the
     problem (word 4-gram overlap, longest common substring)."""
@@ -124,7 +140,7 @@ def sample_rows(tokenizer, records: list[Record], completions: list[list[int]]) 
     rows = {
         "reward": [float(extract_answer(t) == r.answer) if r.answer is not None else np.nan for r, t in pairs],
         "length": [len(c) for c in completions],
-        "ended": [c[-1] in tokenizer.eos_ids for c in completions],
+        "ended": [c[-1] in (stops or tokenizer.eos_ids) for c in completions],
         "answer_line": [metrics_lib.has_answer_line(t) for t in texts],
         "copy_solution_4gram": [metrics_lib.ngram_overlap(t, r.solution) for r, t in pairs],
         "copy_problem_4gram": [metrics_lib.ngram_overlap(t, r.problem) for r, t in pairs],
@@ -207,6 +223,8 @@ def validate(config) -> None:
         target_for(config)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    style = (config.get("prompts") or {}).get("style", "chat")
+    need(style in ("chat", "fewshot"), f"prompts.style must be 'chat' or 'fewshot', got {style!r}.")
     if config.arm == "stack":
         from jaxdistill.teachers.aggregate import RULES
         from jaxdistill.teachers.stack import TeacherConfig, validate_teachers
@@ -267,7 +285,11 @@ def _train(config, workdir) -> dict:
     limit = config.data.get("max_tokens", 0) or model_config.max_seq_len
     if limit > model_config.max_seq_len:
         raise ConfigError(f"data.max_tokens={limit} exceeds the model's context of {model_config.max_seq_len}.")
-    prompt_config = PromptConfig(**config.prompts) if config.get("prompts") else PromptConfig()
+    prompt_config = prompts_for(config, train_records)
+    try:
+        stops, end = prompt_lib.stop_ids(tokenizer, prompt_config), prompt_lib.end_id(tokenizer, prompt_config)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     policy = config.data.get("overlong", "error")
     train_records = fit_to_context(train_records, tokenizer, limit, prompt_config, config.sample.max_new_tokens,
                                    policy, "training")
@@ -331,18 +353,18 @@ def _train(config, workdir) -> dict:
             model = nnx.merge(graphdef, state.params)
             rows = {}
             if config.arm == "sft":
-                completions = [tokenizer.encode(r.solution, add_special_tokens=False) + [tokenizer.turn_end_id]
-                               for r in records]
+                completions = [tokenizer.encode(r.solution, add_special_tokens=False) + [end] for r in records]
                 teacher_prompts = None
             else:
-                completions = sample_completions(model, tokenizer, pairs, config, jax.random.fold_in(key, 1), mesh)
-                completions = [c if c else [tokenizer.turn_end_id] for c in completions]
-                rows = sample_rows(tokenizer, records, completions)
+                completions = sample_completions(model, tokenizer, pairs, config, jax.random.fold_in(key, 1), mesh,
+                                                 stops)
+                completions = [c if c else [end] for c in completions]
+                rows = sample_rows(tokenizer, records, completions, stops)
                 teacher_prompts = None if mode in ("sft", "sparse") else [p[1] for p in pairs]
             prompts = [p[0] for p in pairs] + (teacher_prompts or [])
             widths = mesh_lib.process_max(step_lib.padded_widths(prompts, completions))  # one shape on every process
             batch = step_lib.build_batch([p[0] for p in pairs], teacher_prompts, completions, pad_id=tokenizer.pad_id,
-                                         end_ids=tokenizer.eos_ids, widths=widths)
+                                         end_ids=stops, widths=widths)
             if stack is not None:
                 batch |= stack_targets(stack, config.stack, records, completions, batch["target_mask"].shape[1])
             if config.arm == "rejection_sft":  # train only on the samples that reach the answer

@@ -27,7 +27,7 @@ from flax import nnx
 from jaxdistill import mesh as mesh_lib
 from jaxdistill import sampling
 from jaxdistill.data.records import Record, extract_answer
-from jaxdistill.distill.prompts import PromptConfig, prompt_pair
+from jaxdistill.distill.prompts import PromptConfig, end_id, prompt_pair, stop_ids
 from jaxdistill.distill.step import build_batch, completion_columns, padded_widths, split_contexts
 from jaxdistill.eval import metrics
 
@@ -103,7 +103,8 @@ def evaluate(model, tokenizer, records: list[Record], *, prompt_config: PromptCo
     With a mesh, rows are split over its batch axes; in a multi-process run each process
     evaluates its share of the records and the row is computed over all of them.
     """
-    gen = functools.partial(sampling.generate, model, max_new_tokens=max_new_tokens, eos_ids=tokenizer.eos_ids,
+    stops = stop_ids(tokenizer, prompt_config)
+    gen = functools.partial(sampling.generate, model, max_new_tokens=max_new_tokens, eos_ids=stops,
                             pad_id=tokenizer.pad_id, mesh=mesh)
     mine, real = _share(records, mesh)
     per_record = {name: [] for name in ("correct", "correct_teacher", "kl", "entropy", "length", "ended",
@@ -119,12 +120,13 @@ def evaluate(model, tokenizer, records: list[Record], *, prompt_config: PromptCo
                                           for r, t in zip(chunk, teacher, strict=True)]
         # Every row is scored (an empty response as a lone end token, left out of the means), so
         # every process makes the same calls.
-        scored = score_completions(model, tokenizer, pairs, [s or [tokenizer.turn_end_id] for s in student], mesh)
+        scored = score_completions(model, tokenizer, pairs, [s or [end_id(tokenizer, prompt_config)] for s in student],
+                                   mesh)
         per_record["kl"] += [k if s else np.nan for k, s in zip(scored["kl"].tolist(), student, strict=True)]
         per_record["entropy"] += [e if s else np.nan for e, s in zip(scored["entropy"].tolist(), student,
                                                                       strict=True)]
         per_record["length"] += [len(s) for s in student]
-        per_record["ended"] += [bool(s) and s[-1] in tokenizer.eos_ids for s in student]
+        per_record["ended"] += [bool(s) and s[-1] in stops for s in student]
         texts = [tokenizer.decode(s, skip_special_tokens=True) for s in student]
         per_record["answer_line"] += [metrics.has_answer_line(t) for t in texts]
         per_record["copy"] += [metrics.ngram_overlap(t, r.solution) for r, t in zip(chunk, texts, strict=True)]
