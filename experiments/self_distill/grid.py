@@ -45,13 +45,18 @@ ARMS = {  # name: (what it is, overrides)
     "blend-no-end": ("fix: the end-token positions left out of the loss", ["loss.end_weight=0"]),
     "blend-seq": ("fix: per-sample (length-normalised) loss", ["loss.normalize=sequence"]),
     "stack": ("the teacher stack (3 frozen teachers, with the hint) as a sparse top-20 target", ["arm=stack"]),
+    # a second model: Gemma 3 270M, a base model with few-shot prompts
+    "gemma-blend": ("Gemma 3 270M few-shot: the method", ["model=gemma3-270m", "prompts.style=fewshot"]),
+    "gemma-sft": ("Gemma 3 270M few-shot: SFT", ["model=gemma3-270m", "prompts.style=fewshot", "arm=sft"]),
     # the non-verifiable case: conversations revised under constraints, the accepted reply as the hint
     "conv-blend": ("conversations: the method", ["data.source=conversations"]),
     "conv-teacher": ("conversations: pure teacher target", ["data.source=conversations", "arm=teacher"]),
     "conv-sft": ("conversations: SFT on the accepted replies", ["data.source=conversations", "arm=sft"]),
 }
+MATH = ("accuracy", "accuracy_teacher", "length", "ended", "answer_line", "copy_solution_4gram")
 HELD_OUT = {  # task: held-out columns
-    "math": ("accuracy", "accuracy_teacher", "length", "ended", "answer_line", "copy_solution_4gram"),
+    "math": MATH,
+    "gemma": MATH,
     "conversations": ("constraints", "reference_logp", "hint_uplift_logp", "length", "ended", "copy_solution_4gram"),
 }
 TRAINING = ("reward", "end_p_student", "end_p_target", "end_p_student_unanswered", "end_p_target_unanswered",
@@ -59,7 +64,9 @@ TRAINING = ("reward", "end_p_student", "end_p_target", "end_p_student_unanswered
 
 
 def task(arm: str) -> str:
-    return "conversations" if "data.source=conversations" in ARMS[arm][1] else "math"
+    overrides = ARMS[arm][1]
+    return ("conversations" if "data.source=conversations" in overrides else
+            "gemma" if "model=gemma3-270m" in overrides else "math")
 
 
 def workdir(root: Path, arm: str, seed: int) -> Path:
