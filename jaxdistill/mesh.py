@@ -90,7 +90,14 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
             f"mesh {sizes} needs {math.prod(sizes.values())} devices but {len(devices)} are available; "
             "change the sizes or set one axis to -1."
         )
-    grid = np.asarray(devices).reshape(tuple(sizes.values()))
+    shape = tuple(sizes.values())
+    try:  # on GPUs and TPUs: neighbours along the inner (tensor) axes share the fastest links
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    except (ValueError, NotImplementedError, AssertionError) as err:
+        log.info("no topology-aware layout for mesh %s (%s); devices in order", sizes, err)
+        grid = np.asarray(devices).reshape(shape)
     return Mesh(grid, tuple(sizes))
 
 
@@ -175,16 +182,21 @@ def process_concat(values: np.ndarray) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(np.asarray(values), tiled=True))
 
 
-def global_to_local(x: jax.Array) -> np.ndarray:
-    """A global array over the batch -> this process's rows, where `host_to_global` put them
-    (processes own consecutive blocks of rows: the batch axes lead the mesh)."""
+def local_rows(mesh: Mesh, rows: int) -> list[tuple[int, int]]:
+    """The [start, stop) blocks of a global batch of `rows` rows that this process's devices hold
+    under the batch sharding, in order: where `host_to_global` puts this process's rows."""
+    index = batch_sharding(mesh, 1).addressable_devices_indices_map((rows,))
+    return sorted({(s[0].start or 0, rows if s[0].stop is None else s[0].stop) for s in index.values()})
+
+
+def global_to_local(x: jax.Array, mesh: Mesh) -> np.ndarray:
+    """A global array over the batch -> this process's rows, where `host_to_global` put them."""
     if jax.process_count() == 1:
         return np.asarray(x)
     from jax.experimental import multihost_utils
 
     full = np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    rows = full.shape[0] // jax.process_count()
-    return full[jax.process_index() * rows : (jax.process_index() + 1) * rows]
+    return np.concatenate([full[start:stop] for start, stop in local_rows(mesh, full.shape[0])])
 
 
 def host_to_global(batch, mesh: Mesh):

@@ -156,7 +156,7 @@ def generate(
         new_slots=bucket(max_new_tokens), rule=rule, eos_ids=tuple(sorted(set(eos_ids))), pad_id=int(pad_id),
     )
     n = len(prompts)
-    to_host = np.asarray if mesh is None else mesh_lib.global_to_local
+    to_host = np.asarray if mesh is None else (lambda x: mesh_lib.global_to_local(x, mesh))  # noqa: E731
     toks, logprobs, gen_mask = (to_host(x)[:n, :max_new_tokens] for x in out)
     return Generation(tokens=toks, logprobs=logprobs, mask=gen_mask)
 

@@ -85,3 +85,10 @@ def test_two_processes_on_localhost_agree_with_one(tmp_path):
     out0, out1 = np.load(tmp_path / "out0.npy"), np.load(tmp_path / "out1.npy")
     np.testing.assert_array_equal(out0, out1)
     np.testing.assert_allclose(out0, expected, atol=1e-5)
+
+
+def test_local_rows_cover_the_batch_in_order_on_one_process():
+    mesh = mesh_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    assert mesh_lib.local_rows(mesh, 8) == [(0, 2), (2, 4), (4, 6), (6, 8)]
+    x = mesh_lib.host_to_global(np.arange(16).reshape(8, 2), mesh)
+    np.testing.assert_array_equal(mesh_lib.global_to_local(x, mesh), np.arange(16).reshape(8, 2))

@@ -71,7 +71,7 @@ def score_completions(model, tokenizer, pairs, completions, mesh=None):
     arrays = [batch[k] for k in ("tokens", "mask", "target_mask")]
     if mesh is not None:
         arrays = mesh_lib.host_to_global(arrays, mesh)
-    to_host = np.asarray if mesh is None else mesh_lib.global_to_local
+    to_host = np.asarray if mesh is None else (lambda x: mesh_lib.global_to_local(x, mesh))  # noqa: E731
     logp_s, logp_t, kl, ent = (to_host(x)[:n] for x in _score(graphdef, params, *arrays))
     m = batch["target_mask"][:n]
     mean = lambda x: (x * m).sum(1) / m.sum(1)  # noqa: E731
