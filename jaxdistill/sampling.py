@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from jaxdistill import mesh as mesh_lib
-from jaxdistill.models.transformer import Decoder
+from jaxdistill.models.transformer import Decoder, KVCache
 
 Rule = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
@@ -110,6 +110,7 @@ def generate(
     eos_ids: Sequence[int] = (),
     pad_id: int = 0,
     mesh: jax.sharding.Mesh | None = None,
+    share_prompts: bool = True,
 ) -> Generation:
     """Generate up to `max_new_tokens` after each prompt (lists of token ids).
 
@@ -117,6 +118,9 @@ def generate(
     devices decode different rows; in a multi-process run `prompts` are this process's rows
     and every process calls with the same settings. Random draws do not depend on the
     sharding, so the tokens equal a one-device run's on the same global batch.
+
+    Repeated prompts (several samples of one problem) are prefilled once and their KV-cache
+    rows copied (`share_prompts`; without a mesh); the samples are the same as without.
     """
     if not prompts:
         raise ValueError("generate() needs at least one prompt.")
@@ -144,15 +148,24 @@ def generate(
     if mesh is not None:  # every process pads to the same shape; rows split evenly over its devices
         ways = mesh_lib.batch_rows_per_process(mesh)
         rows, width = mesh_lib.process_max([-(-rows // ways) * ways, width])
-    tokens, mask = left_pad(prompts, width, rows, pad_id)
-    if mesh is None:
-        tokens, mask = jnp.asarray(tokens), jnp.asarray(mask)
+    unique = list(dict.fromkeys(tuple(p) for p in prompts))
+    expand = None
+    if share_prompts and mesh is None and len(unique) < len(prompts):
+        # Repeated prompts (several samples each) are prefilled once. One more row than the
+        # unique prompts, so filler rows copy an empty (finished) prompt.
+        tokens, mask = left_pad(unique, width, bucket(len(unique) + 1, minimum=1), pad_id)
+        where = {p: i for i, p in enumerate(unique)}
+        expand = np.full((rows,), len(unique), np.int32)
+        expand[: len(prompts)] = [where[tuple(p)] for p in prompts]
+        tokens, mask, expand = jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(expand)
+    elif mesh is None:
+        tokens, mask = (jnp.asarray(x) for x in left_pad(prompts, width, rows, pad_id))
     else:
-        tokens, mask = mesh_lib.host_to_global((tokens, mask), mesh)
+        tokens, mask = mesh_lib.host_to_global(left_pad(prompts, width, rows, pad_id), mesh)
     key = jax.random.key(rng) if isinstance(rng, int) else rng
     graphdef, state = nnx.split(model)
     out = _generate_jit(
-        graphdef, state, tokens, mask, key, jnp.int32(max_new_tokens),
+        graphdef, state, tokens, mask, key, jnp.int32(max_new_tokens), expand,
         new_slots=bucket(max_new_tokens), rule=rule, eos_ids=tuple(sorted(set(eos_ids))), pad_id=int(pad_id),
     )
     n = len(prompts)
@@ -162,20 +175,29 @@ def generate(
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "new_slots", "rule", "eos_ids", "pad_id"))
-def _generate_jit(graphdef, state, tokens, mask, key, max_new, *, new_slots, rule, eos_ids, pad_id):
+def _generate_jit(graphdef, state, tokens, mask, key, max_new, expand, *, new_slots, rule, eos_ids, pad_id):
     model = nnx.merge(graphdef, state)
     return decode_loop(model, tokens, mask, key, max_new, new_slots=new_slots, rule=rule, eos_ids=eos_ids,
-                       pad_id=pad_id)
+                       pad_id=pad_id, expand=expand)
 
 
 def decode_loop(model: Decoder, tokens, mask, key, max_new, *, new_slots: int, rule: Rule,
-                eos_ids: tuple[int, ...], pad_id: int):
-    """Prefill the left-padded prompts, then sample token by token (traceable)."""
-    batch, prompt_len = tokens.shape
+                eos_ids: tuple[int, ...], pad_id: int, expand=None):
+    """Prefill the left-padded prompts, then sample token by token (traceable).
+
+    `expand` [B]: the rows are copies of these prompt rows (prefix sharing): each prompt is
+    prefilled once and its KV-cache row copied to every row that continues it.
+    """
+    prompt_len = tokens.shape[1]
     hidden, cache = model.prefill(tokens, mask, slots=prompt_len + new_slots)
     logits = model.logits(hidden[:, -1])
     next_pos = mask.sum(axis=-1).astype(jnp.int32)
     done = ~mask.any(axis=-1)  # filler rows of the batch bucket start finished
+    if expand is not None:
+        cache = KVCache(k=jnp.take(cache.k, expand, axis=1), v=jnp.take(cache.v, expand, axis=1),
+                        positions=jnp.take(cache.positions, expand, axis=0), index=cache.index)
+        logits, next_pos, done = (jnp.take(x, expand, axis=0) for x in (logits, next_pos, done))
+    batch = logits.shape[0]
     eos = jnp.asarray(eos_ids or (-1,), jnp.int32)
     out_tokens = jnp.full((batch, new_slots), pad_id, jnp.int32)
     out_logprobs = jnp.zeros((batch, new_slots), jnp.float32)

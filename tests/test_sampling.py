@@ -133,3 +133,15 @@ def test_rows_split_over_a_mesh_sample_exactly_what_one_device_samples(shape):
     split = sampling.generate(sharded, prompts, max_new_tokens=10, rule=rule, rng=3, mesh=mesh)
     np.testing.assert_array_equal(split.tokens, alone.tokens)
     np.testing.assert_allclose(split.logprobs, alone.logprobs, atol=1e-5)
+
+
+def test_repeated_prompts_are_prefilled_once_and_sample_exactly_as_without_sharing():
+    model = tiny_model(seed=4)
+    prompts = [[1, 5, 9], [3, 3], [1, 5, 9], [1, 5, 9], [3, 3], [7]]  # 3 distinct prompts, 6 rows
+    rule = sampling.Sample(temperature=1.0)
+    shared = sampling.generate(model, prompts, max_new_tokens=12, rule=rule, rng=5, eos_ids=(2,))
+    alone = sampling.generate(model, prompts, max_new_tokens=12, rule=rule, rng=5, eos_ids=(2,), share_prompts=False)
+    np.testing.assert_array_equal(shared.tokens, alone.tokens)
+    np.testing.assert_array_equal(shared.mask, alone.mask)
+    np.testing.assert_allclose(shared.logprobs, alone.logprobs, atol=1e-5)
+    assert len({tuple(r) for r in shared.tokens[[0, 2, 3]]}) > 1  # copies of one prompt still sample apart
