@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/distill_step.py                  # SmolLM2-135M, 4 problems, 64 generated tokens
     .venv/bin/python benchmarks/distill_step.py --problems=8 --generated=96
+    .venv/bin/python benchmarks/distill_step.py --impl=jax --attention=flash   # ours only, another kernel
 
 Both implementations load the same GGUF weights, build the same aligned batch (pCoT and
 pTeacher contexts with the same 64 generated tokens), form the same entropy-matched
@@ -98,7 +99,7 @@ def run_jax(args):
     from jaxdistill.models import load
 
     _, batch = make_batch(args)
-    model, _ = load(args.model)
+    model, _ = load(args.model, attention=args.attention)
     memory = PeakMemory()
     _, first_loss, first, times = time_train_step(model, batch, args.steps, loss=LossConfig(chunk=args.chunk),
                                                   combined_forward=not args.separate_teacher)
@@ -176,6 +177,8 @@ def main():
     parser.add_argument("--steps", type=int, default=3, help="timed steps after the first; the fastest counts")
     parser.add_argument("--chunk", type=int, default=64)
     parser.add_argument("--impl", choices=["both", "jax", "torch"], default="both")
+    parser.add_argument("--attention", default="xla",
+                        help="ours: xla (hand-written backward) or flash, cudnn, splash (autodiff)")
     parser.add_argument("--separate-teacher", action="store_true",
                         help="ours with the teacher in a second, gradient-free forward (combined_forward=False)")
     args = parser.parse_args()

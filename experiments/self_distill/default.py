@@ -25,7 +25,8 @@ def get_config():
     c.model = "smollm2-135m-instruct"
     c.dtype = "float32"  # parameters
     c.compute_dtype = ""  # "" = same as dtype; "bfloat16" for mixed precision
-    c.remat = False
+    c.remat = False  # what the backward keeps: False/none, True/full, dots, offload (jaxdistill.models.transformer)
+    c.attention = "xla"  # xla (dense, CPU) | flash (blockwise, any backend) | cudnn (GPU) | splash (TPU)
     c.workdir = "runs/self_distill/default"
     c.seed = 0
     c.arm = "blend"  # blend | fixed_k | teacher | sft | rejection_sft | stack

@@ -40,6 +40,7 @@ def get_config():
     c.model = ""  # required: a Hugging Face directory with Qwen3-8B (config.json + *.safetensors)
     c.dtype = "bfloat16"
     c.remat = True
+    c.attention = "cudnn"  # not yet run on a GPU here (docs/scale.md); "flash" is the portable fallback
     c.workdir = "runs/self_distill/qwen3_8b_gpu8"
     c.steps = 200
     c.batch_size = 16  # problems per update: a multiple of the 8 data-parallel GPUs

@@ -34,4 +34,5 @@ def get_config():
     c.sample.max_new_tokens = 2048
     c.eval.max_new_tokens = 2048
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 32, 1
+    c.attention = "splash"  # Pallas, in shard_map over the batch; tested interpreted on CPU, not yet on a TPU
     return c

@@ -160,8 +160,7 @@ def distill_loss(graphdef, params, teacher_params, batch, target: TargetConfig, 
     tokens, mask, target_mask = batch["tokens"], batch["mask"], batch["target_mask"]
     region = completion_columns(batch)
     if teacher_params is None and combined_forward:
-        stride = 2 if model.custom_backward else 1  # autodiff's backward covers the teacher rows too
-        hidden, _ = model.hidden_states(tokens, None, mask, grad_rows_stride=stride)
+        hidden, _ = model.hidden_states(tokens, None, mask, grad_rows_stride=2)  # teacher rows: no backward
         student_h, teacher_h = split_contexts(hidden[:, region])
     else:
         (student_tokens, teacher_tokens), (student_mask, teacher_mask) = split_contexts(tokens), split_contexts(mask)

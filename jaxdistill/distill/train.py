@@ -307,7 +307,7 @@ def _train(config, workdir) -> dict:
                           "each process samples its own share of every batch: use a multiple.")
     local = config.batch_size // jax.process_count()  # problems each process samples and scores
     model, tokenizer = load(config.model, dtype=config.dtype, compute_dtype=config.compute_dtype or None,
-                            mesh=mesh, remat=config.remat)
+                            mesh=mesh, remat=config.remat, attention=config.attention)
     if config.arm == "rejection_sft" and any(r.answer is None for r in train_records):
         raise DataError("arm=rejection_sft keeps the samples that reach the right answer, so every training record "
                         "needs an answer; these records have none. Use arm=sft or a verifiable dataset.")

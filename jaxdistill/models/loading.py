@@ -270,7 +270,8 @@ def build_model(
     dtype: str = "float32",
     compute_dtype: str | None = None,
     mesh: jax.sharding.Mesh | None = None,
-    remat: bool = False,
+    remat: bool | str = False,
+    attention: str = "xla",
 ) -> Decoder:
     """A Decoder whose parameters are `state`, each placed straight into its sharding."""
     from jaxdistill import mesh as mesh_lib
@@ -278,7 +279,8 @@ def build_model(
     param_dtype = _dtype(dtype)
     abstract = nnx.eval_shape(
         lambda: Decoder(config, rngs=nnx.Rngs(0), param_dtype=param_dtype,
-                        compute_dtype=_dtype(compute_dtype or dtype), remat=remat)
+                        compute_dtype=_dtype(compute_dtype or dtype), remat=remat, attention=attention,
+                        mesh=mesh)
     )
     graphdef, abstract_state = nnx.split(abstract)
     flat = []
@@ -335,7 +337,8 @@ def load(
     dtype: str = "float32",
     compute_dtype: str | None = None,
     mesh: jax.sharding.Mesh | None = None,
-    remat: bool = False,
+    remat: bool | str = False,
+    attention: str = "xla",
 ) -> tuple[Decoder, Tokenizer]:
     """Load a model and its tokenizer.
 
@@ -343,7 +346,8 @@ def load(
     file, or a Hugging Face directory with config.json and safetensors (streamed: each
     process reads only the slices its devices hold, see `streaming.py`). `dtype` is the
     parameter dtype, `compute_dtype` that of activations (default: `dtype`). With a
-    `mesh`, parameters are created directly in their shardings.
+    `mesh`, parameters are created directly in their shardings. `remat` and `attention`: see
+    `Decoder`.
     """
     from jaxdistill.models.streaming import load_hf_streaming
 
@@ -352,12 +356,13 @@ def load(
     if path.is_dir():  # safetensors: read slice by slice into the shardings
         model = load_hf_streaming(path, read_config(path), dtype=_dtype(dtype),
                                   compute_dtype=_dtype(compute_dtype) if compute_dtype else None, mesh=mesh,
-                                  remat=remat)
+                                  remat=remat, attention=attention)
     else:  # GGUF: quantised blocks are dequantised whole
         config, weights = read_gguf(path)
         state = canonical_to_state(config, weights)
         del weights
-        model = build_model(config, state, dtype=dtype, compute_dtype=compute_dtype, mesh=mesh, remat=remat)
+        model = build_model(config, state, dtype=dtype, compute_dtype=compute_dtype, mesh=mesh, remat=remat,
+                            attention=attention)
     config = model.config
     tokenizer = load_tokenizer(path, arch=config.arch, gguf_fields=lambda: _gguf_reader(path).fields)
     _gguf_reader.cache_clear()

@@ -152,7 +152,7 @@ def _sources(config: ModelConfig) -> dict[tuple, str | list[str]]:
 
 
 def load_hf_streaming(path: Path, config: ModelConfig, *, dtype=np.float32, compute_dtype=None, mesh=None,
-                      remat: bool = False):
+                      remat: bool | str = False, attention: str = "xla"):
     """A Decoder whose parameters are read from the directory's safetensors slice by slice,
     straight into their shardings on `mesh` (or onto the default device)."""
     from jaxdistill import mesh as mesh_lib
@@ -173,7 +173,8 @@ def load_hf_streaming(path: Path, config: ModelConfig, *, dtype=np.float32, comp
     gemma_norm = 1.0 if config.arch == "gemma3" else 0.0  # Gemma's norms scale by (1 + w); ours by the stored value
 
     abstract = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0), param_dtype=dtype,
-                                              compute_dtype=compute_dtype or dtype, remat=remat))
+                                              compute_dtype=compute_dtype or dtype, remat=remat,
+                                              attention=attention, mesh=mesh))
     graphdef, abstract_state = nnx.split(abstract)
     flat = []
     for state_path, variable in nnx.to_flat_state(abstract_state):

@@ -21,9 +21,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxdistill.errors import ConfigError
+from jaxdistill.models import attention as attention_lib
 from jaxdistill.models.config import ModelConfig, rope_frequencies
 
 _MASKED = -1e30  # finite so a fully masked (padding) query row stays NaN-free
+
+# What autodiff keeps of each block for the backward (`remat`); the rest is recomputed.
+REMAT_POLICIES = {
+    "none": None,  # keep everything: fastest, most memory
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only each block's input
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep the matmul outputs
+    "offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),  # ...in host RAM
+}
 
 
 @jax.tree_util.register_dataclass
@@ -111,10 +121,15 @@ class Decoder(nnx.Module):
     real tokens, and `cache` (a KVCache) for incremental decoding, in which case the
     call returns `(logits, cache)`.
 
-    Training runs each block's hand-written backward (`_block_backward`), which is about
-    twice as fast as autodiff on XLA:CPU; `custom_backward=False` differentiates the same
-    forward with JAX instead (the reference the tests compare against). `remat` keeps
-    only each block's input for the backward and recomputes the rest.
+    `attention` picks the kernel of the uncached forward (`attention.IMPLEMENTATIONS`:
+    "xla" dense scores, "flash" blockwise, "cudnn" on GPU, "splash" on TPU); decoding with
+    a cache always uses the dense path (one query per row). `mesh` is only needed by splash.
+
+    With attention="xla", training runs each block's hand-written backward
+    (`_block_backward`), about twice as fast as autodiff on XLA:CPU; `custom_backward=False`
+    differentiates the same forward with JAX (the reference the tests compare against), as
+    every other kernel does. `remat` (a name in REMAT_POLICIES; True means "full") says what
+    the backward keeps; the hand-written backward knows "none" and "full".
     """
 
     def __init__(
@@ -124,13 +139,26 @@ class Decoder(nnx.Module):
         rngs: nnx.Rngs,
         param_dtype=jnp.float32,
         compute_dtype=None,
-        remat: bool = False,
-        custom_backward: bool = True,
+        remat: bool | str = False,
+        custom_backward: bool | None = None,
+        attention: str = "xla",
+        mesh=None,
     ):
+        remat = {True: "full", False: "none"}.get(remat, remat)
+        if remat not in REMAT_POLICIES:
+            raise ConfigError(f"remat={remat!r}: choose from {list(REMAT_POLICIES)} (or True/False).")
+        if attention not in attention_lib.IMPLEMENTATIONS:
+            raise ConfigError(f"attention={attention!r}: choose from {list(attention_lib.IMPLEMENTATIONS)}.")
+        handwritten = attention == "xla" and remat in ("none", "full")
+        if custom_backward and not handwritten:
+            raise ConfigError(f"the hand-written backward needs attention=xla and remat none/full, not "
+                              f"attention={attention}, remat={remat}; leave custom_backward unset.")
         self.config = config
         self.compute_dtype = compute_dtype or param_dtype
         self.remat = remat
-        self.custom_backward = custom_backward
+        self.custom_backward = handwritten if custom_backward is None else custom_backward
+        self.attention = attention
+        self.mesh = mesh
         v, d = config.vocab_size, config.d_model
         self.embed = nnx.Param(_init("normal", rngs.params(), (v, d), param_dtype), axes=("vocab", "embed"))
         self.layers = Layers(config, rngs=rngs, param_dtype=param_dtype)
@@ -160,9 +188,28 @@ class Decoder(nnx.Module):
         Self-distillation interleaves student and teacher rows and passes 2.
         """
         if grad_rows_stride > 1 and not self.custom_backward:
-            raise ValueError("grad_rows_stride needs custom_backward=True.")
+            if cache is not None:
+                raise ValueError("grad_rows_stride is for training, without a cache.")
+            return self._frozen_rows_apart(tokens, positions, mask, grad_rows_stride), None
         hidden, k, v, positions = self._run(tokens, positions, mask, cache, grad_rows_stride)
         return hidden, (None if cache is None else cache.write(k, v, positions))
+
+    def _frozen_rows_apart(self, tokens, positions, mask, stride):
+        """Autodiff's grad_rows_stride: the differentiated rows and the frozen ones (parameters
+        under stop_gradient, so their backward is never built) as two passes of half the batch."""
+        tokens = jnp.asarray(tokens)
+        mask = jnp.ones(tokens.shape, bool) if mask is None else jnp.asarray(mask, bool)
+        b = tokens.shape[0]
+        group = lambda x: x.reshape(b // stride, stride, *x.shape[1:])  # noqa: E731
+        part = lambda x, rows: None if x is None else group(x)[:, rows].reshape(-1, *x.shape[1:])  # noqa: E731
+        grad_rows, frozen_rows = slice(0, 1), slice(1, stride)
+        live = self._run(part(tokens, grad_rows), part(positions, grad_rows), part(mask, grad_rows), None)[0]
+        frozen = self._run(part(tokens, frozen_rows), part(positions, frozen_rows), part(mask, frozen_rows), None,
+                           frozen=True)[0]
+        frozen = jax.lax.stop_gradient(frozen)
+        together = jnp.concatenate([live.reshape(b // stride, 1, *live.shape[1:]),
+                                    frozen.reshape(b // stride, stride - 1, *frozen.shape[1:])], axis=1)
+        return together.reshape(b, *live.shape[1:])
 
     def prefill(self, tokens, mask=None, *, slots: int):
         """Run prompts and return their hidden states and a fresh `slots`-slot cache holding them."""
@@ -170,21 +217,24 @@ class Decoder(nnx.Module):
         cache = KVCache.empty(self.config, tokens.shape[0], slots, self.compute_dtype)
         return hidden, cache.write(k, v, positions)
 
-    def _run(self, tokens, positions, mask, cache, grad_rows_stride: int = 1):
-        """Hidden states plus this call's keys/values [layers, B, K, T, D] and positions."""
+    def _run(self, tokens, positions, mask, cache, grad_rows_stride: int = 1, frozen: bool = False):
+        """Hidden states plus this call's keys/values [layers, B, K, T, D] and positions.
+        `frozen`: parameters under stop_gradient."""
         c = self.config
+        read = jax.lax.stop_gradient if frozen else (lambda x: x)
         tokens = jnp.asarray(tokens)
         mask = jnp.ones(tokens.shape, bool) if mask is None else jnp.asarray(mask, bool)
         if positions is None:
             positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
         positions = jnp.where(mask, positions, -1).astype(jnp.int32)
 
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(self.compute_dtype)
+        x = jnp.take(read(self.embed[...]), tokens, axis=0).astype(self.compute_dtype)
         if c.embed_scale:
             x = x * jnp.asarray(c.d_model**0.5, self.compute_dtype)
 
         window = c.sliding_window or 1
-        masks_new = _visibility(positions, positions, window)
+        fused = cache is None and self.attention != "xla"
+        masks_new = (None, None) if fused else _visibility(positions, positions, window)  # fused: no [B, T, T]
         masks_old = _visibility(positions, cache.positions, window) if cache is not None else None
 
         rope_global = _rope_tables(positions, c.head_dim, c.rope_theta, c)
@@ -193,9 +243,14 @@ class Decoder(nnx.Module):
         def block(x, scanned):
             p, is_local, k_old, v_old = scanned
             pick = lambda pair: jnp.where(is_local, pair[1], pair[0])  # noqa: E731
-            mask = pick(masks_new)
+            mask = None if fused else pick(masks_new)
             cos, sin = pick((rope_global[0], rope_local[0])), pick((rope_global[1], rope_local[1]))
-            if cache is not None:
+            if fused:
+                attend = functools.partial(attention_lib.self_attention, self.attention, positions=positions,
+                                           window=c.sliding_window, is_local=is_local if any(c.layer_is_local)
+                                           else None, mesh=self.mesh)
+                x, k_new, v_new, _ = _block(c, self.compute_dtype, p, x, None, None, cos, sin, attend=attend)
+            elif cache is not None:
                 x, k_new, v_new, _ = _block(c, self.compute_dtype, p, x, mask, (k_old, v_old, pick(masks_old)),
                                             cos, sin)
             elif self.custom_backward:
@@ -205,13 +260,13 @@ class Decoder(nnx.Module):
                 x, k_new, v_new, _ = _block(c, self.compute_dtype, p, x, mask, None, cos, sin)
             return x, (k_new, v_new)
 
-        if self.remat and not self.custom_backward:
-            block = jax.checkpoint(block, policy=jax.checkpoint_policies.nothing_saveable)
+        if self.remat != "none" and not self.custom_backward:
+            block = jax.checkpoint(block, policy=REMAT_POLICIES[self.remat])
         is_local = jnp.asarray(np.array(c.layer_is_local))
         old_kv = (cache.k, cache.v) if cache is not None else (None, None)
         # The scan emits only this call's keys/values; the caller writes them into the cache once.
-        x, (k_new, v_new) = jax.lax.scan(block, x, (self.layers.arrays(), is_local, *old_kv))
-        return _rms_norm(x, self.final_norm[...], c.norm_eps), k_new, v_new, positions
+        x, (k_new, v_new) = jax.lax.scan(block, x, (read(self.layers.arrays()), is_local, *old_kv))
+        return _rms_norm(x, read(self.final_norm[...]), c.norm_eps), k_new, v_new, positions
 
 
 def _visibility(query_positions, key_positions, window):
@@ -329,8 +384,9 @@ def _gated(c: ModelConfig, gate, up):
     return (jax.nn.silu(gate) if c.activation == "silu" else jax.nn.gelu(gate, approximate=True)) * up
 
 
-def _block(c: ModelConfig, dtype, p, x, mask_new, old, cos, sin):
-    """One transformer block. `old`: (k, v, mask) of the cached tokens, or None.
+def _block(c: ModelConfig, dtype, p, x, mask_new, old, cos, sin, attend=None):
+    """One transformer block. `old`: (k, v, mask) of the cached tokens, or None. `attend`:
+    a fused self-attention (q, k, v) -> [B, T, heads, D] used instead of the dense path.
 
     Returns the new x, this call's keys/values [B, K, T, D] for the cache, and the
     activations `_block_backward` reuses (unused ones cost nothing: XLA drops them).
@@ -339,7 +395,7 @@ def _block(c: ModelConfig, dtype, p, x, mask_new, old, cos, sin):
     h = _rms_norm(x, p["attn_norm"], c.norm_eps)
     proj = tuple(_linear(h, w(name)) for name in ("wq", "wk", "wv"))
     q, k, v = _attention_inputs(c, dtype, _attention_extras(p), *proj, cos, sin)
-    attn = _attend(q, k, v, mask_new, old)
+    attn = _attend(q, k, v, mask_new, old) if attend is None else attend(q, k, v)
     a = _linear(attn, w("wo"), dims=2)
     x1 = x + _post_norm(c, p.get("attn_post_norm"), a)
     h2 = _rms_norm(x1, p["mlp_norm"], c.norm_eps)
