@@ -53,10 +53,19 @@ class Sample:
         return jax.random.categorical(key, filter_logits(logits / self.temperature, self.top_k, self.top_p))
 
 
+def kth_largest(x: jax.Array, k: int) -> jax.Array:
+    """The k-th largest value along the last axis, keeping a trailing axis of 1.
+
+    The min of top_k's values, not its last one: XLA:CPU runs top_k as a fast custom call only
+    when all of its output is used; slicing out the k-th value turned it into a full sort of the
+    vocabulary, ~50x slower (0.3 s per decode step of a 3-teacher stack)."""
+    return jnp.min(jax.lax.top_k(x, k)[0], axis=-1, keepdims=True)
+
+
 def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
     """Set to -inf every logit outside the top-k and outside the smallest top-p mass."""
     if top_k:
-        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        kth = kth_largest(logits, top_k)
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     if top_p < 1.0:
         ordered = jnp.sort(logits, axis=-1)[..., ::-1]

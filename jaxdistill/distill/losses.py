@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdistill.distill.targets import blend_logits, entropy
+from jaxdistill.sampling import kth_largest
 
 LOSSES = ("forward_kl", "reverse_kl", "jsd", "sampled_reverse_kl")
 NORMALIZE = ("token", "sequence")
@@ -55,7 +56,7 @@ def _kl(logp: jax.Array, logq: jax.Array) -> jax.Array:
 
 def truncate_top_k(target_logits: jax.Array, k: int) -> jax.Array:
     """Keep the target's k largest logits, -inf elsewhere (softmax renormalises them)."""
-    kth = jax.lax.top_k(target_logits, k)[0][..., -1:]
+    kth = kth_largest(target_logits, k)
     return jnp.where(target_logits >= kth, target_logits, -jnp.inf)
 
 

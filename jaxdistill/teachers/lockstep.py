@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxdistill.models.transformer import KVCache
+from jaxdistill.sampling import kth_largest
 
 _NEG = -1e30
 
@@ -131,7 +132,7 @@ def candidate_logprobs(per_group, allowed, top_k):
     logp = jnp.concatenate(per_group, axis=0)
     logp = jnp.where(allowed, logp, _NEG)
     if top_k:
-        kth = jax.lax.top_k(logp, top_k)[0][..., -1:]
+        kth = kth_largest(logp, top_k)
         keep = jnp.any(logp >= kth, axis=0)  # [B, V]
         logp = jnp.where(keep, logp, _NEG)
     return jax.nn.log_softmax(logp, axis=-1)
