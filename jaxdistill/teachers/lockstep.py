@@ -38,7 +38,7 @@ _NEG = -1e30
 class GroupInputs:
     """One group's arrays: stacked parameters, its prompts and its alignment tables."""
 
-    state: nnx.State  # parameters with a leading teacher axis [N_g, ...]
+    state: nnx.State  # parameters stacked over the group's teachers (axes: `teacher_axes`)
     tokens: jax.Array  # [N_g, B, P] int32 left-padded prompts (each teacher its own prompt)
     mask: jax.Array  # [N_g, B, P] bool
     pieces: jax.Array  # [V_pivot, W] int32: this vocabulary's tokens for each pivot token
@@ -104,13 +104,30 @@ def _last_real(hidden, lengths):
                                axis=2)[:, :, 0]
 
 
+# Where the teacher axis sits in a group's stacked arrays. Per-layer weights and KV caches keep
+# their layers axis first ([layers, N_g, ...]) so the layer scan inside the vmapped forward
+# slices them in place; with the teacher axis first, XLA copied every weight and the whole cache
+# into [layers, N_g, ...] order on every decode step. The write index is shared by the group
+# (its teachers advance together); a per-teacher index made every cache write a transposing scatter.
+CACHE_AXES = KVCache(k=1, v=1, positions=0, index=None)
+
+
+def is_layer_weight(path) -> bool:
+    return getattr(path[0], "key", None) == "layers"
+
+
+def teacher_axes(state):
+    """vmap in_axes of a stacked state: 1 for per-layer weights, 0 for the rest."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: 1 if is_layer_weight(path) else 0, state)
+
+
 def _group_logprobs(graphdef, state, hidden, to_pivot, top_k: int, pivot_size: int):
     """[N_g, B, D] hidden -> [N_g, B, V_pivot] log-probs of the pivot tokens: each teacher token's
     probability goes to the pivot token it proposes (only the teacher's top-k when top_k > 0)."""
     def one(s, h):
         return jax.nn.log_softmax(nnx.merge(graphdef, s).logits(h), axis=-1)
 
-    logp = jax.vmap(one)(state, hidden)
+    logp = jax.vmap(one, in_axes=(teacher_axes(state), 0))(state, hidden)
     if to_pivot is None:
         return logp
     if top_k:
@@ -173,7 +190,8 @@ def start(settings: Settings, groups: tuple[GroupInputs, ...], key) -> DecodeSta
             hidden, cache = model.prefill(tokens, mask, slots=tokens.shape[-1] + width * settings.cache_steps)
             return hidden[:, -1], cache
 
-        hidden, cache = jax.vmap(prefill)(g.state, g.tokens, g.mask)
+        hidden, cache = jax.vmap(prefill, in_axes=(teacher_axes(g.state), 0, 0), out_axes=(0, CACHE_AXES))(
+            g.state, g.tokens, g.mask)
         caches.append(cache)
         hiddens.append(hidden)
         positions.append(jnp.sum(g.mask, axis=-1).astype(jnp.int32))  # [N_g, B]
@@ -257,7 +275,8 @@ def advance(settings: Settings, groups: tuple[GroupInputs, ...], state: DecodeSt
                 model = nnx.merge(gd, params)
                 return model.hidden_states(piece, pos[:, None] + jnp.arange(piece.shape[1])[None], real, cache=cache)
 
-            hidden, cache = jax.vmap(feed)(g.state, cache, pos)
+            hidden, cache = jax.vmap(feed, in_axes=(teacher_axes(g.state), CACHE_AXES, 0),
+                                     out_axes=(0, CACHE_AXES))(g.state, cache, pos)
             caches.append(cache)
             hiddens.append(jnp.where(emit[None, :, None], _last_real(hidden, n), hidden_old))
             positions.append(pos + n[None])
@@ -285,7 +304,7 @@ def fork(state: DecodeState, parents, pending, branch_after, active) -> DecodeSt
     first committing token `pending[i]` (-1: sample as usual); it may pause again once it has
     `branch_after[i]` tokens. Rows with `active[i]` False are filler (finished)."""
     take = lambda x, axis: jnp.take(x, parents, axis=axis)  # noqa: E731
-    # vmapped caches: k/v [N_g, layers, B, ...], positions [N_g, B, slots]
+    # vmapped caches: k/v [layers, N_g, B, ...], positions [N_g, B, slots]
     caches = tuple(KVCache(k=take(c.k, 2), v=take(c.v, 2), positions=take(c.positions, 1), index=c.index)
                    for c in state.caches)
     return dataclasses.replace(

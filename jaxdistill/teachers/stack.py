@@ -75,7 +75,7 @@ def fewshot_block(examples: Sequence[Record]) -> str:
 class Group:
     teachers: list[int]  # indices into the stack's teacher list
     graphdef: object
-    state: nnx.State  # stacked [N_g, ...]
+    state: nnx.State  # stacked: [layers, N_g, ...] per-layer weights, [N_g, ...] the rest
     tokenizer: object
     alignment: align_lib.Alignment
 
@@ -225,16 +225,19 @@ class TeacherStack:
 
 
 def _stack(models, mesh):
-    """Stack same-architecture models' parameters on a leading teacher axis (sharded over the
-    `teacher` mesh axis when there is a mesh)."""
+    """Stack same-architecture models' parameters on a teacher axis (sharded over the `teacher`
+    mesh axis when there is a mesh): after the layers axis of per-layer weights, leading elsewhere
+    (`lockstep.teacher_axes`)."""
     graphdef, first = nnx.split(models[0])
     states = [first] + [nnx.split(m)[1] for m in models[1:]]
     flats = [dict(nnx.to_flat_state(s)) for s in states]
     stacked = []
     for path, variable in nnx.to_flat_state(first):
-        value = jnp.stack([jnp.asarray(f[path].get_value()) for f in flats])
+        at = 1 if path[0] == "layers" else 0
+        value = jnp.stack([jnp.asarray(f[path].get_value()) for f in flats], axis=at)
         if mesh is not None:
-            axes = ("teacher", *(variable.get_metadata().get("axes") or (None,) * (value.ndim - 1)))
+            axes = list(variable.get_metadata().get("axes") or (None,) * (value.ndim - 1))
+            axes.insert(at, "teacher")
             value = mesh_lib.put_global(np.asarray(value), mesh_lib.param_sharding(mesh, axes, value.shape))
         stacked.append((path, variable.replace(value)))
     return graphdef, nnx.from_flat_state(stacked)
