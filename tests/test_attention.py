@@ -176,3 +176,18 @@ def test_distillation_step_is_the_same_with_flash():
         loss = lambda p, g=graphdef: distill_loss(g, p, None, batch, TargetConfig(), LossConfig())[0]  # noqa: E731
         results.append(jax.jit(jax.value_and_grad(loss))(params))
     _assert_same(results[1], results[0], tol=1e-4, value_rel=1e-4)  # a KL near 0: relative error is large
+
+
+def test_the_training_config_refuses_an_unknown_kernel_before_loading_a_model():
+    import importlib.util
+
+    from jaxdistill.distill import train as train_lib
+
+    spec = importlib.util.spec_from_file_location("default", "experiments/self_distill/default.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    train_lib.validate(config)
+    config.attention = "fused"
+    with pytest.raises(ConfigError, match="attention 'fused' is not one of"):
+        train_lib.validate(config)

@@ -43,12 +43,14 @@ from jaxdistill.errors import ConfigError, DataError
 from jaxdistill.eval import metrics as metrics_lib
 from jaxdistill.eval.harness import evaluate, format_table
 from jaxdistill.models import load
+from jaxdistill.models.attention import IMPLEMENTATIONS
 from jaxdistill.models.loading import describe
 
 ARMS = ("blend", "fixed_k", "teacher", "sft", "rejection_sft", "stack")
 HINTS = ("reference", "wrong", "none")  # what pTeacher shows (config.hint)
 ROLLOUTS = ("student", "teacher")  # which context samples genCoT (config.rollout)
 OVERLONG = ("error", "skip")  # what to do with records longer than the context (data.overlong)
+ATTENTION = IMPLEMENTATIONS  # the attention kernel (config.attention)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,6 +220,8 @@ def validate(config) -> None:
     need(config.data.get("overlong", "error") in OVERLONG,
          f"data.overlong must be one of {OVERLONG}, got {config.data.get('overlong')!r}.")
     need(config.data.get("max_tokens", 0) >= 0, "data.max_tokens must be >= 0 (0: the model's context).")
+    need(config.get("attention", "xla") in ATTENTION,
+         f"attention {config.get('attention')!r} is not one of {ATTENTION} (models/attention.py).")
     try:
         LossConfig(**config.loss)
         target_for(config)
@@ -307,7 +311,7 @@ def _train(config, workdir) -> dict:
                           "each process samples its own share of every batch: use a multiple.")
     local = config.batch_size // jax.process_count()  # problems each process samples and scores
     model, tokenizer = load(config.model, dtype=config.dtype, compute_dtype=config.compute_dtype or None,
-                            mesh=mesh, remat=config.remat, attention=config.attention)
+                            mesh=mesh, remat=config.remat, attention=config.get("attention", "xla"))
     if config.arm == "rejection_sft" and any(r.answer is None for r in train_records):
         raise DataError("arm=rejection_sft keeps the samples that reach the right answer, so every training record "
                         "needs an answer; these records have none. Use arm=sft or a verifiable dataset.")
