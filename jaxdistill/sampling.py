@@ -5,9 +5,10 @@ sees exactly what it would see alone. Batch size, prompt length and the number o
 tokens are rounded up to buckets, so a run compiles a handful of times.
 
 The next-token rule is pluggable: any hashable callable
-`rule(logits [B, V] float32, key, step) -> tokens [B] int32`. `Greedy` and `Sample`
-are the standard ones; guided sampling and the multi-teacher aggregator supply their
-own. Reported log-probs are the model's own (temperature 1, untruncated).
+`rule(logits [B, V] float32, keys [B], step) -> tokens [B] int32`, with one random key per
+row (`row_keys`), so a row samples the same whatever it is batched with. `Greedy` and
+`Sample` are the standard ones; guided sampling and the multi-teacher aggregator supply
+their own. Reported log-probs are the model's own (temperature 1, untruncated).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ Rule = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 @dataclasses.dataclass(frozen=True)
 class Greedy:
-    def __call__(self, logits, key, step):
+    def __call__(self, logits, keys, step):
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
@@ -49,8 +50,8 @@ class Sample:
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}.")
 
-    def __call__(self, logits, key, step):
-        return jax.random.categorical(key, filter_logits(logits / self.temperature, self.top_k, self.top_p))
+    def __call__(self, logits, keys, step):
+        return jax.vmap(jax.random.categorical)(keys, filter_logits(logits / self.temperature, self.top_k, self.top_p))
 
 
 def kth_largest(x: jax.Array, k: int) -> jax.Array:
@@ -120,6 +121,7 @@ def generate(
     pad_id: int = 0,
     mesh: jax.sharding.Mesh | None = None,
     share_prompts: bool = True,
+    compact_every: int = 16,
 ) -> Generation:
     """Generate up to `max_new_tokens` after each prompt (lists of token ids).
 
@@ -129,7 +131,11 @@ def generate(
     sharding, so the tokens equal a one-device run's on the same global batch.
 
     Repeated prompts (several samples of one problem) are prefilled once and their KV-cache
-    rows copied (`share_prompts`; without a mesh); the samples are the same as without.
+    rows copied (`share_prompts`), across devices on a mesh; the samples are the same as without.
+
+    Finished rows stop costing work: every `compact_every` steps, once the live rows fit a
+    batch bucket at most half the current one, they are gathered into it (0: never). Each row
+    draws from its own key, so the samples are the same either way.
     """
     if not prompts:
         raise ValueError("generate() needs at least one prompt.")
@@ -137,6 +143,8 @@ def generate(
         raise ValueError("every prompt needs at least one token (add BOS or a chat template).")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+    if compact_every < 0:
+        raise ValueError(f"compact_every must be >= 0 (0: never compact), got {compact_every}.")
     vocab = model.config.vocab_size
     for i, prompt in enumerate(prompts):
         ids = np.asarray(prompt)
@@ -154,85 +162,150 @@ def generate(
             f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context of {limit}."
         )
     rows, width = bucket(len(prompts), minimum=1), bucket(longest)
+    ways = 1  # the global batch splits this many ways
     if mesh is not None:  # every process pads to the same shape; rows split evenly over its devices
         ways = mesh_lib.batch_rows_per_process(mesh)
         rows, width = mesh_lib.process_max([-(-rows // ways) * ways, width])
+        ways *= jax.process_count()
     unique = list(dict.fromkeys(tuple(p) for p in prompts))
     expand = None
-    if share_prompts and mesh is None and len(unique) < len(prompts):
+    if share_prompts and len(unique) < len(prompts):
         # Repeated prompts (several samples each) are prefilled once. One more row than the
         # unique prompts, so filler rows copy an empty (finished) prompt.
-        tokens, mask = left_pad(unique, width, bucket(len(unique) + 1, minimum=1), pad_id)
+        unique_rows = bucket(len(unique) + 1, minimum=1)
+        if mesh is not None:
+            local_ways = ways // jax.process_count()
+            unique_rows = mesh_lib.process_max([-(-unique_rows // local_ways) * local_ways])[0]
+        tokens, mask = left_pad(unique, width, unique_rows, pad_id)
         where = {p: i for i, p in enumerate(unique)}
         expand = np.full((rows,), len(unique), np.int32)
         expand[: len(prompts)] = [where[tuple(p)] for p in prompts]
-        tokens, mask, expand = jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(expand)
+        if mesh is None:
+            tokens, mask, expand = jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(expand)
+        else:  # the copies may sit on other devices (or processes): index the global prompt rows
+            placed = np.concatenate([np.arange(a, b) for a, b in
+                                     mesh_lib.local_rows(mesh, unique_rows * jax.process_count())])
+            tokens, mask, expand = mesh_lib.host_to_global((tokens, mask, placed[expand].astype(np.int32)), mesh)
     elif mesh is None:
         tokens, mask = (jnp.asarray(x) for x in left_pad(prompts, width, rows, pad_id))
     else:
         tokens, mask = mesh_lib.host_to_global(left_pad(prompts, width, rows, pad_id), mesh)
     key = jax.random.key(rng) if isinstance(rng, int) else rng
     graphdef, state = nnx.split(model)
-    out = _generate_jit(
-        graphdef, state, tokens, mask, key, jnp.int32(max_new_tokens), expand,
-        new_slots=bucket(max_new_tokens), rule=rule, eos_ids=tuple(sorted(set(eos_ids))), pad_id=int(pad_id),
-    )
+    new_slots = bucket(max_new_tokens)
+    decoding, outputs = _prefill_jit(graphdef, state, tokens, mask, expand, new_slots=new_slots, pad_id=int(pad_id))
+    settings = dict(rule=rule, eos_ids=tuple(sorted(set(eos_ids))), pad_id=int(pad_id))
+    chunk = compact_every or max_new_tokens
+    for start in range(0, max_new_tokens, chunk):
+        stop = jnp.int32(min(start + chunk, max_new_tokens))
+        decoding, outputs = _decode_jit(graphdef, state, decoding, outputs, key, stop, **settings)
+        live = int(jnp.sum(~decoding.done))  # the one host sync per chunk
+        if live == 0:
+            break
+        smaller = -(-bucket(live, minimum=1) // ways) * ways
+        if compact_every and smaller <= decoding.done.shape[0] // 2:
+            decoding = _compact(decoding, smaller)
     n = len(prompts)
     to_host = np.asarray if mesh is None else (lambda x: mesh_lib.global_to_local(x, mesh))  # noqa: E731
-    toks, logprobs, gen_mask = (to_host(x)[:n, :max_new_tokens] for x in out)
+    toks, logprobs, gen_mask = (to_host(x)[:n, :max_new_tokens] for x in outputs)
     return Generation(tokens=toks, logprobs=logprobs, mask=gen_mask)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "new_slots", "rule", "eos_ids", "pad_id"))
-def _generate_jit(graphdef, state, tokens, mask, key, max_new, expand, *, new_slots, rule, eos_ids, pad_id):
-    model = nnx.merge(graphdef, state)
-    return decode_loop(model, tokens, mask, key, max_new, new_slots=new_slots, rule=rule, eos_ids=eos_ids,
-                       pad_id=pad_id, expand=expand)
+def row_keys(key: jax.Array, rows: jax.Array) -> jax.Array:
+    """One key per row: a row's draws depend on its index in the whole batch, not on which rows
+    it is decoded with (padding, sharding and compaction leave the samples unchanged)."""
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, rows)
 
 
-def decode_loop(model: Decoder, tokens, mask, key, max_new, *, new_slots: int, rule: Rule,
-                eos_ids: tuple[int, ...], pad_id: int, expand=None):
-    """Prefill the left-padded prompts, then sample token by token (traceable).
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Decoding:
+    """The decode loop's state for the rows still in the batch (compaction drops finished ones)."""
+
+    cache: KVCache
+    logits: jax.Array  # [B, V] float32: the next token's
+    done: jax.Array  # [B] bool
+    positions: jax.Array  # [B] int32: the next token's position
+    rows: jax.Array  # [B] int32: each row's index in the output (fillers: one past the end)
+    step: jax.Array  # [] int32: new tokens so far
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "new_slots", "pad_id"))
+def _prefill_jit(graphdef, state, tokens, mask, expand, *, new_slots, pad_id):
+    """Prefill the left-padded prompts; the decode state and empty outputs [B, new_slots].
 
     `expand` [B]: the rows are copies of these prompt rows (prefix sharing): each prompt is
     prefilled once and its KV-cache row copied to every row that continues it.
     """
+    model = nnx.merge(graphdef, state)
     prompt_len = tokens.shape[1]
     hidden, cache = model.prefill(tokens, mask, slots=prompt_len + new_slots)
     logits = model.logits(hidden[:, -1])
-    next_pos = mask.sum(axis=-1).astype(jnp.int32)
+    positions = mask.sum(axis=-1).astype(jnp.int32)
     done = ~mask.any(axis=-1)  # filler rows of the batch bucket start finished
     if expand is not None:
-        cache = KVCache(k=jnp.take(cache.k, expand, axis=1), v=jnp.take(cache.v, expand, axis=1),
-                        positions=jnp.take(cache.positions, expand, axis=0), index=cache.index)
-        logits, next_pos, done = (jnp.take(x, expand, axis=0) for x in (logits, next_pos, done))
+        cache = _take_rows(cache, expand)
+        logits, positions, done = (jnp.take(x, expand, axis=0) for x in (logits, positions, done))
     batch = logits.shape[0]
+    outputs = (jnp.full((batch, new_slots), pad_id, jnp.int32), jnp.zeros((batch, new_slots), jnp.float32),
+               jnp.zeros((batch, new_slots), bool))
+    return Decoding(cache, logits, done, positions, jnp.arange(batch, dtype=jnp.int32), jnp.int32(0)), outputs
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "rule", "eos_ids", "pad_id"), donate_argnames=("decoding",
+                                                                                                        "outputs"))
+def _decode_jit(graphdef, state, decoding, outputs, key, stop, *, rule, eos_ids, pad_id):
+    model = nnx.merge(graphdef, state)
+    return decode_loop(model, decoding, outputs, key, stop, rule=rule, eos_ids=eos_ids, pad_id=pad_id)
+
+
+def decode_loop(model: Decoder, decoding: Decoding, outputs, key, stop, *, rule: Rule,
+                eos_ids: tuple[int, ...], pad_id: int):
+    """Sample token by token until step `stop` or until every row is done (traceable); each
+    row's token, log-prob and mask land in `outputs` at its own output row."""
     eos = jnp.asarray(eos_ids or (-1,), jnp.int32)
-    out_tokens = jnp.full((batch, new_slots), pad_id, jnp.int32)
-    out_logprobs = jnp.zeros((batch, new_slots), jnp.float32)
-    out_mask = jnp.zeros((batch, new_slots), bool)
 
     def cond(carry):
-        step, done = carry[0], carry[3]
-        return (step < max_new) & ~jnp.all(done)
+        d = carry[0]
+        return (d.step < stop) & ~jnp.all(d.done)
 
     def body(carry):
-        step, cache, logits, done, pos, key, out_tokens, out_logprobs, out_mask = carry
-        key, sub = jax.random.split(key)
-        live = ~done
-        tok = jnp.where(live, rule(logits, sub, step).astype(jnp.int32), pad_id)
-        logprob = jnp.take_along_axis(jax.nn.log_softmax(logits), tok[:, None], axis=-1)[:, 0]
-        out_tokens = out_tokens.at[:, step].set(tok)
-        out_logprobs = out_logprobs.at[:, step].set(jnp.where(live, logprob, 0.0))
-        out_mask = out_mask.at[:, step].set(live)
-        done = done | jnp.isin(tok, eos)
-        hidden, cache = model.hidden_states(tok[:, None], pos[:, None], live[:, None], cache=cache)
-        logits = model.logits(hidden[:, -1])
-        return step + 1, cache, logits, done, pos + 1, key, out_tokens, out_logprobs, out_mask
+        d, (out_tokens, out_logprobs, out_mask) = carry
+        live = ~d.done
+        keys = row_keys(jax.random.fold_in(key, d.step), d.rows)
+        tok = jnp.where(live, rule(d.logits, keys, d.step).astype(jnp.int32), pad_id)
+        logprob = jnp.take_along_axis(jax.nn.log_softmax(d.logits), tok[:, None], axis=-1)[:, 0]
+        # Fillers (row index past the end) are dropped; a finished row rewrites its own padding.
+        out_tokens = out_tokens.at[d.rows, d.step].set(tok, mode="drop")
+        out_logprobs = out_logprobs.at[d.rows, d.step].set(jnp.where(live, logprob, 0.0), mode="drop")
+        out_mask = out_mask.at[d.rows, d.step].set(live, mode="drop")
+        hidden, cache = model.hidden_states(tok[:, None], d.positions[:, None], live[:, None], cache=d.cache)
+        d = Decoding(cache, model.logits(hidden[:, -1]), d.done | jnp.isin(tok, eos), d.positions + 1, d.rows,
+                     d.step + 1)
+        return d, (out_tokens, out_logprobs, out_mask)
 
-    carry = (jnp.int32(0), cache, logits, done, next_pos, key, out_tokens, out_logprobs, out_mask)
-    carry = jax.lax.while_loop(cond, body, carry)
-    return carry[6], carry[7], carry[8]
+    return jax.lax.while_loop(cond, body, (decoding, outputs))
+
+
+def _take_rows(cache: KVCache, rows: jax.Array) -> KVCache:
+    return KVCache(k=jnp.take(cache.k, rows, axis=1), v=jnp.take(cache.v, rows, axis=1),
+                   positions=jnp.take(cache.positions, rows, axis=0), index=cache.index)
+
+
+def _compact(decoding: Decoding, rows: int) -> Decoding:
+    """The live rows, in order, in a batch of `rows` (the rest are finished fillers), laid out
+    over the devices as the full batch was."""
+    shardings = jax.tree.map(lambda x: x.sharding, decoding)
+    return jax.jit(_gather_live, static_argnums=1, out_shardings=shardings)(decoding, rows)
+
+
+def _gather_live(decoding: Decoding, rows: int) -> Decoding:
+    order = jnp.argsort(decoding.done, stable=True)[:rows]  # live rows first, in their order
+    filler = decoding.done[order]
+    d = jax.tree.map(lambda x: jnp.take(x, order, axis=0), dataclasses.replace(decoding, cache=None, step=None))
+    end = jnp.int32(jnp.iinfo(jnp.int32).max)
+    return Decoding(_take_rows(decoding.cache, order), d.logits, d.done, d.positions,
+                    jnp.where(filler, end, d.rows), decoding.step)
 
 
 def chat(

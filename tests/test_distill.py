@@ -140,9 +140,10 @@ def test_guided_rule_gives_both_rows_the_token_sampled_from_the_blend():
     rng = np.random.default_rng(0)
     logits = jnp.asarray(rng.normal(size=(4, 30)) * 2)  # rows 0, 2 students; 1, 3 their teachers
     rule = train_lib.GuidedRule(0.75, 1.0)
-    tokens = rule(logits, jax.random.key(1), 0)
+    keys = jax.random.split(jax.random.key(1), 4)
+    tokens = rule(logits, keys, 0)
     assert tokens[0::2].tolist() == tokens[1::2].tolist()
-    expected = jax.random.categorical(jax.random.key(1), blend_logits(logits[1::2], logits[0::2]))
+    expected = jax.vmap(jax.random.categorical)(keys[0::2], blend_logits(logits[1::2], logits[0::2]))
     assert tokens[0::2].tolist() == expected.tolist()
 
 

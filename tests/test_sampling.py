@@ -47,7 +47,7 @@ def test_same_key_same_samples_other_key_other_samples():
 class StopFirstRowAtStep2:
     """A plugged-in next-token rule: row 0 emits EOS (=2) at step 2, everything else token 5."""
 
-    def __call__(self, logits, key, step):
+    def __call__(self, logits, keys, step):
         row = jnp.arange(logits.shape[0])
         return jnp.where((row == 0) & (step == 2), 2, 5).astype(jnp.int32)
 
@@ -86,7 +86,7 @@ def test_sample_frequencies_follow_the_tempered_filtered_distribution():
     logits = jnp.asarray([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]])
     rule = sampling.Sample(temperature=0.7, top_k=4)
     keys = jax.random.split(jax.random.key(0), 20000)
-    draws = np.asarray(jax.vmap(lambda k: rule(logits, k, 0)[0])(keys))
+    draws = np.asarray(jax.vmap(lambda k: rule(logits, k[None], 0)[0])(keys))
     expected = np.asarray(jax.nn.softmax(sampling.filter_logits(logits / 0.7, 4, 1.0))[0])
     np.testing.assert_allclose(np.bincount(draws, minlength=6) / len(draws), expected, atol=0.012)
 
@@ -94,10 +94,10 @@ def test_sample_frequencies_follow_the_tempered_filtered_distribution():
 def test_shapes_are_bucketed_so_lengths_share_a_compilation():
     model = tiny_model(seed=1)
     sampling.generate(model, [[1] * 5], max_new_tokens=10)
-    before = sampling._generate_jit._cache_size()
+    before = sampling._decode_jit._cache_size()
     for n, new in ((9, 12), (13, 16), (16, 9)):  # same prompt bucket (16) and new-token bucket (16)
         sampling.generate(model, [[2] * n, [3] * (n - 1)], max_new_tokens=new)
-    after_two_rows = sampling._generate_jit._cache_size()
+    after_two_rows = sampling._decode_jit._cache_size()
     assert after_two_rows == before + 1  # one compile for the 2-row bucket, none per length
 
 
@@ -135,13 +135,45 @@ def test_rows_split_over_a_mesh_sample_exactly_what_one_device_samples(shape):
     np.testing.assert_allclose(split.logprobs, alone.logprobs, atol=1e-5)
 
 
-def test_repeated_prompts_are_prefilled_once_and_sample_exactly_as_without_sharing():
+@pytest.mark.parametrize("mesh_shape", [None, {"data": 4, "tensor": 2}])
+def test_repeated_prompts_are_prefilled_once_and_sample_exactly_as_without_sharing(mesh_shape):
+    """On a mesh a copy's prompt row may sit on another device; the samples still equal one
+    device's without sharing."""
+    from jaxdistill import mesh as mesh_lib
+
     model = tiny_model(seed=4)
     prompts = [[1, 5, 9], [3, 3], [1, 5, 9], [1, 5, 9], [3, 3], [7]]  # 3 distinct prompts, 6 rows
     rule = sampling.Sample(temperature=1.0)
-    shared = sampling.generate(model, prompts, max_new_tokens=12, rule=rule, rng=5, eos_ids=(2,))
     alone = sampling.generate(model, prompts, max_new_tokens=12, rule=rule, rng=5, eos_ids=(2,), share_prompts=False)
+    mesh = None if mesh_shape is None else mesh_lib.make_mesh(mesh_shape)
+    if mesh is not None:
+        model = mesh_lib.shard_model(model, mesh)
+    shared = sampling.generate(model, prompts, max_new_tokens=12, rule=rule, rng=5, eos_ids=(2,), mesh=mesh)
     np.testing.assert_array_equal(shared.tokens, alone.tokens)
     np.testing.assert_array_equal(shared.mask, alone.mask)
     np.testing.assert_allclose(shared.logprobs, alone.logprobs, atol=1e-5)
     assert len({tuple(r) for r in shared.tokens[[0, 2, 3]]}) > 1  # copies of one prompt still sample apart
+
+
+@pytest.mark.parametrize("mesh_shape", [None, {"data": 2, "fsdp": 2, "tensor": 2}])
+def test_compacting_finished_rows_samples_exactly_what_the_full_batch_samples(mesh_shape, monkeypatch):
+    """Rows that end early leave the batch every few steps; each row keeps its own random key,
+    so tokens, log-probs and masks equal decoding the whole batch to the end."""
+    from jaxdistill import mesh as mesh_lib
+
+    mesh = None if mesh_shape is None else mesh_lib.make_mesh(mesh_shape)
+    model = tiny_model(seed=6)
+    if mesh is not None:
+        model = mesh_lib.shard_model(model, mesh)
+    prompts = [[1, 5, 9], [3, 3], [7], [4, 8, 8, 1], [6, 2], [9], [5, 5, 5], [8]] * 2  # 16 rows
+    rule = sampling.Sample(temperature=1.5)
+    common = dict(max_new_tokens=40, rule=rule, rng=11, eos_ids=(2, 3, 4), mesh=mesh)
+    batches = []
+    compact_rows = sampling._compact
+    monkeypatch.setattr(sampling, "_compact", lambda d, rows: batches.append(rows) or compact_rows(d, rows))
+    compact = sampling.generate(model, prompts, compact_every=4, **common)
+    full = sampling.generate(model, prompts, compact_every=0, **common)
+    assert batches and batches == sorted(batches, reverse=True) and batches[-1] < 16  # the batch did shrink
+    np.testing.assert_array_equal(compact.tokens, full.tokens)
+    np.testing.assert_array_equal(compact.mask, full.mask)
+    np.testing.assert_allclose(compact.logprobs, full.logprobs, atol=1e-5)

@@ -62,10 +62,10 @@ class GuidedRule:
     temperature: float = 1.0
     fixed_k: float | None = None
 
-    def __call__(self, logits, key, step):
+    def __call__(self, logits, keys, step):
         student, teacher = step_lib.split_contexts(logits)
         target = blend_logits(teacher, student, self.teacher_weight, self.fixed_k)
-        token = jax.random.categorical(key, target / self.temperature)
+        token = jax.vmap(jax.random.categorical)(keys[0::2], target / self.temperature)  # the student row's key
         return jnp.repeat(token, 2).astype(jnp.int32)
 
 

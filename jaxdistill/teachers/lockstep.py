@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxdistill.models.transformer import KVCache
-from jaxdistill.sampling import kth_largest
+from jaxdistill.sampling import kth_largest, row_keys
 
 _NEG = -1e30
 
@@ -237,7 +237,7 @@ def advance(settings: Settings, groups: tuple[GroupInputs, ...], state: DecodeSt
         if settings.forced:
             tok = forced[0][rows, s.length]
         else:
-            tok = jnp.where(has_pending, s.pending, settings.rule(agg, sub, s.step).astype(jnp.int32))
+            tok = jnp.where(has_pending, s.pending, settings.rule(agg, row_keys(sub, rows), s.step).astype(jnp.int32))
         emit = live & ~pause
         tok = jnp.where(emit, tok, settings.pad_id)
 
