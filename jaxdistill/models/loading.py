@@ -54,10 +54,16 @@ class ModelNotInstalled(FileNotFoundError):
 
 
 def resolve(name_or_path: str | Path) -> Path:
-    """A built-in name, a .gguf file or a Hugging Face directory -> the path to read."""
+    """A built-in name, a .gguf file or a Hugging Face directory -> the path to read. A remote
+    directory (gs://...) becomes a local mirror of its small files; its weights stream from
+    the store (`streaming.mirror_remote`)."""
+    from jaxdistill.models.streaming import is_url, mirror_remote
+
     name = str(name_or_path)
     if name in BUILTIN_MODELS:
         return BUILTIN_MODELS[name]()
+    if is_url(name):
+        return mirror_remote(name)
     path = Path(name).expanduser()
     if not path.exists():
         raise FileNotFoundError(
@@ -167,6 +173,11 @@ def read_hf_directory(path: Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
     """Config and canonical weights of a directory written by `save_pretrained`."""
     from safetensors import safe_open
 
+    from jaxdistill.models.streaming import REMOTE_MARKER
+
+    if (path / REMOTE_MARKER).exists():
+        raise ConfigError(f"{path} mirrors {(path / REMOTE_MARKER).read_text()}, whose weights only stream: "
+                          "load it with models.load().")
     config = _hf_config(path)
     index = path / "model.safetensors.index.json"
     if index.exists():
@@ -343,8 +354,9 @@ def load(
     """Load a model and its tokenizer.
 
     `name_or_path`: a built-in name ("smollm2-135m-instruct", "gemma3-270m"), a .gguf
-    file, or a Hugging Face directory with config.json and safetensors (streamed: each
-    process reads only the slices its devices hold, see `streaming.py`). `dtype` is the
+    file, or a Hugging Face directory with config.json and safetensors, local or on an
+    object store (gs://...; streamed: each process reads only the slices its devices hold,
+    see `streaming.py`). `dtype` is the
     parameter dtype, `compute_dtype` that of activations (default: `dtype`). With a
     `mesh`, parameters are created directly in their shardings. `remat` and `attention`: see
     `Decoder`.

@@ -10,11 +10,18 @@ reference the tests compare against).
 
 Our layout differs from Hugging Face's by a transpose and by splitting one axis into
 (heads, head_dim); `Layout` maps a slice of ours back to the block of the file to read.
+
+A directory on an object store (`gs://bucket/model/`, or any URL tensorstore's kvstore
+opens) is mirrored locally without its weights (`mirror_remote`: config, tokenizer and
+index files) and its safetensors are read from the store in byte ranges, slice by slice,
+like local files.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import json
 import math
 import os
@@ -32,26 +39,99 @@ from jaxdistill.models.config import ConfigError, ModelConfig
 FILE_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
 
 
+REMOTE_MARKER = "jaxdistill-remote.txt"  # in a local mirror: the URL its weights stream from
+
+
+def is_url(name: str) -> bool:
+    return "://" in str(name)
+
+
+def mirror_remote(url: str) -> Path:
+    """A local directory with every top-level file of the remote model directory `url` except
+    its safetensors, which stay on the store (their URL is written to REMOTE_MARKER)."""
+    import tensorstore as ts
+
+    from jaxdistill.models.tokenizer import cache_dir
+
+    url = url.rstrip("/") + "/"
+    try:
+        store = ts.KvStore.open(url).result()
+        keys = [k.decode() for k in store.list().result()]
+    except Exception as e:  # tensorstore raises ValueError/RuntimeError with the store's message
+        raise FileNotFoundError(f"cannot list the model directory {url}: {e}") from None
+    if "config.json" not in keys:
+        raise FileNotFoundError(f"{url} has no config.json: pass a Hugging Face model directory.")
+    local = cache_dir() / "remote" / hashlib.sha256(url.encode()).hexdigest()[:16]
+    local.mkdir(parents=True, exist_ok=True)
+    for key in keys:
+        if "/" not in key and not key.endswith(".safetensors"):
+            data = store.read(key).result().value
+            tmp = local / f".{key}.tmp"
+            tmp.write_bytes(data)
+            os.replace(tmp, local / key)  # atomic: a concurrent reader never sees half a file
+    (local / REMOTE_MARKER).write_text(url)
+    return local
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """A safetensors file: on this machine (`url` None) or on a store tensorstore opens."""
+
+    path: Path
+    url: str | None = None
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Up to `length` bytes from `offset` (fewer only past the end of a local file)."""
+        if self.url is None:
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                return os.pread(fd, length, offset)
+            finally:
+                os.close(fd)
+        return _store(self.url).read(self.path.name, byte_range=slice(offset, offset + length)).result().value
+
+    def holds(self, end: int) -> bool:
+        """Whether the file is at least `end` bytes long."""
+        if self.url is None:
+            return self.path.stat().st_size >= end
+        try:
+            return len(self.read(end - 1, 1)) == 1
+        except ValueError:  # tensorstore: OUT_OF_RANGE
+            return False
+
+    def __str__(self) -> str:
+        return str(self.path) if self.url is None else self.url + self.path.name
+
+
+@functools.lru_cache(maxsize=8)
+def _store(url: str):
+    import tensorstore as ts
+
+    return ts.KvStore.open(url).result()
+
+
 @dataclasses.dataclass(frozen=True)
 class TensorEntry:
-    file: Path
+    file: Source
     dtype: np.dtype
     shape: tuple[int, ...]
     offset: int  # of the first byte, from the start of the file
 
 
-def read_header(file: Path) -> dict[str, TensorEntry]:
+def read_header(file: Path | Source) -> dict[str, TensorEntry]:
     """The tensors of one safetensors file: name -> where its bytes are (no data is read)."""
-    with open(file, "rb") as f:
-        size_bytes = f.read(8)
-        if len(size_bytes) < 8:
-            raise ValueError(f"{file} is not a safetensors file (shorter than its 8-byte header size).")
-        (size,) = struct.unpack("<Q", size_bytes)
-        try:
-            header = json.loads(f.read(size))
-        except ValueError as e:
-            raise ValueError(f"{file}: unreadable safetensors header ({e}); the file is damaged.") from None
-    entries, file_size = {}, file.stat().st_size
+    file = file if isinstance(file, Source) else Source(Path(file))
+    size_bytes = file.read(0, 8)
+    if len(size_bytes) < 8:
+        raise ValueError(f"{file} is not a safetensors file (shorter than its 8-byte header size).")
+    (size,) = struct.unpack("<Q", size_bytes)
+    try:
+        header = json.loads(file.read(8, size))
+    except ValueError as e:
+        raise ValueError(f"{file}: unreadable safetensors header ({e}); the file is damaged.") from None
+    entries = {}
+    ends = [info["data_offsets"][1] for name, info in header.items() if name != "__metadata__"]
+    truncated = bool(ends) and not file.holds(8 + size + max(ends))
     for name, info in header.items():
         if name == "__metadata__":
             continue
@@ -59,7 +139,7 @@ def read_header(file: Path) -> dict[str, TensorEntry]:
             raise ConfigError(f"{file}: tensor {name} has dtype {info['dtype']}; supported: {sorted(FILE_DTYPES)}.")
         start, end = info["data_offsets"]
         dtype, shape = np.dtype(FILE_DTYPES[info["dtype"]]), tuple(info["shape"])
-        if end - start != math.prod(shape) * dtype.itemsize or 8 + size + end > file_size:
+        if end - start != math.prod(shape) * dtype.itemsize or (truncated and not file.holds(8 + size + end)):
             raise ValueError(f"{file}: tensor {name} is truncated; the file is damaged, re-download it.")
         entries[name] = TensorEntry(file, dtype, shape, 8 + size + start)
     return entries
@@ -69,11 +149,7 @@ def read_rows(entry: TensorEntry, rows: slice) -> np.ndarray:
     """Rows [start, stop) of a tensor's leading axis (the whole tensor for a scalar), read from disk."""
     row = math.prod(entry.shape[1:]) * entry.dtype.itemsize
     count = rows.stop - rows.start
-    fd = os.open(entry.file, os.O_RDONLY)
-    try:
-        data = os.pread(fd, count * row, entry.offset + rows.start * row)
-    finally:
-        os.close(fd)
+    data = entry.file.read(entry.offset + rows.start * row, count * row)
     return np.frombuffer(data, entry.dtype).reshape(count, *entry.shape[1:])
 
 
@@ -121,19 +197,28 @@ LAYOUTS = {  # parameters that are not vectors stored as they are
 
 
 def _tensor_index(path: Path) -> dict[str, TensorEntry]:
-    """Every tensor of a model directory by canonical name (the multimodal prefix removed)."""
+    """Every tensor of a model directory by canonical name (the multimodal prefix removed);
+    a mirror's (see `mirror_remote`) are on its store."""
+    marker = path / REMOTE_MARKER
+    url = marker.read_text() if marker.exists() else None
+    present = set(_store(url).list().result()) if url else None
+
+    def exists(name: str) -> bool:
+        return (path / name).exists() if url is None else name.encode() in present
+
     index = path / "model.safetensors.index.json"
     if index.exists():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (path / "model.safetensors").exists():
+    elif exists("model.safetensors"):
         files = ["model.safetensors"]
     else:
-        raise FileNotFoundError(f"{path} has neither model.safetensors nor model.safetensors.index.json.")
+        raise FileNotFoundError(f"{url or path} has neither model.safetensors nor model.safetensors.index.json.")
     entries = {}
     for file in files:
-        if not (path / file).exists():
-            raise FileNotFoundError(f"{path / file} is listed in the index but missing; re-download the model.")
-        for key, entry in read_header(path / file).items():
+        if not exists(file):
+            raise FileNotFoundError(f"{url or path}{'' if url else '/'}{file} is listed in the index but missing; "
+                                    "re-download the model.")
+        for key, entry in read_header(Source(path / file, url)).items():
             entries[re.sub(r"^(model\.)?language_model\.(model\.)?", "model.", key)] = entry
     return entries
 
