@@ -73,32 +73,63 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
 def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A mesh from axis sizes, e.g. {"data": 2, "fsdp": 2, "tensor": 2}.
 
-    Missing base axes get size 1; one axis may be -1 to take the remaining devices.
+    Missing base axes get size 1; one axis may be -1 to take the remaining devices. A "dcn"
+    entry, e.g. {"data": 4, "fsdp": 64, "dcn": {"data": 4}}, says how many ways each axis
+    spans the slow network: TPU slices (multi-slice), or processes where devices have no
+    slice (GPU nodes). Each slice then holds a whole block of the other axes, so only the
+    dcn axes' collectives (data-parallel gradient sums) cross it.
     """
     devices = list(jax.devices() if devices is None else devices)
-    sizes = {axis: 1 for axis in BASE_AXES} | {k: int(v) for k, v in dict(shape).items()}
+    return Mesh(device_grid(shape, devices), tuple(_sizes(shape, len(devices))))
+
+
+def _sizes(shape: Mapping[str, int], device_count: int) -> dict[str, int]:
+    sizes = {axis: 1 for axis in BASE_AXES} | {k: int(v) for k, v in dict(shape).items() if k != "dcn"}
     free = [axis for axis, size in sizes.items() if size == -1]
     if len(free) > 1:
         raise ValueError(f"only one mesh axis may be -1, got {free}.")
     known = math.prod(size for size in sizes.values() if size != -1)
     if free:
-        if len(devices) % known:
-            raise ValueError(f"{len(devices)} devices do not divide over the fixed mesh axes {sizes}.")
-        sizes[free[0]] = len(devices) // known
-    if math.prod(sizes.values()) != len(devices):
+        if device_count % known:
+            raise ValueError(f"{device_count} devices do not divide over the fixed mesh axes {sizes}.")
+        sizes[free[0]] = device_count // known
+    if math.prod(sizes.values()) != device_count:
         raise ValueError(
-            f"mesh {sizes} needs {math.prod(sizes.values())} devices but {len(devices)} are available; "
+            f"mesh {sizes} needs {math.prod(sizes.values())} devices but {device_count} are available; "
             "change the sizes or set one axis to -1."
         )
-    shape = tuple(sizes.values())
-    try:  # on GPUs and TPUs: neighbours along the inner (tensor) axes share the fastest links
-        from jax.experimental import mesh_utils
+    return sizes
 
-        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+
+def device_grid(shape: Mapping[str, int], devices: Sequence) -> np.ndarray:
+    """The devices laid out as the mesh `shape` (see `make_mesh`), topology-aware where JAX
+    knows the topology (GPUs, TPUs), in their order otherwise."""
+    from jax.experimental import mesh_utils
+
+    sizes = _sizes(shape, len(devices))
+    dcn = dict(shape.get("dcn") or {})
+    unknown = set(dcn) - set(sizes)
+    if unknown:
+        raise ValueError(f"mesh.dcn names axes {sorted(unknown)} that the mesh {sizes} does not have.")
+    dcn = [int(dcn.get(axis, 1)) for axis in sizes]
+    if math.prod(dcn) > 1:
+        by_slice = hasattr(devices[0], "slice_index")
+        granules = len({d.slice_index if by_slice else d.process_index for d in devices})
+        if math.prod(dcn) != granules:
+            raise ValueError(f"mesh.dcn {dict(zip(sizes, dcn, strict=True))} spans {math.prod(dcn)} "
+                             f"{'slices' if by_slice else 'processes'}, but the devices are on {granules}.")
+        bad = [axis for axis, d in zip(sizes, dcn, strict=True) if sizes[axis] % d]
+        if bad:
+            raise ValueError(f"mesh axes {bad} do not split {dict(zip(sizes, dcn, strict=True))} ways over the "
+                             f"slow network; each must be a multiple of its dcn ways.")
+        ici = [size // d for size, d in zip(sizes.values(), dcn, strict=True)]
+        return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=not by_slice,
+                                                    allow_split_physical_axes=True)
+    try:  # on GPUs and TPUs: neighbours along the inner (tensor) axes share the fastest links
+        return mesh_utils.create_device_mesh(tuple(sizes.values()), devices, allow_split_physical_axes=True)
     except (ValueError, NotImplementedError, AssertionError) as err:
         log.info("no topology-aware layout for mesh %s (%s); devices in order", sizes, err)
-        grid = np.asarray(devices).reshape(shape)
-    return Mesh(grid, tuple(sizes))
+        return np.asarray(devices).reshape(tuple(sizes.values()))
 
 
 def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,

@@ -30,6 +30,49 @@ def test_mesh_from_config_fills_missing_axes_and_one_free_axis():
         mesh_lib.make_mesh({"data": -1, "fsdp": -1})
 
 
+def test_hybrid_mesh_keeps_each_slice_or_process_a_whole_block_of_the_fast_axes():
+    """mesh.dcn: the data axis crosses slices (TPU multi-slice) or processes (GPU nodes); every
+    other axis, and each dcn axis's inner part, stays within one slice. Devices stand in as
+    objects, as no CPU has slices."""
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class Chip:
+        id: int
+        process_index: int
+        slice_index: int
+        platform: str = "cpu"
+        device_kind: str = "cpu"
+
+    @dataclasses.dataclass(frozen=True)
+    class Gpu:
+        id: int
+        process_index: int
+        platform: str = "cpu"
+        device_kind: str = "cpu"
+
+    chips = [Chip(i, process_index=i // 4, slice_index=i // 8) for i in range(32)]  # 4 slices x 8
+    grid = mesh_lib.device_grid({"data": 4, "fsdp": 8, "dcn": {"data": 4}}, chips)
+    assert grid.shape == (4, 8, 1)
+    for row in range(4):  # each data index is one slice: fsdp collectives never leave it
+        assert {d.slice_index for d in grid[row].ravel()} == {row}
+    grid = mesh_lib.device_grid({"data": 4, "fsdp": 8, "dcn": {"data": 2, "fsdp": 2}}, chips)
+    slices = np.vectorize(lambda d: d.slice_index)(grid)[:, :, 0]
+    assert (slices[:2, :4] == slices[0, 0]).all() and len(np.unique(slices)) == 4  # 2x4 blocks per slice
+
+    gpus = [Gpu(i, process_index=i // 8) for i in range(16)]  # 2 nodes x 8 GPUs: processes are granules
+    grid = mesh_lib.device_grid({"data": 2, "fsdp": 8, "dcn": {"data": 2}}, gpus)
+    assert [{d.process_index for d in grid[r].ravel()} for r in range(2)] == [{0}, {1}]
+
+    with pytest.raises(ValueError, match="spans 2 slices, but the devices are on 4"):
+        mesh_lib.device_grid({"data": 4, "fsdp": 8, "dcn": {"data": 2}}, chips)
+    with pytest.raises(ValueError, match=r"axes \['data'\] do not split"):
+        mesh_lib.device_grid({"data": 2, "fsdp": 16, "dcn": {"data": 4}}, chips)
+    with pytest.raises(ValueError, match="does not have"):
+        mesh_lib.device_grid({"data": 32, "dcn": {"pipeline": 4}}, chips)
+    assert dict(mesh_lib.make_mesh({"data": -1, "dcn": {"data": 1}}).shape)["data"] == 8  # one granule: plain mesh
+
+
 def test_logical_rules_split_what_divides_and_replicate_the_rest():
     mesh = mesh_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     assert mesh_lib.logical_to_spec(("embed", "heads", "head_dim"), (64, 4, 16), mesh) == P("fsdp", "tensor", None)

@@ -69,7 +69,9 @@ def get_config():
                                             mean_at_k=0))
     # resume_from=N restarts from checkpoint N (later ones are deleted); 0 resumes from the latest.
     c.checkpoint = ml_collections.ConfigDict(dict(every=8, keep=2, resume_from=0))
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: all remaining devices
+    # -1: all remaining devices. dcn: how many ways each axis crosses the slow network (TPU
+    # slices, GPU nodes); e.g. data=4 with dcn.data=2 runs two data-parallel replicas per slice.
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn=dict(data=1, fsdp=1, tensor=1)))
     # Multi-process (GPU clusters, TPU pods): num_processes=-1 lets JAX discover everything;
     # launch/ has the scripts. 1 = a single process, no jax.distributed. local_device_ids: "0,1,..." the
     # accelerators this process drives ("" = JAX's choice).
