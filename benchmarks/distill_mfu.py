@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/distill_mfu.py                       # Llama-3.2-1B shape, bf16 compute, on a GPU
     .venv/bin/python benchmarks/distill_mfu.py --preset=tiny --peak-tflops=0.3   # a CPU smoke run
+    .venv/bin/python benchmarks/distill_mfu.py --preset=qwen3-8b --layers=8 --param-dtype=bfloat16 --remat
+                                                            # Qwen3-8B width, as many layers as fit one GPU
 
 A random-initialised Llama of the chosen shape runs jaxdistill's jitted step on a paired
 batch (student pCoT + teacher pTeacher rows, random tokens) with the default target and
@@ -20,9 +22,11 @@ import json
 
 from distill_step import time_train_step  # benchmarks/ is on sys.path when a script here runs
 
-PRESETS = {  # Llama-3.2-1B's shape (tied embeddings), and a tiny one for CPU smoke runs
+PRESETS = {  # Llama-3.2-1B's and Qwen3-8B's shapes, and a tiny one for CPU smoke runs
     "llama-1b": dict(vocab_size=128256, d_model=2048, d_ff=8192, num_layers=16, num_heads=32, num_kv_heads=8,
                      head_dim=64, rope_theta=500000.0),
+    "qwen3-8b": dict(vocab_size=151936, d_model=4096, d_ff=12288, num_layers=36, num_heads=32, num_kv_heads=8,
+                     head_dim=128, rope_theta=1000000.0, qk_norm=True, tie_embeddings=False),
     "tiny": dict(vocab_size=4096, d_model=256, d_ff=768, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64),
 }
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, SXM parts
@@ -42,6 +46,7 @@ def step_flops(c, problems: int, seq: int, generated: int) -> float:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="llama-1b")
+    parser.add_argument("--layers", type=int, default=0, help="override the preset's layer count (0: keep)")
     parser.add_argument("--problems", type=int, default=8)
     parser.add_argument("--prompt", type=int, default=256, help="pCoT tokens; pTeacher adds --hint more")
     parser.add_argument("--hint", type=int, default=128)
@@ -65,7 +70,8 @@ def main():
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in device.device_kind), 0.0)
     if not peak:
         raise SystemExit(f"no peak FLOP/s known for {device.device_kind!r}; pass --peak-tflops.")
-    config = ModelConfig(arch="llama", **PRESETS[args.preset])
+    shape = PRESETS[args.preset] | ({"num_layers": args.layers} if args.layers else {})
+    config = ModelConfig(arch="qwen3" if args.preset.startswith("qwen3") else "llama", **shape)
     model = Decoder(config, rngs=nnx.Rngs(0), param_dtype=jnp.dtype(args.param_dtype),
                     compute_dtype=jnp.dtype(args.compute_dtype), remat=args.remat)
     rng = np.random.default_rng(0)
