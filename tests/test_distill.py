@@ -254,6 +254,34 @@ def test_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
     assert sorted(p.name for p in (resumed / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
 
 
+def test_a_finished_run_loads_by_its_workdir_as_its_final_model(tmp_path, monkeypatch):
+    """models.load(workdir) gives the parameters the run ended with (as a teacher, or to sample)."""
+    from flax import nnx
+
+    from jaxdistill.errors import RunError
+    from jaxdistill.models import load
+
+    def params(model):
+        return [np.asarray(v.get_value()) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+
+    final = []
+    real_evaluate = train_lib.evaluate
+    monkeypatch.setattr(train_lib, "evaluate", lambda model, *a, **k: final.append(params(model))
+                        or real_evaluate(model, *a, **k))
+    config = tiny_run_config(tmp_path / "run", steps=2)
+    config.eval.after = True
+    with pytest.raises(RunError, match="not a finished jaxdistill training run"):
+        train_lib.load_trained(tmp_path / "run")
+    train_lib.run(config)
+    trained, tokenizer = load(tmp_path / "run")
+    base = params(load("smollm2-135m-instruct")[0])
+    moved = 0
+    for ours, theirs, before in zip(params(trained), final[-1], base, strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+        moved += not np.array_equal(ours, before)
+    assert moved > 0 and tokenizer.eos_ids
+
+
 def test_samples_per_problem_samples_each_problem_that_many_times(tmp_path, monkeypatch):
     config = tiny_run_config(tmp_path / "samples", steps=1)
     config.samples_per_problem = 3

@@ -17,6 +17,13 @@ and located negatives (negatives.jsonl, preference pairs), against best-of-N sam
 the best single teacher at equal generated tokens over `seeds` seeds. Decoding is greedy by
 default, so one seed is exact for the arms; with temperature > 0 every arm runs `seeds`
 times. Finished arms and searched problems are saved, so an interrupted run resumes.
+A fourth teacher, a SmolLM2 copy fine-tuned by this project (SFT on the training split's
+reference solutions), joins with the config argument: produce it once (about 10 minutes),
+then name its work directory; it stacks with the base SmolLM2 on the teacher axis.
+
+    python experiments/self_distill/grid.py --arms=sft --seeds=0     # -> runs/grid/sft-s0
+    python -m jaxdistill teachers --config=experiments/teachers/default.py:runs/grid/sft-s0
+
 On a 2-core CPU the arms and the diversity pass take about 20 minutes. The branch search
 compiles once per live-branch bucket (about 3 minutes for the first problem), so the default
 searches 2 problems; --config.search.problems=0 skips it.
@@ -29,14 +36,15 @@ def teacher(name, model, style="chat", **kw):
     return dict(name=name, model=model, style=style, **kw)
 
 
-def get_config():
+def get_config(finetuned: str = ""):
+    """`finetuned`: the work directory of a finished self-distill training run (e.g. the SFT arm's)."""
     c = ml_collections.ConfigDict()
-    c.workdir = "runs/teachers/default"
+    c.workdir = "runs/teachers/default" if not finetuned else "runs/teachers/with-finetuned"
     c.teachers = [
         teacher("smollm2-chat", "smollm2-135m-instruct"),
         teacher("smollm2-fewshot", "smollm2-135m-instruct", "fewshot"),
         teacher("gemma3-fewshot", "gemma3-270m", "fewshot"),
-    ]
+    ] + ([teacher("smollm2-sft-chat", finetuned)] if finetuned else [])
     # The vocabulary the stack decodes in: a teacher's model ("" = the first teacher's, SmolLM2, the student's
     # in this project). gemma3-270m (the larger vocabulary) keeps every stream closer to its own tokenisation
     # but measured lower (docs/teachers.md).

@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 
 import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 from tqdm.auto import tqdm
 
@@ -39,7 +41,7 @@ from jaxdistill.distill import step as step_lib
 from jaxdistill.distill.losses import LossConfig, TargetConfig
 from jaxdistill.distill.prompts import PromptConfig, prompt_pair
 from jaxdistill.distill.targets import blend_logits
-from jaxdistill.errors import ConfigError, DataError
+from jaxdistill.errors import ConfigError, DataError, RunError
 from jaxdistill.eval import metrics as metrics_lib
 from jaxdistill.eval.harness import evaluate, format_table
 from jaxdistill.models import load
@@ -67,6 +69,28 @@ class GuidedRule:
         target = blend_logits(teacher, student, self.teacher_weight, self.fixed_k)
         token = jax.vmap(jax.random.categorical)(keys[0::2], target / self.temperature)  # the student row's key
         return jnp.repeat(token, 2).astype(jnp.int32)
+
+
+def load_trained(workdir, *, mesh=None):
+    """The model a finished training run ends with (its last checkpoint) and its tokenizer:
+    `models.load(workdir)` comes here, so a run's output can be sampled, evaluated, trained
+    further or stacked as a teacher by naming its work directory."""
+    import ml_collections
+
+    directory = epath.Path(os.path.abspath(os.path.expanduser(str(workdir))))
+    if not (directory / "summary.json").exists():
+        raise RunError(f"{directory} has no summary.json: not a finished jaxdistill training run (finish or "
+                       "resume it with the same --config.workdir first).")
+    config = ml_collections.ConfigDict(json.loads((directory / "summary.json").read_text())["config"])
+    model, tokenizer = load(config.model, dtype=config.dtype, compute_dtype=config.compute_dtype or None,
+                            mesh=mesh, attention=config.get("attention", "xla"))
+    tx = step_lib.make_optimizer(step_lib.OptimConfig(**config.optim, total_steps=config.steps))
+    graphdef, state = step_lib.init_state(model, tx, frozen_teacher=config.frozen_teacher, mesh=mesh)
+    with runs.Checkpoints(directory / "checkpoints", keep=config.checkpoint.keep) as checkpoints:
+        restored = checkpoints.restore(state)
+    if restored is None:
+        raise RunError(f"{directory / 'checkpoints'} holds no checkpoint.")
+    return nnx.merge(graphdef, restored[1].params), tokenizer
 
 
 def target_for(config) -> TargetConfig:

@@ -334,9 +334,21 @@ def read_weights(path: Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
     return read_hf_directory(path) if path.is_dir() else read_gguf(path)
 
 
+def training_run(name_or_path: str | Path) -> dict | None:
+    """The config of the jaxdistill training run in this work directory, or None if it is none."""
+    path = Path(str(name_or_path)).expanduser()
+    summary = path / "summary.json"
+    if "://" in str(name_or_path) or not summary.exists() or not (path / "checkpoints").is_dir():
+        return None
+    return json.loads(summary.read_text())["config"]
+
+
 def describe(name_or_path: str | Path) -> tuple[ModelConfig, Tokenizer]:
     """A model's config and tokenizer without its weights: enough to validate data against
     the model (lengths, vocabulary) before paying for the weights."""
+    run = training_run(name_or_path)
+    if run is not None:
+        return describe(run["model"])
     path = resolve(name_or_path)
     config = read_config(path)
     return config, load_tokenizer(path, arch=config.arch, gguf_fields=lambda: _gguf_reader(path).fields)
@@ -354,15 +366,20 @@ def load(
     """Load a model and its tokenizer.
 
     `name_or_path`: a built-in name ("smollm2-135m-instruct", "gemma3-270m"), a .gguf
-    file, or a Hugging Face directory with config.json and safetensors, local or on an
+    file, a Hugging Face directory with config.json and safetensors, local or on an
     object store (gs://...; streamed: each process reads only the slices its devices hold,
-    see `streaming.py`). `dtype` is the
+    see `streaming.py`), or the work directory of a finished jaxdistill training run (its
+    last checkpoint, in the run's dtype; `distill.train.load_trained`). `dtype` is the
     parameter dtype, `compute_dtype` that of activations (default: `dtype`). With a
     `mesh`, parameters are created directly in their shardings. `remat` and `attention`: see
     `Decoder`.
     """
     from jaxdistill.models.streaming import load_hf_streaming
 
+    if training_run(name_or_path) is not None:
+        from jaxdistill.distill.train import load_trained
+
+        return load_trained(name_or_path, mesh=mesh)
     path = resolve(name_or_path)
     _check_kind(path)
     if path.is_dir():  # safetensors: read slice by slice into the shardings
