@@ -27,3 +27,13 @@ batch = mesh_lib.host_to_global(local_rows, mesh)
 logits = jax.jit(lambda m, x: m(x))(model, batch)
 gathered = multihost_utils.process_allgather(logits, tiled=True)
 np.save(out, np.asarray(gathered))
+
+# Sampling this process's rows: repeated prompts share their prefill across processes, and
+# rows that end early leave the batch (compaction) while the others decode on.
+from helpers import SAMPLING_PROMPTS, SAMPLING_SETTINGS  # noqa: E402
+
+from jaxdistill import sampling  # noqa: E402
+
+mine = SAMPLING_PROMPTS[8 * process_id : 8 * process_id + 8]
+generated = sampling.generate(model, mine, mesh=mesh, **SAMPLING_SETTINGS)
+np.save(out.replace(".npy", "_tokens.npy"), generated.tokens)

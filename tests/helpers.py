@@ -2,6 +2,7 @@
 
 from flax import nnx
 
+from jaxdistill import sampling
 from jaxdistill.models import Decoder, ModelConfig
 
 
@@ -16,3 +17,9 @@ def tiny_config(**overrides) -> ModelConfig:
 
 def tiny_model(seed=0, **overrides) -> Decoder:
     return Decoder(tiny_config(**overrides), rngs=nnx.Rngs(seed))
+
+
+# The two-process sampling check (distributed_worker.py): 16 rows, 8 per process, with repeats
+# (prefix sharing) and stop ids that end some rows early (compaction every 4 steps).
+SAMPLING_PROMPTS = [[1, 5, 9], [3, 3], [7], [1, 5, 9], [6, 2], [9], [3, 3], [8]] * 2
+SAMPLING_SETTINGS = dict(max_new_tokens=24, rule=sampling.Sample(1.5), rng=11, eos_ids=(2, 3, 4), compact_every=4)

@@ -128,6 +128,13 @@ def test_two_processes_on_localhost_agree_with_one(tmp_path):
     out0, out1 = np.load(tmp_path / "out0.npy"), np.load(tmp_path / "out1.npy")
     np.testing.assert_array_equal(out0, out1)
     np.testing.assert_allclose(out0, expected, atol=1e-5)
+    # each process sampled its own rows, exactly as one process samples the whole batch
+    from helpers import SAMPLING_PROMPTS, SAMPLING_SETTINGS
+
+    alone = sampling.generate(tiny_model(seed=0), SAMPLING_PROMPTS, **SAMPLING_SETTINGS)
+    assert alone.lengths.min() < 8 < alone.lengths.max()  # some rows left early
+    together = np.concatenate([np.load(tmp_path / f"out{i}_tokens.npy") for i in range(2)])
+    np.testing.assert_array_equal(together, alone.tokens)
 
 
 def test_local_rows_cover_the_batch_in_order_on_one_process():
