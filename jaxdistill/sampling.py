@@ -168,8 +168,11 @@ def generate(
         rows, width = mesh_lib.process_max([-(-rows // ways) * ways, width])
         ways *= jax.process_count()
     unique = list(dict.fromkeys(tuple(p) for p in prompts))
+    repeats = len(unique) < len(prompts)
+    if mesh is not None:  # one decision for all processes: they run the same program
+        repeats = bool(mesh_lib.process_max([int(repeats)])[0])
     expand = None
-    if share_prompts and len(unique) < len(prompts):
+    if share_prompts and repeats:
         # Repeated prompts (several samples each) are prefilled once. One more row than the
         # unique prompts, so filler rows copy an empty (finished) prompt.
         unique_rows = bucket(len(unique) + 1, minimum=1)

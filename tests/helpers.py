@@ -20,6 +20,8 @@ def tiny_model(seed=0, **overrides) -> Decoder:
 
 
 # The two-process sampling check (distributed_worker.py): 16 rows, 8 per process, with repeats
-# (prefix sharing) and stop ids that end some rows early (compaction every 4 steps).
-SAMPLING_PROMPTS = [[1, 5, 9], [3, 3], [7], [1, 5, 9], [6, 2], [9], [3, 3], [8]] * 2
+# in the first process's rows only (prefix sharing, decided for both) and stop ids that end
+# some rows early (compaction every 4 steps).
+SAMPLING_PROMPTS = ([[1, 5, 9], [3, 3], [7], [1, 5, 9], [6, 2], [9], [3, 3], [8]]
+                    + [[1, 5, 9], [3, 3], [7], [4, 4], [6, 2], [9], [5], [8]])
 SAMPLING_SETTINGS = dict(max_new_tokens=24, rule=sampling.Sample(1.5), rng=11, eos_ids=(2, 3, 4), compact_every=4)
