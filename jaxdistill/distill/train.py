@@ -77,11 +77,14 @@ def load_trained(workdir, *, mesh=None):
     further or stacked as a teacher by naming its work directory."""
     import ml_collections
 
+    from jaxdistill.models.loading import training_run
+
     directory = epath.Path(os.path.abspath(os.path.expanduser(str(workdir))))
-    if not (directory / "summary.json").exists():
-        raise RunError(f"{directory} has no summary.json: not a finished jaxdistill training run (finish or "
-                       "resume it with the same --config.workdir first).")
-    config = ml_collections.ConfigDict(json.loads((directory / "summary.json").read_text())["config"])
+    run = training_run(directory)
+    if run is None:
+        raise RunError(f"{directory} has no summary.json and checkpoints: not a finished jaxdistill training run "
+                       "(finish or resume it with the same --config.workdir first).")
+    config = ml_collections.ConfigDict(run)
     model, tokenizer = load(config.model, dtype=config.dtype, compute_dtype=config.compute_dtype or None,
                             mesh=mesh, attention=config.get("attention", "xla"))
     tx = step_lib.make_optimizer(step_lib.OptimConfig(**config.optim, total_steps=config.steps))

@@ -336,9 +336,11 @@ def read_weights(path: Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
 
 def training_run(name_or_path: str | Path) -> dict | None:
     """The config of the jaxdistill training run in this work directory, or None if it is none."""
+    from jaxdistill.models.streaming import is_url
+
     path = Path(str(name_or_path)).expanduser()
     summary = path / "summary.json"
-    if "://" in str(name_or_path) or not summary.exists() or not (path / "checkpoints").is_dir():
+    if is_url(name_or_path) or not summary.exists() or not (path / "checkpoints").is_dir():
         return None
     return json.loads(summary.read_text())["config"]
 

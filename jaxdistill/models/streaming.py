@@ -49,13 +49,11 @@ def is_url(name: str) -> bool:
 def mirror_remote(url: str) -> Path:
     """A local directory with every top-level file of the remote model directory `url` except
     its safetensors, which stay on the store (their URL is written to REMOTE_MARKER)."""
-    import tensorstore as ts
-
     from jaxdistill.models.tokenizer import cache_dir
 
     url = url.rstrip("/") + "/"
     try:
-        store = ts.KvStore.open(url).result()
+        store = _store(url)
         keys = [k.decode() for k in store.list().result()]
     except Exception as e:  # tensorstore raises ValueError/RuntimeError with the store's message
         raise FileNotFoundError(f"cannot list the model directory {url}: {e}") from None
