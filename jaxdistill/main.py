@@ -27,6 +27,8 @@ COMMANDS = {
               "experiments/router/default.py"),
     "teachers": ("jaxdistill.teachers.run:run", "teacher stack: single teachers vs aggregation rules, diversity",
                  "experiments/teachers/default.py"),
+    "prune": ("jaxdistill.teachers.pruning:run", "branch search: learned (PPO) vs heuristic pruning",
+              "experiments/teachers/pruning.py"),
     "sample": ("jaxdistill.main:sample", "chat with, or complete from, any loadable model",
                "experiments/sample/default.py"),
 }

@@ -132,6 +132,11 @@ def step(env: Env, rewards: Rewards, state: State, action) -> tuple[State, jax.A
     return next_state, reward, done
 
 
+def outcome(env: Env, state: State, action, next_state: State) -> dict[str, jax.Array]:
+    """What a transition that ends an episode reports to PPO: the delivered answer's quality, calls made."""
+    return {"quality": env.quality[next_state.question, next_state.node], "calls": next_state.t}
+
+
 def episode(env: Env, rewards: Rewards, question, policy, key) -> dict[str, jax.Array]:
     """Run one episode on a question with `policy(obs, state, key) -> action`; what it delivered."""
 

@@ -5,6 +5,12 @@ over updates, each collecting `num_steps` transitions from `num_envs` vectorised
 environments (auto-reset), computing GAE, and running `update_epochs` epochs of
 `num_minibatches` minibatches of the clipped-surrogate + value + entropy loss with optax.
 vmap it over keys (seeds) and alphas (the cost price) to train many policies in one call.
+
+The environment is the router's (`router/env.py`) unless `dynamics` names another module
+with the same pure functions: `reset(env, key)`, `observe(env, state)`, `step(env, rewards,
+state, action)` and `outcome(env, state, action, next_state)` (what a finished episode
+reports), e.g. `teachers/pruning.py`. `env` has `obs_dim` and `n_actions`; `rewards` has
+an `alpha` field, the cost price.
 """
 
 from __future__ import annotations
@@ -110,7 +116,7 @@ def gae(rewards, values, dones, last_value, discount: float, lam: float):
     return advantages, advantages + values
 
 
-def make_train(config: PPOConfig, env: env_lib.Env, rewards: env_lib.Rewards):
+def make_train(config: PPOConfig, env, rewards, dynamics=env_lib):
     """train(key, alpha) -> (policy params, per-update metrics); jit/vmap it."""
     graphdef = policy_graph(env, config)
     batch = config.num_envs * config.num_steps
@@ -118,9 +124,10 @@ def make_train(config: PPOConfig, env: env_lib.Env, rewards: env_lib.Rewards):
     steps_per_run = config.num_updates * config.update_epochs * config.num_minibatches
     lr = optax.linear_schedule(config.lr, 0.0, steps_per_run) if config.anneal_lr else config.lr
     tx = optax.chain(optax.clip_by_global_norm(config.max_grad_norm), optax.adam(lr, eps=1e-5))
-    step_all = jax.vmap(env_lib.step, in_axes=(None, None, 0, 0))
-    observe_all = jax.vmap(env_lib.observe, in_axes=(None, 0))
-    reset_all = jax.vmap(env_lib.reset, in_axes=(None, 0))
+    step_all = jax.vmap(dynamics.step, in_axes=(None, None, 0, 0))
+    observe_all = jax.vmap(dynamics.observe, in_axes=(None, 0))
+    reset_all = jax.vmap(dynamics.reset, in_axes=(None, 0))
+    outcome_all = jax.vmap(dynamics.outcome, in_axes=(None, 0, 0, 0))
 
     def loss_fn(params, mb):
         logits, value = apply(graphdef, params, mb["obs"])
@@ -152,11 +159,12 @@ def make_train(config: PPOConfig, env: env_lib.Env, rewards: env_lib.Rewards):
             logp = jnp.take_along_axis(jax.nn.log_softmax(logits), action[:, None], axis=-1)[:, 0]
             next_states, reward, done = step_all(env, r, states, action)
             fresh = reset_all(env, jax.random.split(reset_key, config.num_envs))
-            quality = env.quality[next_states.question, next_states.node]
-            next_states = jax.tree.map(lambda f, n: jnp.where(done, f, n), fresh, next_states)
+            outcome = outcome_all(env, states, action, next_states)
+            next_states = jax.tree.map(lambda f, n: jnp.where(done.reshape(-1, *[1] * (f.ndim - 1)), f, n),
+                                       fresh, next_states)
             running = running + reward
-            finished = {"return": jnp.where(done, running, 0.0), "quality": jnp.where(done, quality, 0.0),
-                        "calls": jnp.where(done, states.t + (action < env.n_experts), 0), "done": done}
+            finished = {"return": jnp.where(done, running, 0.0), "done": done}
+            finished |= {k: jnp.where(done, v, 0) for k, v in outcome.items()}
             transition = {"obs": obs, "action": action, "logp": logp, "value": value, "reward": reward,
                           "done": done}
             return (params, next_states, jnp.where(done, 0.0, running), key), (transition, finished)
@@ -189,7 +197,7 @@ def make_train(config: PPOConfig, env: env_lib.Env, rewards: env_lib.Rewards):
                                                       jax.random.split(epoch_key, config.update_epochs))
             episodes = jnp.maximum(finished["done"].sum(), 1)
             metrics = {k: v.mean() for k, v in stats.items()}
-            metrics |= {f"episode_{k}": finished[k].sum() / episodes for k in ("return", "quality", "calls")}
+            metrics |= {f"episode_{k}": finished[k].sum() / episodes for k in finished if k != "done"}
             metrics["episodes"] = finished["done"].sum()
             return (params, opt_state, states, running, key), metrics
 

@@ -64,6 +64,27 @@ def validate(config) -> None:
         raise ConfigError("search.problems must be >= 0 and search.baseline_temperature > 0.")
 
 
+def held_out(config):
+    """The held-out synthetic problems and the few-shot block (built from training problems)."""
+    d = config.data
+    synthetic = SyntheticConfig(steps=d.steps, max_start=d.max_start, max_operand=d.max_operand)
+    test = synthetic_records(d.eval_size, d.seed, synthetic, split="test")
+    return test, fewshot_block(synthetic_records(d.fewshot_examples, d.seed, synthetic, split="train"))
+
+
+def load_stack(config, fewshot: str) -> tuple[TeacherStack, dict]:
+    """The stack, and per group the pivot tokens it cannot take (needing more than `width` tokens)."""
+    teachers = [TeacherConfig.from_config(t) for t in config.teachers]
+    stack = TeacherStack(teachers, pivot=config.pivot or None, width=config.width, dtype=config.dtype,
+                         fewshot=fewshot)
+    excluded = {stack.teachers[g.teachers[0]].name: g.alignment.excluded for g in stack.groups}
+    print(f"teacher stack: {len(teachers)} teachers in {len(stack.groups)} groups "
+          f"{[[stack.names[i] for i in g.teachers] for g in stack.groups]}; pivot vocabulary "
+          f"{stack.pivot.vocab_size}, {int(stack.allowed.sum())} candidate tokens (pivot tokens needing more than "
+          f"{config.width} tokens in: {excluded})")
+    return stack, excluded
+
+
 def search_config(config) -> search_lib.SearchConfig:
     s = config.search
     return search_lib.SearchConfig(right=s.right, wrong=s.wrong, branch_entropy=s.branch_entropy, gap=s.gap,
@@ -99,19 +120,9 @@ def run(config) -> dict:
 
 def _run(config, workdir: Path) -> dict:
     start = time.perf_counter()
-    d = config.data
-    synthetic = SyntheticConfig(steps=d.steps, max_start=d.max_start, max_operand=d.max_operand)
-    test = synthetic_records(d.eval_size, d.seed, synthetic, split="test")
-    examples = synthetic_records(d.fewshot_examples, d.seed, synthetic, split="train")
-    teachers = [TeacherConfig.from_config(t) for t in config.teachers]
-    fewshot = fewshot_block(examples)
-    stack = TeacherStack(teachers, pivot=config.pivot or None, width=config.width, dtype=config.dtype,
-                         fewshot=fewshot)
-    excluded = {stack.teachers[g.teachers[0]].name: g.alignment.excluded for g in stack.groups}
-    print(f"teacher stack: {len(teachers)} teachers in {len(stack.groups)} groups "
-          f"{[[stack.names[i] for i in g.teachers] for g in stack.groups]}; pivot vocabulary "
-          f"{stack.pivot.vocab_size}, {int(stack.allowed.sum())} candidate tokens (pivot tokens needing more than "
-          f"{config.width} tokens in: {excluded})")
+    test, fewshot = held_out(config)
+    stack, excluded = load_stack(config, fewshot)
+    teachers = stack.teachers
 
     seeds = config.seeds if config.temperature > 0 else 1
     rule = sampling.rule_from_config(config.temperature)
@@ -278,15 +289,7 @@ def run_search(config, stack, problems, workdir: Path, singles, teachers, fewsho
     (workdir / "search").mkdir(exist_ok=True)
     found = []
     for record in tqdm(problems, desc="branch search: problems", unit="problem"):
-        path = workdir / "search" / f"{record.uid}.json"
-        if not path.exists():
-            t0 = time.perf_counter()
-            result = search_lib.search(stack, record, sc, aggregate=rule, top_k=config.top_k)
-            runs.atomic_write_text(path, json.dumps({
-                "uid": record.uid, "tokens": result.tokens, "pruned": result.pruned,
-                "seconds": time.perf_counter() - t0, "leaves": result.leaves,
-                "branches": [dataclasses.asdict(b) for b in result.branches]}))
-        found.append(json.loads(path.read_text()))
+        found.append(search_saved(stack, record, sc, rule, config.top_k, workdir / "search" / f"{record.uid}.json"))
 
     best = max(range(len(teachers)), key=lambda i: np.mean([r["accuracy"] for r in singles[i]]))
     alone = TeacherStack([teachers[best]], pivot=teachers[best].model, loaded=stack.models, fewshot=fewshot)
@@ -327,6 +330,18 @@ def run_search(config, stack, problems, workdir: Path, singles, teachers, fewsho
                        "solved": sum(r["gold"] > 0 for r in rows), "draws": sum(r["draws"] for r in rows)}
                       for rows in baseline],
     }
+
+
+def search_saved(stack, record, sc: search_lib.SearchConfig, rule, top_k: int, path: Path) -> dict:
+    """One problem's branch search as saved JSON (leaves and branches); read back if already saved."""
+    if not path.exists():
+        t0 = time.perf_counter()
+        result = search_lib.search(stack, record, sc, aggregate=rule, top_k=top_k)
+        runs.atomic_write_text(path, json.dumps({
+            "uid": record.uid, "tokens": result.tokens, "pruned": result.pruned,
+            "seconds": time.perf_counter() - t0, "leaves": result.leaves,
+            "branches": [dataclasses.asdict(b) for b in result.branches]}))
+    return json.loads(path.read_text())
 
 
 def write_traces(problems, found, stack, workdir: Path, rule=None, top_k: int = 10, trace_top: int = 0) -> None:

@@ -6,7 +6,8 @@ stack's top tokens) and `wrong` children (tokens some teacher ranks in its top f
 stack does not: plausible to a member, disfavoured by the consensus). Children copy their
 parent's KV caches (no new prefill) and all live branches decode as one batch. Pruning
 keeps at most `max_live` branches, the most confident first (mean top probability of the
-stack along the branch), drops those below `min_confidence`, and stops expanding once the
+stack along the branch), drops those below `min_confidence` (a branch that has not written a
+token yet has no confidence to judge and is kept), and stops expanding once the
 prompt's `token_budget` is spent. A branch ends at the end of its turn, after its final
 answer line, or at `max_new_tokens`.
 
@@ -67,6 +68,8 @@ class Branch:
     position: int  # the token index where it left its parent (0 for the root)
     proposals: dict | None = None  # at that point: the stack's and each teacher's top tokens
     proposer: str = ""  # wrong direction: the teacher that ranked the token highest
+    length: int = -1  # tokens on its path where it last paused, ended or was cut
+    features: dict | None = None  # at its last pause: what a pruning policy sees (see `pause_features`)
 
 
 @dataclasses.dataclass
@@ -98,6 +101,17 @@ def _children(top_ids, top_lp, config: SearchConfig, names: list[str], pivot) ->
     return [(t, "right", "") for t in right] + wrong
 
 
+def pause_features(top_ids, top_lp, mean_confidence: float) -> dict:
+    """What the stack looked like where a row paused (top_ids/top_lp [N + 1, C], row 0 the stack):
+    its top two probabilities, the entropy of its top C plus the rest as one outcome, the share
+    of teachers whose first choice is the stack's, and the row's mean top probability so far."""
+    p = np.exp(top_lp[0].astype(np.float64))
+    rest = max(1.0 - p.sum(), 0.0)
+    entropy = float(-(p * np.log(np.maximum(p, 1e-30))).sum() - (rest * np.log(rest) if rest > 0 else 0.0))
+    return {"top1": float(p[0]), "top2": float(p[1]), "entropy": entropy,
+            "agreement": float(np.mean(top_ids[1:, 0] == top_ids[0, 0])), "confidence": float(mean_confidence)}
+
+
 def _proposals(top_ids, top_lp, names, pivot) -> dict:
     out = {"stack": [(pivot.decode([int(t)]), round(float(np.exp(lp)), 3)) for t, lp in zip(top_ids[0], top_lp[0],
                                                                                           strict=True)]}
@@ -115,7 +129,7 @@ def search(stack: TeacherStack, record: Record, config: SearchConfig, *, aggrega
     settings = lockstep.Settings(
         graphdefs=tuple(g.graphdef for g in stack.groups), aggregate=aggregate, rule=rule, top_k=top_k,
         new_slots=slots, cache_steps=(config.max_levels + 1) * slots, pad_id=stack.pivot.pad_id,
-        branch_entropy=config.branch_entropy, proposals=max(config.right, config.wrong, 2))
+        branch_entropy=config.branch_entropy, proposals=max(config.right, config.wrong, 4))
     allowed = jnp.asarray(stack.allowed)
     state = lockstep.start(settings, groups, jax.random.key(seed))
     branches = [Branch(0, -1, "root", 0, 0)]
@@ -138,6 +152,9 @@ def search(stack: TeacherStack, record: Record, config: SearchConfig, *, aggrega
         parents, pending, after, new_rows = [], [], [], []
         for r, branch_id in enumerate(rows):
             branch = branches[branch_id]
+            branch.length = int(length[r])
+            if paused[r]:
+                branch.features = pause_features(top_ids[:, r], top_lp[:, r], mean_conf[r]) | {"tokens": branch.length}
             if done[r]:
                 ids = tokens[r][mask[r]].tolist()
                 text = stack.pivot.decode(ids)
@@ -148,7 +165,7 @@ def search(stack: TeacherStack, record: Record, config: SearchConfig, *, aggrega
             if not paused[r]:  # stopped by the cache capacity: cut
                 pruned += 1
                 continue
-            if mean_conf[r] < config.min_confidence or spent >= config.token_budget:
+            if (length[r] > 0 and mean_conf[r] < config.min_confidence) or spent >= config.token_budget:
                 pruned += 1
                 continue
             if branch.level >= config.max_levels:  # continue without branching again

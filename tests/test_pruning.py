@@ -1,0 +1,93 @@
+"""Learned pruning: replaying recorded search trees is the live search, and PPO learns from it."""
+
+import dataclasses
+import json
+
+import jax
+import numpy as np
+
+from jaxdistill.data.synthetic import synthetic_records
+from jaxdistill.router import ppo
+from jaxdistill.teachers import aggregate as agg
+from jaxdistill.teachers import pruning
+from jaxdistill.teachers import search as search_lib
+from jaxdistill.teachers.stack import TeacherConfig, TeacherStack, fewshot_block
+
+
+def _saved(result: search_lib.SearchResult) -> dict:
+    """What `teachers.run.search_saved` writes, through JSON."""
+    return json.loads(json.dumps({"uid": result.record.uid, "tokens": result.tokens, "pruned": result.pruned,
+                                  "seconds": 0.0, "leaves": result.leaves,
+                                  "branches": [dataclasses.asdict(b) for b in result.branches]}))
+
+
+def test_replaying_a_recorded_tree_is_the_live_search(smollm2):
+    """Expand-everything replays the complete search's tokens and gold; consensus-only is the stack's greedy
+    decode; the confidence pruner replays a live search run with that min_confidence."""
+    stack = TeacherStack([TeacherConfig("chat", "smollm2"), TeacherConfig("fewshot", "smollm2", style="fewshot")],
+                         loaded={"smollm2": smollm2}, fewshot=fewshot_block(synthetic_records(2, 0)))
+    record = synthetic_records(1, 5, split="test")[0]
+    complete = search_lib.SearchConfig(right=2, wrong=1, branch_entropy=0.8, gap=4, max_levels=2, max_live=9,
+                                       token_budget=9 * 24, max_new_tokens=24)
+    full = search_lib.search(stack, record, complete, aggregate=agg.MeanProbs())
+    assert full.pruned == 0 and len(full.leaves) >= 4  # it branched on both levels
+    trees = pruning.trees_from_searches([_saved(full)], complete)
+
+    everything = pruning.replay(trees, pruning.constant(pruning.EXPAND))
+    assert everything["tokens"][0] == full.tokens
+    assert everything["gold"][0] == sum(leaf["correct"] for leaf in full.leaves)
+
+    greedy = stack.run([record], aggregate=agg.MeanProbs(), max_new_tokens=24)
+    consensus = pruning.replay(trees, pruning.constant(pruning.CONTINUE))
+    assert consensus["tokens"][0] == greedy.mask[0].sum()
+    branch = 0  # follow child 0 down the tree: its leaf is the greedy text
+    while (kids := [b.id for b in full.branches if b.parent == branch]):
+        branch = kids[0]
+    leaf = next(leaf for leaf in full.leaves if leaf["branch"] == branch)
+    assert leaf["tokens"] == greedy.tokens[0, : greedy.mask[0].sum()].tolist()
+
+    assert pruning.replay(trees, pruning.constant(pruning.PRUNE))["tokens"][0] == full.branches[0].features["tokens"]
+
+    confidences = sorted(b.features["confidence"] for b in full.branches if b.features and b.features["tokens"])
+    threshold = confidences[len(confidences) // 2]  # prunes some branches, keeps others
+    live = search_lib.search(stack, record, dataclasses.replace(complete, min_confidence=threshold),
+                             aggregate=agg.MeanProbs())
+    replayed = pruning.replay(trees, pruning.confidence_pruner(threshold))
+    assert 0 < live.pruned and live.tokens < full.tokens
+    assert replayed["tokens"][0] == live.tokens
+    assert replayed["gold"][0] == sum(leaf["correct"] for leaf in live.leaves)
+
+
+def _toy_tree(uid: str, pays: bool, rng) -> dict:
+    """A root that pauses after 5 tokens, two right children (60 tokens, wrong answers) and one wrong-direction
+    child (20 tokens) that is verified only when `pays`; `agreement` tells the two kinds apart, the other
+    features are noise."""
+    features = {k: float(rng.uniform()) for k in ("top1", "top2", "entropy", "confidence")}
+    root = {"id": 0, "parent": -1, "kind": "root", "level": 0, "position": 0, "length": 5,
+            "features": features | {"agreement": 0.0 if pays else 1.0, "tokens": 5}}
+    kids = [{"id": i, "parent": 0, "kind": kind, "level": 1, "position": 5, "length": 5 + n, "features": None}
+            for i, kind, n in ((1, "right", 60), (2, "right", 60), (3, "wrong", 20))]
+    leaves = [{"branch": i, "correct": bool(pays and i == 3)} for i in (1, 2, 3)]
+    return {"uid": uid, "tokens": 145, "pruned": 0, "seconds": 0.0, "leaves": leaves, "branches": [root, *kids]}
+
+
+def test_ppo_learns_to_expand_only_where_the_wrong_direction_pays():
+    """Expanding costs 140 tokens: worth it (+1 gold) on half the problems, which a feature reveals. At a price
+    of 5 per 1,000 tokens the best policy expands those and prunes the rest; PPO finds it on held-out trees."""
+    rng = np.random.default_rng(0)
+    config = search_lib.SearchConfig(right=2, wrong=1, max_levels=1, max_live=3, max_new_tokens=96)
+    train = pruning.trees_from_searches([_toy_tree(f"t{i}", i % 2 == 0, rng) for i in range(16)], config)
+    test = pruning.trees_from_searches([_toy_tree(f"h{i}", i % 2 == 0, rng) for i in range(8)], config)
+    np.testing.assert_array_equal(pruning.replay(test, pruning.constant(pruning.EXPAND))["tokens"], 145.0)
+    np.testing.assert_array_equal(pruning.replay(test, pruning.constant(pruning.CONTINUE))["tokens"], 65.0)
+
+    ppo_config = ppo.PPOConfig(num_envs=16, num_steps=8, total_timesteps=16_384, hidden=(16,), discount=1.0,
+                                lr=1e-3)
+    train_fn = ppo.make_train(ppo_config, train, pruning.Price(), dynamics=pruning)
+    params, history = jax.jit(train_fn)(jax.random.key(0), 5.0)
+    graphdef = ppo.policy_graph(train, ppo_config)
+    out = pruning.replay(test, lambda obs: jax.numpy.argmax(ppo.apply(graphdef, params, obs)[0]))
+    pays = np.arange(8) % 2 == 0
+    np.testing.assert_array_equal(out["gold"], pays.astype(np.float32))  # expanded exactly where it pays
+    np.testing.assert_array_equal(out["tokens"], np.where(pays, 145.0, 5.0))  # and pruned the rest
+    assert history["episode_return"][-1] > history["episode_return"][0]
