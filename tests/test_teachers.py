@@ -232,3 +232,18 @@ def test_bad_settings_are_refused_before_any_model_loads(capsys, tmp_path, monke
 def test_a_teacher_that_cannot_load_is_named(tmp_path):
     with pytest.raises(ConfigError, match=r"teacher 'broken' cannot load '.*missing.gguf'"):
         TeacherStack([TeacherConfig("broken", str(tmp_path / "missing.gguf"))])
+
+
+def test_the_qa_task_gives_exact_answers_that_replies_are_matched_against():
+    import ml_collections
+
+    from jaxdistill.data.records import answer_matches
+    from jaxdistill.teachers import run as run_lib
+
+    config = ml_collections.ConfigDict({"data": dict(task="qa", seed=0, eval_size=8, fewshot_examples=4)})
+    test, fewshot = run_lib.held_out(config)
+    assert [r.answer for r in test[:4]] == ["54", "no", "Cairo", "positive"]  # one question per family
+    assert all(answer_matches(r.solution, r.answer) for r in test)
+    assert fewshot.count("\n#### ") == 4 and not any(r.problem in fewshot for r in test)
+    assert answer_matches("Noah lives there.\n#### cairo.", "Cairo") and not answer_matches("#### Lima", "Cairo")
+    assert not answer_matches("#### Cairo", None)  # no exact answer: never verified

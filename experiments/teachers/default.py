@@ -66,6 +66,7 @@ def get_config(finetuned: str = ""):
         problems=2, rule="mean_probs", right=2, wrong=2, branch_entropy=1.0, gap=6, max_levels=3, max_live=16,
         min_confidence=0.0, token_budget=768, max_new_tokens=96, baseline_temperature=0.7,
         trace_top=20))  # gold traces carry the stack's top-20 distribution per token (0: off)
-    c.data = ml_collections.ConfigDict(dict(seed=0, eval_size=32, fewshot_examples=2, steps=1, max_start=20,
-                                            max_operand=12))
+    # task: "math" (synthetic word problems) or "qa" (synthetic questions of four families, data/qa.py)
+    c.data = ml_collections.ConfigDict(dict(task="math", seed=0, eval_size=32, fewshot_examples=2, steps=1,
+                                            max_start=20, max_operand=12))
     return c

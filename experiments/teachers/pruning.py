@@ -30,6 +30,8 @@ def get_config(finetuned: str = ""):
     c.search.update(dict(right=2, wrong=1, max_levels=2, branch_entropy=1.0, gap=6, max_new_tokens=96))
     c.pruning = ml_collections.ConfigDict(dict(
         problems=32, train_problems=16, seed=0, seeds=3,
+        # the baseline: independent samples from one teacher with each held-out tree's tokens
+        best_of_n_teacher="smollm2-sft-chat" if finetuned else "smollm2-chat",
         alphas=(0.0, 1.0, 3.0, 10.0, 30.0),  # gold traces given up per 1,000 tokens
         thresholds=(0.0, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.01),
         ppo=dict(num_envs=64, num_steps=16, total_timesteps=100_000, update_epochs=4, num_minibatches=4,

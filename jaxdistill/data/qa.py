@@ -30,7 +30,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from jaxdistill.data.records import DataError, extract_answer, iter_jsonl, iter_tfds, require_field
+from jaxdistill.data.records import DataError, Record, extract_answer, iter_jsonl, iter_tfds, require_field
 from jaxdistill.eval.metrics import check_metric, normalize
 
 
@@ -187,6 +187,13 @@ def synthetic_questions(count: int, seed: int, split: str = "train", families: t
                             "family has too few distinct questions. Lower data.train_size or data.test_size.")
         out.append(Question(f"synthetic-{split}-{i}", text, (reference,), metric, family))
     return out
+
+
+def as_records(questions: list[Question]) -> list[Record]:
+    """Questions as records for the teacher stack and the self-distillation loaders: the reference is the exact
+    answer and the solution (the hint, and the few-shot examples' answers) states it on a '####' line."""
+    return [Record(q.uid, q.text, f"The answer is {q.references[0]}.\n#### {q.references[0]}", q.references[0])
+            for q in questions]
 
 
 def without_test_questions(train: list[Question], test: list[Question]) -> list[Question]:

@@ -49,6 +49,14 @@ def extract_answer(text: str) -> str | None:
     return value
 
 
+def answer_matches(text: str, answer: str | None) -> bool:
+    """Whether a reply's final answer (`extract_answer`) is `answer`, ignoring case, surrounding spaces and a
+    trailing full stop (so '#### Lima.' answers 'Lima'); False when the task has no exact answer."""
+    predicted = extract_answer(text)
+    canonical = lambda a: a.strip().rstrip(".").strip().lower()  # noqa: E731
+    return answer is not None and predicted is not None and canonical(predicted) == canonical(answer)
+
+
 def require_field(record: dict, field: str, where: str, kind=str) -> Any:
     if field not in record:
         raise DataError(f"{where}: missing field {field!r} (fields present: {sorted(record)}).")

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from jaxdistill import mesh as mesh_lib
 from jaxdistill import runs, sampling
 from jaxdistill.data import load_records
-from jaxdistill.data.records import Record, extract_answer
+from jaxdistill.data.records import Record, answer_matches
 from jaxdistill.distill import prompts as prompt_lib
 from jaxdistill.distill import step as step_lib
 from jaxdistill.distill.losses import LossConfig, TargetConfig
@@ -167,7 +167,7 @@ def sample_rows(tokenizer, records: list[Record], completions: list[list[int]], 
     texts = [tokenizer.decode(c, skip_special_tokens=True) for c in completions]
     pairs = list(zip(records, texts, strict=True))
     rows = {
-        "reward": [float(extract_answer(t) == r.answer) if r.answer is not None else np.nan for r, t in pairs],
+        "reward": [float(answer_matches(t, r.answer)) if r.answer is not None else np.nan for r, t in pairs],
         "length": [len(c) for c in completions],
         "ended": [c[-1] in (stops or tokenizer.eos_ids) for c in completions],
         "answer_line": [metrics_lib.has_answer_line(t) for t in texts],

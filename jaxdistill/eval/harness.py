@@ -26,7 +26,7 @@ from flax import nnx
 
 from jaxdistill import mesh as mesh_lib
 from jaxdistill import sampling
-from jaxdistill.data.records import Record, extract_answer
+from jaxdistill.data.records import Record, answer_matches
 from jaxdistill.distill.prompts import PromptConfig, end_id, prompt_pair, stop_ids
 from jaxdistill.distill.step import build_batch, completion_columns, padded_widths, split_contexts
 from jaxdistill.eval import metrics
@@ -114,9 +114,9 @@ def evaluate(model, tokenizer, records: list[Record], *, prompt_config: PromptCo
         student = gen([p[0] for p in pairs]).sequences()
         teacher = gen([p[1] for p in pairs]).sequences()
         nan_if_open = lambda r, ok: float(ok) if r.answer is not None else np.nan  # noqa: E731
-        per_record["correct"] += [nan_if_open(r, extract_answer(tokenizer.decode(s)) == r.answer)
+        per_record["correct"] += [nan_if_open(r, answer_matches(tokenizer.decode(s), r.answer))
                                   for r, s in zip(chunk, student, strict=True)]
-        per_record["correct_teacher"] += [nan_if_open(r, extract_answer(tokenizer.decode(t)) == r.answer)
+        per_record["correct_teacher"] += [nan_if_open(r, answer_matches(tokenizer.decode(t), r.answer))
                                           for r, t in zip(chunk, teacher, strict=True)]
         # Every row is scored (an empty response as a lone end token, left out of the means), so
         # every process makes the same calls.
@@ -157,7 +157,7 @@ def evaluate(model, tokenizer, records: list[Record], *, prompt_config: PromptCo
         for chunk in _batches(mine, max(batch_size // mean_at_k, 1)):
             prompts = [prompt_pair(tokenizer, r, prompt_config)[0] for r in chunk for _ in range(mean_at_k)]
             out = gen(prompts, rule=rule, rng=seed).sequences()
-            hits += [extract_answer(tokenizer.decode(s)) == r.answer
+            hits += [answer_matches(tokenizer.decode(s), r.answer)
                      for s, r in zip(out, [r for r in chunk for _ in range(mean_at_k)], strict=True)]
         hits = np.asarray(hits, np.float64).reshape(-1, mean_at_k).mean(axis=1)
         if mesh is not None:

@@ -41,6 +41,7 @@ from jaxdistill.router import ppo
 from jaxdistill.teachers import aggregate as agg_lib
 from jaxdistill.teachers import run as teachers_run
 from jaxdistill.teachers import search as search_lib
+from jaxdistill.teachers.stack import TeacherConfig, TeacherStack
 
 EXPAND, CONTINUE, PRUNE = 0, 1, 2
 FEATURES = ("top1", "top2", "entropy / 3", "agreement", "confidence", "path tokens / max_new_tokens",
@@ -227,6 +228,9 @@ def validate(config) -> None:
         (len(c.alphas) >= 1 and all(a >= 0 for a in c.alphas), f"pruning.alphas must be >= 0, got {c.alphas}."),
         (c.seeds >= 1, f"pruning.seeds must be >= 1, got {c.seeds}."),
         (config.search.max_levels >= 1, "the recorded search needs search.max_levels >= 1 to have choices."),
+        (c.best_of_n_teacher in [t["name"] for t in config.teachers],
+         f"pruning.best_of_n_teacher {c.best_of_n_teacher!r} is not a teacher; use one of "
+         f"{[t['name'] for t in config.teachers]}."),
     ]
     for ok, message in checks:
         if not ok:
@@ -256,6 +260,25 @@ def record(config, workdir: Path) -> tuple[list, list[dict]]:
     return problems, found
 
 
+def best_of_n(config, workdir: Path, problems, held_out: list[dict]) -> dict:
+    """Sampling from one teacher (`pruning.best_of_n_teacher`) on the held-out problems, each with the tokens
+    of its complete tree, over `pruning.seeds` seeds: gold traces and tokens per seed."""
+    c = config.pruning
+    by_uid = {r.uid: r for r in problems}
+    teacher = next(t for t in config.teachers if t["name"] == c.best_of_n_teacher)
+    paths = [workdir / "trees" / f"best-of-n-{teacher['name']}-seed{s}.json" for s in range(c.seeds)]
+    alone = None
+    if not all(p.exists() for p in paths):
+        config_ = TeacherConfig.from_config(teacher)
+        alone = TeacherStack([config_], pivot=config_.model, fewshot=teachers_run.held_out(config)[1])
+    rows = [teachers_run.best_of_n(alone, [by_uid[f["uid"]] for f in held_out], [f["tokens"] for f in held_out],
+                                   s, config.search.baseline_temperature, config.search.max_new_tokens, path)
+            for s, path in enumerate(paths)]
+    per_seed = [{"gold": sum(r["gold"] for r in seed_rows), "tokens": sum(r["tokens"] for r in seed_rows),
+                 "solved": sum(r["gold"] > 0 for r in seed_rows)} for seed_rows in rows]
+    return {"teacher": teacher["name"], "temperature": config.search.baseline_temperature, "seeds": per_seed}
+
+
 def _run(config, workdir: Path) -> dict:
     begin = time.perf_counter()
     c = config.pruning
@@ -266,8 +289,9 @@ def _run(config, workdir: Path) -> dict:
     if any(unpaused):
         print(f"left out, the search never paused (nothing to decide): {unpaused[0]} (training), "
               f"{unpaused[1]} (held out)", flush=True)
-    train, test = (trees_from_searches([f for f in part if f["branches"][0]["features"] is not None], sc)
-                   for part in parts)
+    parts = [[f for f in part if f["branches"][0]["features"] is not None] for part in parts]
+    train, test = (trees_from_searches(part, sc) for part in parts)
+    baseline = best_of_n(config, workdir, problems, parts[1])
 
     ppo_config = ppo.PPOConfig.from_config(c.ppo)
     train_fn = ppo.make_train(ppo_config, train, Price(), dynamics=sys.modules[__name__])
@@ -299,6 +323,7 @@ def _run(config, workdir: Path) -> dict:
               "learned": learned, "heuristic": heuristic, "fixed": fixed, "ppo_seconds": ppo_seconds,
               "record_seconds": sum(f["seconds"] for f in found), "features": list(FEATURES),
               "history": {k: np.asarray(v).tolist() for k, v in history.items() if k.startswith("episode_")}}
+    result["best_of_n"] = baseline
     result["equal_tokens"] = equal_token_comparison(learned, heuristic, c.seeds)
     plot(result, workdir / "pruning.png")
     summary = format_summary(result, config, time.perf_counter() - begin)
@@ -346,6 +371,10 @@ def plot(result: dict, path: Path) -> None:
                label="PPO pruner (each price and seed)")
     for name, r in result["fixed"].items():
         ax.scatter([r["tokens"]], [r["gold"]], marker="s", label=name)
+    b = result["best_of_n"]
+    gold = [r["gold"] for r in b["seeds"]]
+    ax.errorbar([np.mean([r["tokens"] for r in b["seeds"]])], [np.mean(gold)], yerr=[np.std(gold)], fmt="D",
+                color="tab:red", label=f"best-of-N from {b['teacher']} (mean ± std over seeds)")
     ax.set_xlabel(f"generated tokens over {result['test_problems']} held-out problems")
     ax.set_ylabel("gold traces found")
     ax.legend(fontsize=8)
@@ -363,6 +392,8 @@ def format_summary(result: dict, config, seconds: float) -> str:
              "Held-out problems, gold traces and generated tokens in total:", "",
              "| policy | gold | tokens | gold per 1k tokens | solved |", "|---|---:|---:|---:|---:|"]
     rows = [(name, r) for name, r in result["fixed"].items()]
+    b = result["best_of_n"]
+    rows += [(f"best-of-N from {b['teacher']} (T = {b['temperature']}), seed {s}", r) for s, r in enumerate(b["seeds"])]
     rows += [(f"heuristic, prune below confidence {r['threshold']:.2f}", r) for r in result["heuristic"]]
     rows += [(f"PPO, alpha {r['alpha']:g}, seed {r['seed']}", r) for r in result["learned"]]
     for name, r in rows:

@@ -20,9 +20,11 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from jaxdistill import runs, sampling
-from jaxdistill.data.records import extract_answer
+from jaxdistill.data import qa
+from jaxdistill.data.records import answer_matches
 from jaxdistill.data.synthetic import SyntheticConfig, synthetic_records
 from jaxdistill.errors import ConfigError
+from jaxdistill.eval.metrics import normalize
 from jaxdistill.teachers import aggregate as agg_lib
 from jaxdistill.teachers import search as search_lib
 from jaxdistill.teachers.stack import TeacherConfig, TeacherStack, fewshot_block, validate_teachers
@@ -57,6 +59,8 @@ def validate(config) -> None:
         if not ok:
             raise ConfigError(message)
     SyntheticConfig(steps=config.data.steps, max_start=config.data.max_start, max_operand=config.data.max_operand)
+    if config.data.get("task", "math") not in ("math", "qa"):
+        raise ConfigError(f"data.task must be 'math' or 'qa', got {config.data.task!r}.")
     search_config(config)
     if config.search.rule not in agg_lib.RULES:
         raise ConfigError(f"search.rule must be one of {sorted(agg_lib.RULES)}, got {config.search.rule!r}.")
@@ -65,8 +69,14 @@ def validate(config) -> None:
 
 
 def held_out(config):
-    """The held-out synthetic problems and the few-shot block (built from training problems)."""
+    """The held-out problems and the few-shot block (built from training problems). `data.task`: "math", the
+    synthetic word problems, or "qa", the synthetic questions of four families (multiplication, comparison,
+    extraction, sentiment: `data/qa.py`) answered on a '####' line and matched exactly."""
     d = config.data
+    if d.get("task", "math") == "qa":
+        test = qa.synthetic_questions(d.eval_size, d.seed, "test")
+        train = qa.synthetic_questions(d.fewshot_examples, d.seed, "train", exclude={normalize(q.text) for q in test})
+        return qa.as_records(test), fewshot_block(qa.as_records(train))
     synthetic = SyntheticConfig(steps=d.steps, max_start=d.max_start, max_operand=d.max_operand)
     test = synthetic_records(d.eval_size, d.seed, synthetic, split="test")
     return test, fewshot_block(synthetic_records(d.fewshot_examples, d.seed, synthetic, split="train"))
@@ -144,7 +154,7 @@ def _run(config, workdir: Path) -> dict:
             tokens += int(out.mask.sum())
             bar.update(len(batch))
             bar.set_postfix(arm=arm, seed=seed)
-        correct = [extract_answer(t) == r.answer for t, r in zip(texts, test, strict=True)]
+        correct = [answer_matches(t, r.answer) for t, r in zip(texts, test, strict=True)]
         row = {"arm": arm, "seed": seed, "accuracy": float(np.mean(correct)), "correct": correct, "texts": texts,
                "tokens": tokens, "seconds": time.perf_counter() - t0}
         runs.atomic_write_text(path, json.dumps(row))
@@ -293,27 +303,9 @@ def run_search(config, stack, problems, workdir: Path, singles, teachers, fewsho
 
     best = max(range(len(teachers)), key=lambda i: np.mean([r["accuracy"] for r in singles[i]]))
     alone = TeacherStack([teachers[best]], pivot=teachers[best].model, loaded=stack.models, fewshot=fewshot)
-    sample = sampling.Sample(temperature=config.search.baseline_temperature)
-    baseline = []  # per seed: gold traces and tokens over all problems
-    for seed in range(config.seeds):
-        path = workdir / "search" / f"best-of-n-seed{seed}.json"
-        if not path.exists():
-            rows = []
-            for record, result in zip(problems, found, strict=True):
-                gold, tokens, draws, k = 0, 0, 0, 0
-                while tokens < result["tokens"]:  # equal generated tokens
-                    out = alone.run([record] * 4, rule=sample, max_new_tokens=sc.max_new_tokens,
-                                    seed=seed * 1000 + k)
-                    k += 1
-                    for text, mask in zip(out.texts, out.mask, strict=True):
-                        if tokens >= result["tokens"]:
-                            break
-                        tokens += int(mask.sum())
-                        draws += 1
-                        gold += extract_answer(text) == record.answer
-                rows.append({"uid": record.uid, "gold": gold, "tokens": tokens, "draws": draws})
-            runs.atomic_write_text(path, json.dumps(rows))
-        baseline.append(json.loads(path.read_text()))
+    baseline = [best_of_n(alone, problems, [r["tokens"] for r in found], seed, config.search.baseline_temperature,
+                          sc.max_new_tokens, workdir / "search" / f"best-of-n-seed{seed}.json")
+                for seed in range(config.seeds)]  # per seed: gold traces and tokens per problem
 
     write_traces(problems, found, stack, workdir, rule, config.top_k, config.search.get("trace_top", 0))
     plot_tree(found[0], problems[0], workdir / "search_tree.png")
@@ -330,6 +322,28 @@ def run_search(config, stack, problems, workdir: Path, singles, teachers, fewsho
                        "solved": sum(r["gold"] > 0 for r in rows), "draws": sum(r["draws"] for r in rows)}
                       for rows in baseline],
     }
+
+
+def best_of_n(alone: TeacherStack, problems, budgets: list[int], seed: int, temperature: float,
+              max_new_tokens: int, path: Path) -> list[dict]:
+    """Independent samples (4 per call) from one teacher until each problem has used its token budget;
+    per problem the gold traces, tokens and draws. Saved to `path`; read back if already there."""
+    if not path.exists():
+        sample, rows = sampling.Sample(temperature=temperature), []
+        for record, budget in zip(problems, budgets, strict=True):
+            gold, tokens, draws, k = 0, 0, 0, 0
+            while tokens < budget:
+                out = alone.run([record] * 4, rule=sample, max_new_tokens=max_new_tokens, seed=seed * 1000 + k)
+                k += 1
+                for text, mask in zip(out.texts, out.mask, strict=True):
+                    if tokens >= budget:
+                        break
+                    tokens += int(mask.sum())
+                    draws += 1
+                    gold += answer_matches(text, record.answer)
+            rows.append({"uid": record.uid, "gold": gold, "tokens": tokens, "draws": draws})
+        runs.atomic_write_text(path, json.dumps(rows))
+    return json.loads(path.read_text())
 
 
 def search_saved(stack, record, sc: search_lib.SearchConfig, rule, top_k: int, path: Path) -> dict:

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdistill import sampling
-from jaxdistill.data.records import Record, extract_answer
+from jaxdistill.data.records import Record, answer_matches
 from jaxdistill.errors import ConfigError
 from jaxdistill.teachers import lockstep
 from jaxdistill.teachers.stack import TeacherStack
@@ -159,7 +159,7 @@ def search(stack: TeacherStack, record: Record, config: SearchConfig, *, aggrega
                 ids = tokens[r][mask[r]].tolist()
                 text = stack.pivot.decode(ids)
                 leaves.append({"branch": branch_id, "text": text, "tokens": ids,
-                               "correct": record.answer is not None and extract_answer(text) == record.answer,
+                               "correct": answer_matches(text, record.answer),
                                "confidence": float(mean_conf[r]), "path": _path(branches, branch_id)})
                 continue
             if not paused[r]:  # stopped by the cache capacity: cut
