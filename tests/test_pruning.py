@@ -91,3 +91,36 @@ def test_ppo_learns_to_expand_only_where_the_wrong_direction_pays():
     np.testing.assert_array_equal(out["gold"], pays.astype(np.float32))  # expanded exactly where it pays
     np.testing.assert_array_equal(out["tokens"], np.where(pays, 145.0, 5.0))  # and pruned the rest
     assert history["episode_return"][-1] > history["episode_return"][0]
+
+
+def test_prune_command_records_trees_trains_and_resumes_without_searching_again(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parent.parent
+    args = [sys.executable, "-m", "jaxdistill", "prune", "--config=experiments/teachers/pruning.py",
+            f"--config.workdir={tmp_path}", "--config.data.eval_size=3", "--config.pruning.problems=3",
+            "--config.pruning.train_problems=2", "--config.search.max_new_tokens=16", "--config.search.gap=3",
+            "--config.search.max_levels=1", "--config.search.branch_entropy=0.5", "--config.pruning.seeds=2",
+            "--config.pruning.alphas=(0.0,5.0)", "--config.pruning.thresholds=(0.0,0.7)",
+            "--config.pruning.ppo.total_timesteps=2048", "--config.pruning.ppo.num_envs=8",
+            "--config.pruning.ppo.num_steps=8"]
+    env = {**__import__("os").environ, "XLA_FLAGS": ""}
+    first = subprocess.run(args, capture_output=True, text=True, timeout=900, cwd=root, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["train_problems"] + result["test_problems"] + sum(map(len, result["never_paused"])) == 3
+    assert len(result["learned"]) == 4 and len(result["best_of_n"]["seeds"]) == 2
+    full = result["fixed"]["expand everything"]
+    # best-of-N spends at least each held-out tree's tokens; the threshold-0 heuristic is the full expansion
+    assert all(r["tokens"] >= full["tokens"] for r in result["best_of_n"]["seeds"])
+    assert result["heuristic"][0]["tokens"] == full["tokens"] and result["heuristic"][0]["gold"] == full["gold"]
+    assert "| PPO, alpha 5, seed 1 |" in (tmp_path / "summary.md").read_text()
+    assert (tmp_path / "pruning.png").stat().st_size > 10_000
+    saved = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "trees").iterdir()}
+    assert len(saved) == 3 + 2  # three trees, best-of-N for two seeds
+    again = subprocess.run(args, capture_output=True, text=True, timeout=900, cwd=root, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "trees").iterdir()} == saved
+    assert "recording complete search trees" not in again.stderr

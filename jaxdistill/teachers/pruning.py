@@ -290,6 +290,9 @@ def _run(config, workdir: Path) -> dict:
         print(f"left out, the search never paused (nothing to decide): {unpaused[0]} (training), "
               f"{unpaused[1]} (held out)", flush=True)
     parts = [[f for f in part if f["branches"][0]["features"] is not None] for part in parts]
+    if not all(parts):
+        raise ConfigError("no training or no held-out search paused, so there is nothing to decide: lower "
+                          "search.branch_entropy or raise pruning.problems.")
     train, test = (trees_from_searches(part, sc) for part in parts)
     baseline = best_of_n(config, workdir, problems, parts[1])
 
