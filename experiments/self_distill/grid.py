@@ -61,6 +61,14 @@ HELD_OUT = {  # task: held-out columns
 }
 TRAINING = ("reward", "end_p_student", "end_p_target", "end_p_student_unanswered", "end_p_target_unanswered",
             "copy_solution_4gram")
+LABELS = {  # column headers of the report
+    "accuracy": "pCoT acc.", "accuracy_teacher": "pTeacher acc.", "length": "length", "ended": "ends in 96",
+    "answer_line": "'####' line", "copy_solution_4gram": "4-gram copy", "constraints": "constraints met",
+    "reference_logp": "log p(accepted)", "hint_uplift_logp": "hint uplift",
+    "reward": "train reward", "end_p_student": "p(end) student", "end_p_target": "p(end) target",
+    "end_p_student_unanswered": "p(end) student, no '####' yet", "end_p_target_unanswered":
+    "p(end) target, no '####' yet",
+}
 
 
 def task(arm: str) -> str:
@@ -115,8 +123,8 @@ def report(root: Path, arms: list[str], seeds: list[int], figures: Path) -> str:
         chosen = [a for a in arms if task(a) == name and load(root, a, seeds)]
         if not chosen:
             continue
-        lines = [f"{name}:", "", "| arm | seeds | " + " | ".join(columns) + " | "
-                 + " | ".join(f"train {n}" for n in TRAINING) + " |",
+        lines = [f"{name}:", "", "| arm | seeds | " + " | ".join(LABELS[n] for n in columns) + " | "
+                 + " | ".join(f"train: {LABELS.get(n, n)}" for n in TRAINING) + " |",
                  "|---|---:|" + "---:|" * (len(columns) + len(TRAINING))]
         before = next((s["eval"]["before"] for a in chosen for s, _ in load(root, a, seeds) if "before" in s["eval"]),
                       None)
