@@ -32,9 +32,9 @@ def get_config(finetuned: str = ""):
         problems=32, train_problems=16, seed=0, seeds=3,
         # the baseline: independent samples from one teacher with each held-out tree's tokens
         best_of_n_teacher="smollm2-sft-chat" if finetuned else "smollm2-chat",
-        alphas=(0.0, 1.0, 3.0, 10.0, 30.0),  # gold traces given up per 1,000 tokens
-        thresholds=(0.0, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.01),
-        ppo=dict(num_envs=64, num_steps=16, total_timesteps=100_000, update_epochs=4, num_minibatches=4,
+        alphas=(0.0, 3.0, 5.0, 7.0, 10.0, 15.0, 20.0),  # gold traces given up per 1,000 tokens
+        thresholds=(0.0, *(round(0.5 + 0.02 * i, 2) for i in range(24)), 1.01),  # heuristic: 0.5 ... 0.96
+        ppo=dict(num_envs=64, num_steps=16, total_timesteps=500_000, update_epochs=4, num_minibatches=4,
                  discount=1.0, gae_lambda=0.95, clip_eps=0.2, ent_coef=0.01, vf_coef=0.5, max_grad_norm=0.5,
                  lr=1e-3, anneal_lr=True, hidden=(64, 64))))
     return c

@@ -319,6 +319,12 @@ def _run(config, workdir: Path) -> dict:
                 "train": scored(train, greedy(ppo.select(params, ai, s)))}
                for ai, a in enumerate(alphas) for s in range(c.seeds)]
     heuristic = [{"threshold": float(t), **scored(test, confidence_pruner(t))} for t in c.thresholds]
+    # the heuristic's threshold chosen like the policy's weights: on the training trees, per price
+    on_train = [(t, scored(train, confidence_pruner(t))) for t in c.thresholds]
+    tuned = []
+    for alpha in alphas:
+        t, _ = max(on_train, key=lambda x, a=float(alpha): x[1]["gold"] - a * x[1]["tokens"] / 1000)
+        tuned.append({"alpha": float(alpha), "threshold": float(t), **scored(test, confidence_pruner(t))})
     fixed = {name: scored(test, constant(a)) for name, a in (("expand everything", EXPAND),
                                                              ("consensus only (greedy)", CONTINUE))}
     result = {"problems": len(problems), "train_problems": train.n_problems, "test_problems": test.n_problems,
@@ -328,6 +334,7 @@ def _run(config, workdir: Path) -> dict:
               "history": {k: np.asarray(v).tolist() for k, v in history.items() if k.startswith("episode_")}}
     result["best_of_n"] = baseline
     result["equal_tokens"] = equal_token_comparison(learned, heuristic, c.seeds)
+    result["tuned_heuristic"] = tuned
     plot(result, workdir / "pruning.png")
     summary = format_summary(result, config, time.perf_counter() - begin)
     runs.atomic_write_text(workdir / "results.json", json.dumps(result, indent=1))
@@ -408,5 +415,16 @@ def format_summary(result: dict, config, seconds: float) -> str:
     for r in result["equal_tokens"]:
         lines.append(f"| {r['alpha']:g} | {r['tokens']:.0f} | {r['gold']:.1f} ± {r['gold_std']:.1f} | "
                      f"{r['heuristic_gold']:.1f} | {r['gain']:+.1f} ± {r['gain_std']:.1f} |")
+    lines += ["", "Return on the held-out trees (gold - alpha * tokens / 1000), each method fitted on the training "
+              "trees: PPO's weights, the heuristic's threshold (the best one there); mean ± std over seeds:", "",
+              "| price alpha | PPO return | PPO gold / tokens | heuristic threshold | heuristic return | "
+              "heuristic gold / tokens |", "|---:|---:|---:|---:|---:|---:|"]
+    for h in result["tuned_heuristic"]:
+        mine = [r for r in result["learned"] if r["alpha"] == h["alpha"]]
+        returns = [r["gold"] - h["alpha"] * r["tokens"] / 1000 for r in mine]
+        lines.append(f"| {h['alpha']:g} | {np.mean(returns):.1f} ± {np.std(returns):.1f} | "
+                     f"{np.mean([r['gold'] for r in mine]):.1f} / {np.mean([r['tokens'] for r in mine]):.0f} | "
+                     f"{h['threshold']:.2f} | {h['gold'] - h['alpha'] * h['tokens'] / 1000:.1f} | "
+                     f"{h['gold']:.0f} / {h['tokens']:.0f} |")
     lines += ["", f"Total time {seconds:.0f} s. Plot: pruning.png."]
     return "\n".join(lines) + "\n"
