@@ -59,15 +59,12 @@ HELD_OUT = {  # task: held-out columns
     "gemma": MATH,
     "conversations": ("constraints", "reference_logp", "hint_uplift_logp", "length", "ended", "copy_solution_4gram"),
 }
-TRAINING = ("reward", "end_p_student", "end_p_target", "end_p_student_unanswered", "end_p_target_unanswered",
-            "copy_solution_4gram")
+TRAINING = ("reward", "end_p_student", "end_p_target")  # means over the training steps (metrics.jsonl has more)
 LABELS = {  # column headers of the report
     "accuracy": "pCoT acc.", "accuracy_teacher": "pTeacher acc.", "length": "length", "ended": "ends in 96",
     "answer_line": "'####' line", "copy_solution_4gram": "4-gram copy", "constraints": "constraints met",
     "reference_logp": "log p(accepted)", "hint_uplift_logp": "hint uplift",
-    "reward": "train reward", "end_p_student": "p(end) student", "end_p_target": "p(end) target",
-    "end_p_student_unanswered": "p(end) student, no '####' yet", "end_p_target_unanswered":
-    "p(end) target, no '####' yet",
+    "reward": "reward", "end_p_student": "p(end) student where samples end", "end_p_target": "p(end) target there",
 }
 
 
