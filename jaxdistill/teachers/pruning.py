@@ -268,7 +268,7 @@ def best_of_n(config, workdir: Path, problems, held_out: list[dict]) -> dict:
     teacher = next(t for t in config.teachers if t["name"] == c.best_of_n_teacher)
     paths = [workdir / "trees" / f"best-of-n-{teacher['name']}-seed{s}.json" for s in range(c.seeds)]
     alone = None
-    if not all(p.exists() for p in paths):
+    if not all(p.exists() for p in paths) or any(len(json.loads(p.read_text())) != len(held_out) for p in paths):
         config_ = TeacherConfig.from_config(teacher)
         alone = TeacherStack([config_], pivot=config_.model, fewshot=teachers_run.held_out(config)[1])
     rows = [teachers_run.best_of_n(alone, [by_uid[f["uid"]] for f in held_out], [f["tokens"] for f in held_out],

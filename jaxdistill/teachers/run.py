@@ -327,11 +327,12 @@ def run_search(config, stack, problems, workdir: Path, singles, teachers, fewsho
 def best_of_n(alone: TeacherStack, problems, budgets: list[int], seed: int, temperature: float,
               max_new_tokens: int, path: Path) -> list[dict]:
     """Independent samples (4 per call) from one teacher until each problem has used its token budget;
-    per problem the gold traces, tokens and draws. Saved to `path`; read back if already there."""
-    if not path.exists():
+    per problem the gold traces (count and texts), tokens and draws. Saved to `path`; read back if it holds
+    these problems."""
+    if not path.exists() or [r["uid"] for r in json.loads(path.read_text())] != [r.uid for r in problems]:
         sample, rows = sampling.Sample(temperature=temperature), []
         for record, budget in zip(problems, budgets, strict=True):
-            gold, tokens, draws, k = 0, 0, 0, 0
+            gold, tokens, draws, k = [], 0, 0, 0
             while tokens < budget:
                 out = alone.run([record] * 4, rule=sample, max_new_tokens=max_new_tokens, seed=seed * 1000 + k)
                 k += 1
@@ -340,8 +341,9 @@ def best_of_n(alone: TeacherStack, problems, budgets: list[int], seed: int, temp
                         break
                     tokens += int(mask.sum())
                     draws += 1
-                    gold += answer_matches(text, record.answer)
-            rows.append({"uid": record.uid, "gold": gold, "tokens": tokens, "draws": draws})
+                    if answer_matches(text, record.answer):
+                        gold.append(text)
+            rows.append({"uid": record.uid, "gold": len(gold), "gold_texts": gold, "tokens": tokens, "draws": draws})
         runs.atomic_write_text(path, json.dumps(rows))
     return json.loads(path.read_text())
 
