@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from jaxdistill import runs
 from jaxdistill.data.synthetic import SyntheticConfig, synthetic_records
@@ -67,8 +68,8 @@ def build_sets(config, problems, workdir: Path, min_confidence: float, seed: int
     if not all(p.exists() for p in paths):
         stack, _ = teachers_run.load_stack(config, fewshot)
     rule = agg_lib.rule_from_config(config.search.rule, threshold=config.gate_threshold)
-    found = [teachers_run.search_saved(stack, r, sc, rule, config.top_k, p) for r, p in zip(problems, paths,
-                                                                                            strict=True)]
+    found = [teachers_run.search_saved(stack, r, sc, rule, config.top_k, p)
+             for r, p in tqdm(list(zip(problems, paths, strict=True)), desc="branch search: training problems")]
     if not bon_path.exists() or len(json.loads(bon_path.read_text())) != len(problems):
         teacher = TeacherConfig.from_config(next(t for t in config.teachers if t["name"] == best_name))
         alone = TeacherStack([teacher], pivot=teacher.model, loaded=stack.models if stack else None, fewshot=fewshot)
