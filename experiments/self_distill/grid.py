@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import subprocess
 import sys
 import warnings
@@ -89,6 +90,11 @@ def run(root: Path, arm: str, seed: int, extra: list[str]) -> None:
                *[f"--config.{o}" for o in overrides]]
     print("$", " ".join(command[1:]), flush=True)
     subprocess.run(command, check=True)
+    # A finished run needs only its last checkpoint (1.4 GB for SmolLM2 with AdamW): a grid of dozens of
+    # runs keeping two each filled this machine's disk.
+    steps = sorted((int(c.name), c) for c in (out / "checkpoints").iterdir() if c.name.isdigit())
+    for _, older in steps[:-1]:
+        shutil.rmtree(older)
 
 
 def load(root: Path, arm: str, seeds: list[int]):
