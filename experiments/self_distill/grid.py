@@ -92,7 +92,8 @@ def run(root: Path, arm: str, seed: int, extra: list[str]) -> None:
     subprocess.run(command, check=True)
     # A finished run needs only its last checkpoint (1.4 GB for SmolLM2 with AdamW): a grid of dozens of
     # runs keeping two each filled this machine's disk.
-    steps = sorted((int(c.name), c) for c in (out / "checkpoints").iterdir() if c.name.isdigit())
+    found = (out / "checkpoints").iterdir() if (out / "checkpoints").exists() else ()
+    steps = sorted((int(c.name), c) for c in found if c.name.isdigit())
     for _, older in steps[:-1]:
         shutil.rmtree(older)
 
