@@ -115,8 +115,8 @@ def main() -> None:
           f"{sets['problems_with_best_of_n_gold']})", flush=True)
 
     results = {}
-    for name in ("search", "best_of_n"):
-        for seed in [int(s) for s in args.seeds.split(",")]:
+    for seed in [int(s) for s in args.seeds.split(",")]:  # seed by seed, so a stopped run compares evenly
+        for name in ("search", "best_of_n"):
             out = workdir / f"sft-{name}-s{seed}"
             if not (out / "summary.json").exists():
                 overrides = ["arm=sft", "data.source=jsonl", f"data.train_path={workdir / (name + '.jsonl')}",
