@@ -64,15 +64,15 @@ def build_sets(config, problems, workdir: Path, min_confidence: float, seed: int
     best_name = config.pruning.best_of_n_teacher
     paths = [workdir / "search" / f"{r.uid}.json" for r in problems]
     bon_path = workdir / "search" / f"best-of-n-{best_name}-seed{seed}.json"
-    stack = alone = None
-    if not all(p.exists() for p in paths):
-        stack, _ = teachers_run.load_stack(config, fewshot)
+    stack = teachers_run.load_stack(config, fewshot)[0] if not all(p.exists() for p in paths) else None
     rule = agg_lib.rule_from_config(config.search.rule, threshold=config.gate_threshold)
     found = [teachers_run.search_saved(stack, r, sc, rule, config.top_k, p)
              for r, p in tqdm(list(zip(problems, paths, strict=True)), desc="branch search: training problems")]
-    if not bon_path.exists() or len(json.loads(bon_path.read_text())) != len(problems):
+
+    def alone() -> TeacherStack:
         teacher = TeacherConfig.from_config(next(t for t in config.teachers if t["name"] == best_name))
-        alone = TeacherStack([teacher], pivot=teacher.model, loaded=stack.models if stack else None, fewshot=fewshot)
+        return TeacherStack([teacher], pivot=teacher.model, loaded=stack.models if stack else None, fewshot=fewshot)
+
     sampled = teachers_run.best_of_n(alone, problems, [max(f["tokens"], 1) for f in found], seed,
                                      config.search.baseline_temperature, config.search.max_new_tokens, bon_path)
     search_sets = [[leaf["text"] for leaf in f["leaves"] if leaf["correct"]] for f in found]
@@ -105,9 +105,11 @@ def main() -> None:
     workdir = Path(args.workdir)
     config = load_config(args.finetuned, args.max_new_tokens, args.branch_entropy)
     pruning.validate(config)
-    problems = synthetic_records(args.problems, 0, SyntheticConfig(steps=1, max_start=20, max_operand=12), "train")
+    d = config.data  # the self-distillation default's problems: one step, start <= 20, operand <= 12
+    synthetic = SyntheticConfig(steps=d.steps, max_start=d.max_start, max_operand=d.max_operand)
+    problems = synthetic_records(args.problems, d.seed, synthetic, "train")
     sets = build_sets(config, problems, workdir, args.min_confidence, seed=0)
-    held_out = synthetic_records(64, 0, SyntheticConfig(steps=1, max_start=20, max_operand=12), "test")
+    held_out = synthetic_records(64, d.seed, synthetic, "test")  # the default's 64 held-out problems
     runs.atomic_write_text(workdir / "eval.jsonl", "".join(json.dumps(generic(r, r.solution)) + "\n"
                                                            for r in held_out))
     print(f"{sets['examples']} examples per set (search found {sets['search_gold']} on "

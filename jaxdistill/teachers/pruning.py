@@ -24,6 +24,7 @@ else expand), swept over thresholds, at equal tokens on held-out problems.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
@@ -247,12 +248,13 @@ def run(config) -> dict:
 
 def record(config, workdir: Path) -> tuple[list, list[dict]]:
     """The complete search tree of each problem, saved as it finishes (a rerun reads them back)."""
-    problems = teachers_run.held_out(config)[0][: config.pruning.problems]
+    test, fewshot = teachers_run.held_out(config)
+    problems = test[: config.pruning.problems]
     trees_dir = workdir / "trees"
     trees_dir.mkdir(exist_ok=True)
     if all((trees_dir / f"{r.uid}.json").exists() for r in problems):
         return problems, [json.loads((trees_dir / f"{r.uid}.json").read_text()) for r in problems]
-    stack, _ = teachers_run.load_stack(config, teachers_run.held_out(config)[1])
+    stack, _ = teachers_run.load_stack(config, fewshot)
     rule = agg_lib.rule_from_config(config.search.rule, threshold=config.gate_threshold)
     sc = complete_search_config(config)
     found = [teachers_run.search_saved(stack, r, sc, rule, config.top_k, trees_dir / f"{r.uid}.json")
@@ -260,20 +262,22 @@ def record(config, workdir: Path) -> tuple[list, list[dict]]:
     return problems, found
 
 
-def best_of_n(config, workdir: Path, problems, held_out: list[dict]) -> dict:
+def best_of_n_baseline(config, workdir: Path, problems, held_out: list[dict]) -> dict:
     """Sampling from one teacher (`pruning.best_of_n_teacher`) on the held-out problems, each with the tokens
     of its complete tree, over `pruning.seeds` seeds: gold traces and tokens per seed."""
     c = config.pruning
     by_uid = {r.uid: r for r in problems}
     teacher = next(t for t in config.teachers if t["name"] == c.best_of_n_teacher)
-    paths = [workdir / "trees" / f"best-of-n-{teacher['name']}-seed{s}.json" for s in range(c.seeds)]
-    alone = None
-    if not all(p.exists() for p in paths) or any(len(json.loads(p.read_text())) != len(held_out) for p in paths):
-        config_ = TeacherConfig.from_config(teacher)
-        alone = TeacherStack([config_], pivot=config_.model, fewshot=teachers_run.held_out(config)[1])
-    rows = [teachers_run.best_of_n(alone, [by_uid[f["uid"]] for f in held_out], [f["tokens"] for f in held_out],
-                                   s, config.search.baseline_temperature, config.search.max_new_tokens, path)
-            for s, path in enumerate(paths)]
+
+    @functools.cache
+    def alone() -> TeacherStack:
+        one = TeacherConfig.from_config(teacher)
+        return TeacherStack([one], pivot=one.model, fewshot=teachers_run.held_out(config)[1])
+
+    rows = [teachers_run.best_of_n(alone, [by_uid[f["uid"]] for f in held_out], [f["tokens"] for f in held_out], s,
+                                   config.search.baseline_temperature, config.search.max_new_tokens,
+                                   workdir / "trees" / f"best-of-n-{teacher['name']}-seed{s}.json")
+            for s in range(c.seeds)]
     per_seed = [{"gold": sum(r["gold"] for r in seed_rows), "tokens": sum(r["tokens"] for r in seed_rows),
                  "solved": sum(r["gold"] > 0 for r in seed_rows)} for seed_rows in rows]
     return {"teacher": teacher["name"], "temperature": config.search.baseline_temperature, "seeds": per_seed}
@@ -294,7 +298,7 @@ def _run(config, workdir: Path) -> dict:
         raise ConfigError("no training or no held-out search paused, so there is nothing to decide: lower "
                           "search.branch_entropy or raise pruning.problems.")
     train, test = (trees_from_searches(part, sc) for part in parts)
-    baseline = best_of_n(config, workdir, problems, parts[1])
+    baseline = best_of_n_baseline(config, workdir, problems, parts[1])
 
     ppo_config = ppo.PPOConfig.from_config(c.ppo)
     train_fn = ppo.make_train(ppo_config, train, Price(), dynamics=sys.modules[__name__])

@@ -303,8 +303,9 @@ def run_search(config, stack, problems, workdir: Path, singles, teachers, fewsho
 
     best = max(range(len(teachers)), key=lambda i: np.mean([r["accuracy"] for r in singles[i]]))
     alone = TeacherStack([teachers[best]], pivot=teachers[best].model, loaded=stack.models, fewshot=fewshot)
-    baseline = [best_of_n(alone, problems, [r["tokens"] for r in found], seed, config.search.baseline_temperature,
-                          sc.max_new_tokens, workdir / "search" / f"best-of-n-seed{seed}.json")
+    baseline = [best_of_n(lambda: alone, problems, [r["tokens"] for r in found], seed,
+                          config.search.baseline_temperature, sc.max_new_tokens,
+                          workdir / "search" / f"best-of-n-seed{seed}.json")
                 for seed in range(config.seeds)]  # per seed: gold traces and tokens per problem
 
     write_traces(problems, found, stack, workdir, rule, config.top_k, config.search.get("trace_top", 0))
@@ -324,12 +325,14 @@ def run_search(config, stack, problems, workdir: Path, singles, teachers, fewsho
     }
 
 
-def best_of_n(alone: TeacherStack, problems, budgets: list[int], seed: int, temperature: float,
-              max_new_tokens: int, path: Path) -> list[dict]:
+def best_of_n(teacher, problems, budgets: list[int], seed: int, temperature: float, max_new_tokens: int,
+              path: Path) -> list[dict]:
     """Independent samples (4 per call) from one teacher until each problem has used its token budget;
     per problem the gold traces (count and texts), tokens and draws. Saved to `path`; read back if it holds
-    these problems."""
+    these problems. `teacher()` returns the one-teacher stack; it is called only when sampling is needed,
+    so a rerun with every file saved loads no model."""
     if not path.exists() or [r["uid"] for r in json.loads(path.read_text())] != [r.uid for r in problems]:
+        alone = teacher()
         sample, rows = sampling.Sample(temperature=temperature), []
         for record, budget in zip(problems, budgets, strict=True):
             gold, tokens, draws, k = [], 0, 0, 0
