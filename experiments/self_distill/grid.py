@@ -5,9 +5,11 @@
     python experiments/self_distill/grid.py --report             # only the table and the plots
 
 Each arm is the default config plus overrides, run as its own `python -m jaxdistill train`
-process in runs/grid/<arm>-s<seed>. A finished run (its summary.json exists) is skipped, so
-an interrupted grid resumes with the next run. The untrained model is evaluated once, in the
-first blend run. The report prints a markdown table (mean ± std over seeds of the held-out
+process in runs/grid/<arm>-s<seed>. A finished run leaves a record in docs/results/grid/
+(<arm>-s<seed>.json: its overrides, summary and per-step metrics), committed with the docs so
+the report survives the run directories (a fresh machine has none); a run with a record is
+skipped, so an interrupted grid resumes with the next run. The untrained model is evaluated once
+per task, in the first run of that task. The report prints a markdown table (mean ± std over seeds of the held-out
 metrics and of the training-time mechanism metrics) and writes docs/results/mechanism.png and
 docs/results/kl_by_position.png.
 """
@@ -24,6 +26,8 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+
+from jaxdistill import runs
 
 CONFIG = "experiments/self_distill/default.py"
 ARMS = {  # name: (what it is, overrides)
@@ -79,17 +83,37 @@ def workdir(root: Path, arm: str, seed: int) -> Path:
     return root / f"{arm}-s{seed}"
 
 
-def run(root: Path, arm: str, seed: int, extra: list[str]) -> None:
+def record_path(records: Path, arm: str, seed: int) -> Path:
+    return records / f"{arm}-s{seed}.json"
+
+
+def keep_record(records: Path, out: Path, arm: str, seed: int, overrides: list[str]) -> None:
+    """The finished run's summary and metrics, where the report reads them."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    record = {"arm": arm, "seed": seed, "overrides": overrides,
+              "summary": json.loads((out / "summary.json").read_text()), "metrics": rows}
+    records.mkdir(parents=True, exist_ok=True)
+    runs.atomic_write_text(record_path(records, arm, seed), json.dumps(record, separators=(",", ":")))
+
+
+def has_before(records: Path, name: str) -> bool:
+    """Whether a recorded run of task `name` evaluated the untrained model."""
+    return any(task(r["arm"]) == name and "before" in r["summary"]["eval"]
+               for r in map(json.loads, map(Path.read_text, records.glob("*.json"))) if r["arm"] in ARMS)
+
+
+def run(root: Path, records: Path, arm: str, seed: int, extra: list[str]) -> None:
     out = workdir(root, arm, seed)
-    if (out / "summary.json").exists():
+    if record_path(records, arm, seed).exists():
         return
     overrides = ARMS[arm][1] + [f"seed={seed}", f"workdir={out}"] + extra
-    first_of_task = next(a for a in ARMS if task(a) == task(arm)) == arm
-    overrides.append(f"eval.before={first_of_task and seed == 0}")  # the untrained model, once per task
+    overrides.append(f"eval.before={not has_before(records, task(arm))}")  # the untrained model, once per task
     command = [sys.executable, "-m", "jaxdistill", "train", f"--config={CONFIG}",
                *[f"--config.{o}" for o in overrides]]
-    print("$", " ".join(command[1:]), flush=True)
-    subprocess.run(command, check=True)
+    if not (out / "summary.json").exists():
+        print("$", " ".join(command[1:]), flush=True)
+        subprocess.run(command, check=True)
+    keep_record(records, out, arm, seed, overrides)
     # A finished run needs only its last checkpoint (1.4 GB for SmolLM2 with AdamW): a grid of dozens of
     # runs keeping two each filled this machine's disk.
     found = (out / "checkpoints").iterdir() if (out / "checkpoints").exists() else ()
@@ -98,14 +122,14 @@ def run(root: Path, arm: str, seed: int, extra: list[str]) -> None:
         shutil.rmtree(older)
 
 
-def load(root: Path, arm: str, seeds: list[int]):
-    """[(summary, metrics rows)] of the finished seeds."""
+def load(records: Path, arm: str, seeds: list[int]):
+    """[(summary, metrics rows)] of the recorded seeds."""
     found = []
     for seed in seeds:
-        out = workdir(root, arm, seed)
-        if (out / "summary.json").exists():
-            rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-            found.append((json.loads((out / "summary.json").read_text()), rows))
+        path = record_path(records, arm, seed)
+        if path.exists():
+            record = json.loads(path.read_text())
+            found.append((record["summary"], record["metrics"]))
     return found
 
 
@@ -121,22 +145,22 @@ def training_mean(rows, name: str) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
-def report(root: Path, arms: list[str], seeds: list[int], figures: Path) -> str:
+def report(records: Path, arms: list[str], seeds: list[int], figures: Path) -> str:
     tables, curves = [], {}
     for name, columns in HELD_OUT.items():
-        chosen = [a for a in arms if task(a) == name and load(root, a, seeds)]
+        chosen = [a for a in arms if task(a) == name and load(records, a, seeds)]
         if not chosen:
             continue
         lines = [f"{name}:", "", "| arm | seeds | " + " | ".join(LABELS[n] for n in columns) + " | "
                  + " | ".join(f"train: {LABELS.get(n, n)}" for n in TRAINING) + " |",
                  "|---|---:|" + "---:|" * (len(columns) + len(TRAINING))]
-        before = next((s["eval"]["before"] for a in chosen for s, _ in load(root, a, seeds) if "before" in s["eval"]),
-                      None)
+        before = next((s["eval"]["before"] for a in chosen for s, _ in load(records, a, seeds)
+                       if "before" in s["eval"]), None)
         if before:
             lines.append("| before training | | " + " | ".join(f"{before.get(n, float('nan')):.3f}" for n in columns)
                          + " |" + " |" * len(TRAINING))
         for arm in chosen:
-            found = load(root, arm, seeds)
+            found = load(records, arm, seeds)
             held = [mean_std([s["eval"]["after"].get(n, float("nan")) for s, _ in found]) for n in columns]
             train = [mean_std([training_mean(rows, n) for _, rows in found]) for n in TRAINING]
             lines.append(f"| {arm} | {len(found)} | " + " | ".join(held + train) + " |")
@@ -160,17 +184,17 @@ def plot(curves: dict, figures: Path) -> None:
               ("answer_line", "samples with '####'"), ("end_p_student", "p(end) where samples end: student"),
               ("end_gap", "p(end) there: target - student"), ("copy_solution_4gram", "4-gram copy of reference"),
               ("entropy_student", "student entropy (nats)"), ("reward", "training reward")]
-    for runs in curves.values():
-        for rows in runs:
+    for arm_runs in curves.values():
+        for rows in arm_runs:
             for r in rows:
                 if isinstance(r.get("end_p_target"), float) and isinstance(r.get("end_p_student"), float):
                     r["end_gap"] = r["end_p_target"] - r["end_p_student"]
     fig, axes = plt.subplots(2, 4, figsize=(18, 7))
     for ax, (name, title) in zip(axes.flat, panels, strict=True):
-        for arm, runs in curves.items():
-            steps = max(len(rows) for rows in runs)
-            values = np.full((len(runs), steps), np.nan)
-            for i, rows in enumerate(runs):
+        for arm, arm_runs in curves.items():
+            steps = max(len(rows) for rows in arm_runs)
+            values = np.full((len(arm_runs), steps), np.nan)
+            for i, rows in enumerate(arm_runs):
                 for j, r in enumerate(rows):
                     v = r.get(name)
                     values[i, j] = v if isinstance(v, (int, float)) else np.nan
@@ -186,8 +210,8 @@ def plot(curves: dict, figures: Path) -> None:
     fig.savefig(figures / "mechanism.png", dpi=110)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(7, 4))
-    for arm, runs in curves.items():
-        profiles = [r["kl_by_position"] for rows in runs for r in rows if "kl_by_position" in r]
+    for arm, arm_runs in curves.items():
+        profiles = [r["kl_by_position"] for rows in arm_runs for r in rows if "kl_by_position" in r]
         if profiles:
             width = max(len(p) for p in profiles)
             stacked = np.array([p + [np.nan] * (width - len(p)) for p in profiles])
@@ -196,7 +220,8 @@ def plot(curves: dict, figures: Path) -> None:
     ax.set_xlabel("generated position")
     ax.set_ylabel("KL(target || student), nats")
     ax.set_yscale("log")
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:  # SFT arms have no KL profile
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(figures / "kl_by_position.png", dpi=110)
     plt.close(fig)
@@ -207,19 +232,21 @@ def main() -> None:
     parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated, from: " + ", ".join(ARMS))
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--root", default="runs/grid")
+    parser.add_argument("--records", default="docs/results/grid", help="one JSON per finished run (committed)")
     parser.add_argument("--figures", default="docs/results")
     parser.add_argument("--report", action="store_true", help="no runs: only the table and the plots")
     parser.add_argument("--override", action="append", default=[], help="extra key=value for every run")
     args = parser.parse_args()
-    arms, seeds, root = args.arms.split(","), [int(s) for s in args.seeds.split(",")], Path(args.root)
+    arms, seeds, root, records = args.arms.split(","), [int(s) for s in args.seeds.split(",")], Path(args.root), \
+        Path(args.records)
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         parser.error(f"unknown arms {unknown}; choose from {list(ARMS)}")
     if not args.report:
         for seed in seeds:  # every arm's seed 0 first, so a partial grid already compares every arm
             for arm in arms:
-                run(root, arm, seed, args.override)
-    print(report(root, arms, seeds, Path(args.figures)))
+                run(root, records, arm, seed, args.override)
+    print(report(records, arms, seeds, Path(args.figures)))
 
 
 if __name__ == "__main__":
