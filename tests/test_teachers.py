@@ -12,6 +12,7 @@ from jaxdistill.data.synthetic import synthetic_records
 from jaxdistill.errors import ConfigError
 from jaxdistill.teachers import aggregate as agg
 from jaxdistill.teachers import align as align_lib
+from jaxdistill.teachers import lockstep
 from jaxdistill.teachers.stack import TeacherConfig, TeacherStack, fewshot_block, validate_teachers
 
 
@@ -32,6 +33,31 @@ def test_aggregation_rules_on_hand_computed_distributions():
     gated = agg.Gated(threshold=0.6)
     np.testing.assert_allclose(jnp.exp(gated(logp, w))[0], [0.7, 0.2, 0.1, 0.0], atol=1e-6)  # lead is confident
     np.testing.assert_allclose(jnp.exp(agg.Gated(threshold=0.8)(logp, w))[0], [0.55, 0.175, 0.175, 0.1], atol=1e-6)
+
+
+def test_diversity_statistics_match_their_definitions():
+    """Jensen-Shannon divergence per pair, top-1 agreement and the mixture's entropy gain, summed over
+    the live rows only, against numpy on hand-written distributions (zeros included)."""
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet(np.full(6, 0.5), size=(3, 4))  # [N=3, B=4, V=6]
+    p[0, 0, :2] = 0.0
+    p /= p.sum(-1, keepdims=True)
+    live = np.array([True, True, False, True])
+    js, agree, gain = lockstep.pairwise_stats(jnp.log(jnp.asarray(p, jnp.float32)), jnp.asarray(live))
+
+    def h(q):
+        return -np.sum(np.where(q > 0, q * np.log(np.where(q > 0, q, 1.0)), 0.0), axis=-1)
+
+    def kl(a, b):
+        return np.sum(np.where(a > 0, a * np.log(np.where(a > 0, a, 1.0) / b), 0.0), axis=-1)
+
+    for i in range(3):
+        for j in range(3):
+            m = 0.5 * (p[i] + p[j])
+            expected = np.sum((0.5 * kl(p[i], m) + 0.5 * kl(p[j], m)) * live)
+            np.testing.assert_allclose(js[i, j], expected, atol=1e-5)
+            assert agree[i, j] == np.sum((p[i].argmax(-1) == p[j].argmax(-1)) & live)
+    np.testing.assert_allclose(gain, np.sum((h(p.mean(0)) - h(p).mean(0)) * live), atol=1e-5)
 
 
 def test_perplexity_and_online_weights():
@@ -89,7 +115,7 @@ def test_smollm2_and_gemma3_decode_one_text_and_each_stream_is_exactly_that_text
     stack = _stack(smollm2, gemma3, [TeacherConfig("smol", "smollm2"), TeacherConfig("gemma", "gemma3",
                                                                                       style="fewshot")])
     records = synthetic_records(3, 1, split="test")
-    out = stack.run(records, rule=sampling.Sample(temperature=1.0), max_new_tokens=40, seed=3)
+    out = stack.run(records, rule=sampling.Sample(temperature=1.0), max_new_tokens=40, seed=3, diversity=True)
     assert out.mask.sum() > 30
     for r in range(len(records)):
         committed = out.tokens[r][out.mask[r]].tolist()
@@ -137,6 +163,31 @@ def test_recorded_top_k_is_the_aggregated_distribution_at_every_forced_position(
     assert out.tokens[0, : len(text)].tolist() == text
 
 
+def test_scoring_in_one_forward_equals_forced_decoding_step_by_step(smollm2, gemma3):
+    """`score` (one forward per group) gives what the lockstep loop fed the same tokens gives: the
+    aggregated and per-teacher log-probs, the recorded top-k and the diversity sums, across two
+    vocabularies and for completions of different lengths."""
+    stack = _stack(smollm2, gemma3, [TeacherConfig("smol", "smollm2"), TeacherConfig("smol-fewshot", "smollm2",
+                                                                                      style="fewshot"),
+                                     TeacherConfig("gemma", "gemma3", style="fewshot", weight=2.0)])
+    records = synthetic_records(3, 2, split="test")
+    sampled = stack.run(records, rule=sampling.Sample(temperature=1.0), max_new_tokens=20, seed=5)
+    texts = [row[m].tolist() for row, m in zip(sampled.tokens, sampled.mask, strict=True)]
+    shortest = min(len(t) for t in texts)
+    assert shortest >= 13
+    completions = [t[: shortest - 6 * r] for r, t in enumerate(texts)]  # three lengths
+    for rule in (agg.MeanProbs(), agg.MeanLogProbs()):
+        step = stack.run(records, aggregate=rule, forced=completions, top_k=10, record_top=5, diversity=True)
+        fast = stack.score(records, completions, aggregate=rule, top_k=10, record_top=5, diversity=True)
+        np.testing.assert_array_equal(fast.mask, step.mask)
+        np.testing.assert_allclose(fast.logprob[fast.mask], step.logprob[step.mask], atol=2e-4)
+        np.testing.assert_allclose(fast.teacher_logprob[:, fast.mask], step.teacher_logprob[:, step.mask], atol=2e-4)
+        np.testing.assert_array_equal(fast.top_ids[fast.mask], step.top_ids[step.mask])
+        np.testing.assert_allclose(fast.top_logprobs[fast.mask], step.top_logprobs[step.mask], atol=2e-4)
+        for name in ("js", "agree", "entropy_gain", "differs", "positions"):
+            np.testing.assert_allclose(fast.stats[name], step.stats[name], rtol=1e-3, atol=1e-3)
+
+
 def test_teacher_axis_sharded_over_8_devices_equals_one_device(smollm2):
     tokenizer = smollm2[1]
     loaded = {f"t{i}": (tiny_model(seed=i, vocab_size=tokenizer.vocab_size), tokenizer) for i in range(8)}
@@ -147,8 +198,8 @@ def test_teacher_axis_sharded_over_8_devices_equals_one_device(smollm2):
     sharded = TeacherStack(teachers, loaded=loaded, mesh=mesh)
     assert len(sharded.groups) == 1 and sharded.groups[0].state["embed"].get_value().sharding.spec[0] == "teacher"
     for rule in (agg.MeanProbs(), agg.MeanLogProbs()):
-        a = one.run(records, aggregate=rule, rule=sampling.Sample(), max_new_tokens=12, seed=1)
-        b = sharded.run(records, aggregate=rule, rule=sampling.Sample(), max_new_tokens=12, seed=1)
+        a = one.run(records, aggregate=rule, rule=sampling.Sample(), max_new_tokens=12, seed=1, diversity=True)
+        b = sharded.run(records, aggregate=rule, rule=sampling.Sample(), max_new_tokens=12, seed=1, diversity=True)
         np.testing.assert_array_equal(a.tokens, b.tokens)
         np.testing.assert_allclose(a.logprob, b.logprob, atol=1e-5)
         np.testing.assert_allclose(a.teacher_logprob, b.teacher_logprob, atol=1e-5)

@@ -192,8 +192,8 @@ def stack_targets(stack, c, records, completions, width: int) -> dict[str, np.nd
     """The stack's aggregated top-K at every completion position, padded to the batch's width."""
     from jaxdistill.teachers import aggregate as agg_lib
 
-    out = stack.run(records, aggregate=agg_lib.rule_from_config(c.rule), top_k=c.top_k, forced=completions,
-                    record_top=c.record_top)
+    out = stack.score(records, completions, aggregate=agg_lib.rule_from_config(c.rule), top_k=c.top_k,
+                      record_top=c.record_top)
     ids = np.zeros((len(records), width, c.record_top), np.int32)
     logprobs = np.full((len(records), width, c.record_top), -np.inf, np.float32)
     n = out.top_ids.shape[1]

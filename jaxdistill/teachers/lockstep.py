@@ -15,7 +15,9 @@ stack: that is how diversity is measured.
 
 Decoding is split into `start` (prefill), `advance` (run until every row has finished or
 paused at a branching point) and `fork` (copy rows, KV caches included, so children of a
-branch share their prefix without a new prefill); `decode` is start + advance.
+branch share their prefix without a new prefill); `decode` is start + advance. `score`
+computes what `decode` computes for given tokens, in one forward per group instead of one
+step per token (diversity on reference texts, the stack as a distillation target).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxdistill.models.transformer import KVCache
@@ -69,6 +72,9 @@ class Settings:
     branch_entropy: float = 0.0  # > 0: rows pause where the aggregated entropy (nats) exceeds this
     proposals: int = 4  # top tokens of the stack and of each teacher recorded at a pause
     record_top: int = 0  # > 0: keep the aggregated distribution's top tokens at every emitted position
+    diversity: bool = False  # sum the pairwise diversity statistics (JS, agreement: an [N, N, B, V] cost)
+    refill: bool = False  # `advance` returns as soon as a row pauses, so its children start while the
+    # other rows go on (branch search); False: it returns when every row has paused or finished
 
 
 @jax.tree_util.register_dataclass
@@ -94,7 +100,7 @@ class DecodeState:
     top_logprobs: jax.Array  # [N + 1, B, C]
     dist_ids: jax.Array  # [B, S, K]: the aggregated top-K at each emitted position (K = max(record_top, 1))
     dist_logprobs: jax.Array  # [B, S, K]
-    stats: dict  # summed diversity statistics over emitted positions
+    stats: dict  # summed diversity statistics over emitted positions (zeros unless settings.diversity)
 
 
 def _last_real(hidden, lengths):
@@ -164,16 +170,20 @@ def pairwise_stats(logp, live):
     """Diversity of one step's teacher distributions [N, B, V], summed over the live rows [B]:
     Jensen-Shannon divergence [N, N], top-1 agreement [N, N] and the mixture's entropy minus
     the mean member entropy []."""
+    n = logp.shape[0]
     p = jnp.exp(logp)
     top = jnp.argmax(logp, axis=-1)  # [N, B]
     agree = jnp.sum((top[:, None] == top[None, :]) & live, axis=-1).astype(jnp.float32)
-    mix = 0.5 * (p[:, None] + p[None, :])  # [N, N, B, V]
-    log_mix = jnp.log(jnp.maximum(mix, 1e-30))
-    kl = lambda a, log_a: jnp.sum(jnp.where(a > 0, a * (log_a - log_mix), 0.0), axis=-1)  # noqa: E731
-    js = 0.5 * (kl(p[:, None], logp[:, None]) + kl(p[None, :], logp[None, :]))  # [N, N, B]
+    member_entropy = entropy(logp)  # [N, B]
+    # JS(a, b) = H((a + b) / 2) - (H(a) + H(b)) / 2, over the N(N-1)/2 pairs only (the full
+    # [N, N, B, V] mixture was most of this function's time)
+    first, second = (np.asarray(i, np.int32) for i in np.triu_indices(n, k=1))
+    pair_js = entropy(jnp.log(jnp.maximum(0.5 * (p[first] + p[second]), 1e-30))) - 0.5 * (
+        member_entropy[first] + member_entropy[second])  # [pairs, B]
+    js = jnp.zeros((n, n)).at[first, second].set(jnp.sum(pair_js * live, axis=-1))
     p_mix = jnp.mean(p, axis=0)
     mix_entropy = -jnp.sum(jnp.where(p_mix > 0, p_mix * jnp.log(jnp.maximum(p_mix, 1e-30)), 0.0), axis=-1)
-    return jnp.sum(js * live, axis=-1), agree, jnp.sum((mix_entropy - jnp.mean(entropy(logp), axis=0)) * live)
+    return js + js.T, agree, jnp.sum((mix_entropy - jnp.mean(member_entropy, axis=0)) * live)
 
 
 @functools.partial(jax.jit, static_argnames=("settings",))
@@ -223,7 +233,8 @@ def advance(settings: Settings, groups: tuple[GroupInputs, ...], state: DecodeSt
     rows = jnp.arange(batch)
 
     def cond(s):
-        return jnp.any(~s.done & ~s.paused) & (s.step < settings.cache_steps)
+        going = jnp.any(~s.done & ~s.paused) & (s.step < settings.cache_steps)
+        return going & ~(settings.refill & jnp.any(s.paused))
 
     def body(s: DecodeState) -> DecodeState:
         key, sub = jax.random.split(s.key)
@@ -252,11 +263,13 @@ def advance(settings: Settings, groups: tuple[GroupInputs, ...], state: DecodeSt
             dist_lp = s.dist_logprobs.at[rows, at].set(jnp.where(emit[:, None], dist_lp, s.dist_logprobs[rows, at]))
         else:
             dist_ids, dist_lp = s.dist_ids, s.dist_logprobs
-        js, agree, gain = pairwise_stats(logp, emit)
-        differs = jnp.sum((jnp.argmax(agg, -1)[None] != jnp.argmax(logp, -1)) & emit[None], axis=-1)
-        stats = dict(js=s.stats["js"] + js, agree=s.stats["agree"] + agree,
-                     entropy_gain=s.stats["entropy_gain"] + gain, differs=s.stats["differs"] + differs,
-                     positions=s.stats["positions"] + jnp.sum(emit))
+        stats = s.stats
+        if settings.diversity:
+            js, agree, gain = pairwise_stats(logp, emit)
+            differs = jnp.sum((jnp.argmax(agg, -1)[None] != jnp.argmax(logp, -1)) & emit[None], axis=-1)
+            stats = dict(js=s.stats["js"] + js, agree=s.stats["agree"] + agree,
+                         entropy_gain=s.stats["entropy_gain"] + gain, differs=s.stats["differs"] + differs,
+                         positions=s.stats["positions"] + jnp.sum(emit))
 
         marked = s.marked | (emit & stops.marker[tok])
         length = s.length + emit
@@ -316,6 +329,73 @@ def fork(state: DecodeState, parents, pending, branch_after, active) -> DecodeSt
         teacher_logprob=take(state.teacher_logprob, 1), top_ids=take(state.top_ids, 1),
         top_logprobs=take(state.top_logprobs, 1), dist_ids=take(state.dist_ids, 0),
         dist_logprobs=take(state.dist_logprobs, 0))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Scores:
+    """What `score` returns for tokens [B, S] (positions past a row's length are zeros/-inf)."""
+
+    logprob: jax.Array  # [B, S] aggregated log-prob of each token
+    teacher_logprob: jax.Array  # [N, B, S]
+    dist_ids: jax.Array  # [B, S, K]: the aggregated top-K at each position (K = max(record_top, 1))
+    dist_logprobs: jax.Array  # [B, S, K]
+    stats: dict  # summed diversity statistics (zeros unless settings.diversity)
+
+
+@functools.partial(jax.jit, static_argnames=("settings",))
+def score(settings: Settings, groups: tuple[GroupInputs, ...], weights, allowed, tokens, lengths) -> Scores:
+    """Score given pivot tokens [B, S] (row b's first `lengths[b]`) under the stack: what
+    `decode` with `forced` tokens computes step by step, in one forward per group. Each
+    teacher reads its prompt followed by its own pieces of the tokens (slots a piece does not
+    fill are masked out), and predicts pivot token t from its hidden state after the last
+    piece of token t - 1."""
+    batch, steps = tokens.shape
+    live = jnp.arange(steps)[None] < lengths[:, None]  # [B, S]
+    per_group = []
+    for gd, g in zip(settings.graphdefs, groups, strict=True):
+        width = g.pieces.shape[1]
+        n = jnp.where(live, g.lengths[tokens], 0)  # [B, S]
+        real = (jnp.arange(width)[None, None] < n[..., None]).reshape(batch, steps * width)
+        pieces = jnp.where(real, g.pieces[tokens].reshape(batch, steps * width), 0)
+        prompt_len = g.tokens.shape[-1]
+        # the sequence index of the hidden state that predicts each pivot token: the prompt's last
+        # token (prompts are left-padded), then the last real piece so far
+        index = jnp.where(real, prompt_len + jnp.arange(steps * width)[None], prompt_len - 1)
+        index = jax.lax.cummax(index, axis=1)[:, width - 1 :: width]  # after token t
+        index = jnp.concatenate([jnp.full((batch, 1), prompt_len - 1), index[:, :-1]], axis=1)  # [B, S]
+
+        def forward(state, prompt, prompt_mask, gd=gd, pieces=pieces, real=real, index=index):
+            model = nnx.merge(gd, state)
+            hidden, _ = model.hidden_states(jnp.concatenate([prompt, pieces], axis=1),
+                                            mask=jnp.concatenate([prompt_mask, real], axis=1))
+            return jnp.take_along_axis(hidden, index[..., None], axis=1)  # [B, S, D]
+
+        hidden = jax.vmap(forward, in_axes=(teacher_axes(g.state), 0, 0))(g.state, g.tokens, g.mask)
+        logp = _group_logprobs(gd, g.state, hidden.reshape(hidden.shape[0], batch * steps, -1), g.to_pivot,
+                               settings.top_k, allowed.shape[0])
+        per_group.append(logp)
+    logp = candidate_logprobs(per_group, allowed, settings.top_k)  # [N, B * S, V]
+    agg = settings.aggregate(logp, jnp.repeat(weights, steps, axis=0))
+    flat = tokens.reshape(-1)
+    rows = jnp.arange(flat.shape[0])
+    mask = live.reshape(-1)
+    k = max(settings.record_top, 1)
+    dist_lp, dist_ids = jax.lax.top_k(agg, k)
+    teachers = logp.shape[0]
+    stats = dict(js=jnp.zeros((teachers, teachers)), agree=jnp.zeros((teachers, teachers)),
+                 entropy_gain=jnp.zeros(()), differs=jnp.zeros((teachers,)), positions=jnp.zeros(()))
+    if settings.diversity:
+        js, agree, gain = pairwise_stats(logp, mask)
+        differs = jnp.sum((jnp.argmax(agg, -1)[None] != jnp.argmax(logp, -1)) & mask[None], axis=-1)
+        stats = dict(js=js, agree=agree, entropy_gain=gain, differs=differs.astype(jnp.float32),
+                     positions=jnp.sum(mask).astype(jnp.float32))
+    shape = (batch, steps)
+    return Scores(
+        logprob=jnp.where(mask, agg[rows, flat], 0.0).reshape(shape),
+        teacher_logprob=jnp.where(mask, logp[:, rows, flat], 0.0).reshape(teachers, *shape),
+        dist_ids=jnp.where(mask[:, None], dist_ids, 0).reshape(*shape, k),
+        dist_logprobs=jnp.where(mask[:, None], dist_lp, -jnp.inf).reshape(*shape, k), stats=stats)
 
 
 def decode(settings: Settings, groups, weights, allowed, stops, key, max_new, forced) -> DecodeState:

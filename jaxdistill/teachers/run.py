@@ -227,7 +227,7 @@ def measure_diversity(stack: TeacherStack, records, batch_size: int) -> dict:
     for start in range(0, len(records), batch_size):
         batch = records[start:start + batch_size]
         forced = [stack.pivot.encode(r.solution, add_special_tokens=False) for r in batch]
-        stats = stack.run(batch, forced=forced, top_k=0).stats
+        stats = stack.score(batch, forced, top_k=0, diversity=True).stats
         totals = stats if totals is None else {k: totals[k] + stats[k] for k in stats}
     n = float(totals["positions"])
     return {"positions": n, "js": totals["js"] / n, "agree": totals["agree"] / n,
@@ -374,8 +374,8 @@ def write_traces(problems, found, stack, workdir: Path, rule=None, top_k: int = 
     for record, result in zip(problems, found, strict=True):
         by_branch = {leaf["branch"]: leaf for leaf in result["leaves"]}
         gold = [leaf for leaf in result["leaves"] if leaf["correct"]]
-        scored = (stack.run([record] * len(gold), aggregate=rule, top_k=top_k, forced=[g["tokens"] for g in gold],
-                            record_top=trace_top) if gold and trace_top else None)
+        scored = (stack.score([record] * len(gold), [g["tokens"] for g in gold], aggregate=rule, top_k=top_k,
+                              record_top=trace_top) if gold and trace_top else None)
         for leaf in result["leaves"]:
             meta = {"uid": record.uid, "branch": leaf["branch"], "path": leaf["path"],
                     "confidence": leaf["confidence"]}

@@ -87,7 +87,7 @@ class StackOutput:
     mask: np.ndarray  # [B, S]
     logprob: np.ndarray  # [B, S] aggregated log-prob of each token
     teacher_logprob: np.ndarray  # [N, B, S] each teacher's log-prob of it (teacher order as configured)
-    stats: dict  # summed diversity statistics (teacher order as configured)
+    stats: dict | None  # summed diversity statistics (teacher order as configured); None unless asked
     top_ids: np.ndarray | None = None  # [B, S, K] with record_top=K: the aggregated distribution's top tokens
     top_logprobs: np.ndarray | None = None  # [B, S, K] their aggregated log-probs
 
@@ -152,11 +152,15 @@ class TeacherStack:
 
     def run(self, records: Sequence[Record], *, aggregate=None, rule=sampling.Greedy(),
             max_new_tokens: int = 128, top_k: int = 10, weights: np.ndarray | None = None, seed: int = 0,
-            forced: Sequence[Sequence[int]] | None = None, record_top: int = 0) -> StackOutput:
-        """Decode (or, with `forced` pivot token ids per record, score) one batch of records.
+            forced: Sequence[Sequence[int]] | None = None, record_top: int = 0,
+            diversity: bool = False) -> StackOutput:
+        """Decode (or, with `forced` pivot token ids per record, score step by step) one batch of
+        records. To score given text, `score` is the fast path: one forward instead of a step per
+        token (forced decoding stays as its reference and to benchmark the decode step).
 
         `record_top` > 0 keeps the aggregated distribution's top tokens at every position: a
-        sparse multi-teacher target for distillation and for traces.
+        sparse multi-teacher target for distillation and for traces. `diversity` sums the
+        pairwise diversity statistics into `stats` (None without it).
         """
         aggregate = aggregate or agg_lib.MeanProbs()
         if top_k < 0:
@@ -174,24 +178,64 @@ class TeacherStack:
             forced_tokens[r, : len(f)], forced_lengths[r] = f, len(f)
         settings = lockstep.Settings(graphdefs=tuple(g.graphdef for g in self.groups), aggregate=aggregate,
                                      rule=rule, top_k=top_k, new_slots=slots, cache_steps=slots,
-                                     pad_id=self.pivot.pad_id, forced=forced is not None, record_top=record_top)
+                                     pad_id=self.pivot.pad_id, forced=forced is not None, record_top=record_top,
+                                     diversity=diversity)
         state = lockstep.decode(settings, groups, jnp.asarray(w[:, self.order]), jnp.asarray(self.allowed),
                                 self.stops, jax.random.key(seed), jnp.int32(new),
                                 (jnp.asarray(forced_tokens), jnp.asarray(forced_lengths)))
-        out = self._output(state, n, new)
+        out = self._output(state, n, new, diversity)
         if record_top:
             out.top_ids = np.asarray(state.dist_ids)[:n, :new]
             out.top_logprobs = np.asarray(state.dist_logprobs)[:n, :new]
         return out
 
-    def _output(self, state: lockstep.DecodeState, n: int, new: int) -> StackOutput:
-        """Rows [:n] and tokens [:new] of a decode, teachers back in configured order."""
+    def score(self, records: Sequence[Record], completions: Sequence[Sequence[int]], *, aggregate=None,
+              top_k: int = 10, weights: np.ndarray | None = None, record_top: int = 0,
+              diversity: bool = False) -> StackOutput:
+        """Score pivot-token completions of `records` under the stack, in one forward per group:
+        what `run(..., forced=completions)` computes one decode step at a time."""
+        aggregate = aggregate or agg_lib.MeanProbs()
+        if top_k < 0:
+            raise ConfigError(f"top_k must be >= 0 (0: every token), got {top_k}.")
+        n, new = len(records), max(len(c) for c in completions)
+        rows, slots = sampling.bucket(n, minimum=1), sampling.bucket(new)
+        groups = self.inputs(records, rows=rows, new=new)
+        w = self.weights(rows, weights if weights is None or np.ndim(weights) == 1 else
+                         np.concatenate([weights, np.ones((rows - n, len(self.teachers)))]))
+        tokens, lengths = np.full((rows, slots), self.pivot.pad_id, np.int32), np.zeros((rows,), np.int32)
+        for r, c in enumerate(completions):
+            tokens[r, : len(c)], lengths[r] = c, len(c)
+        settings = lockstep.Settings(graphdefs=tuple(g.graphdef for g in self.groups), aggregate=aggregate,
+                                     rule=sampling.Greedy(), top_k=top_k, new_slots=slots, cache_steps=slots,
+                                     pad_id=self.pivot.pad_id, record_top=record_top, diversity=diversity)
+        out = lockstep.score(settings, groups, jnp.asarray(w[:, self.order]), jnp.asarray(self.allowed),
+                             jnp.asarray(tokens), jnp.asarray(lengths))
         back = np.argsort(self.order)
-        tokens, mask = np.asarray(state.tokens)[:n, :new], np.asarray(state.mask)[:n, :new]
-        stats = {k: np.asarray(v) for k, v in state.stats.items()}
+        mask = (np.arange(slots)[None] < lengths[:, None])[:n, :new]
+        result = StackOutput(
+            texts=[self.pivot.decode(list(c)) for c in completions], tokens=tokens[:n, :new], mask=mask,
+            logprob=np.asarray(out.logprob)[:n, :new],
+            teacher_logprob=np.asarray(out.teacher_logprob)[back][:, :n, :new],
+            stats=self._stats(out.stats, back) if diversity else None)
+        if record_top:
+            result.top_ids = np.asarray(out.dist_ids)[:n, :new]
+            result.top_logprobs = np.asarray(out.dist_logprobs)[:n, :new]
+        return result
+
+    @staticmethod
+    def _stats(stats: dict, back: np.ndarray) -> dict:
+        """Summed diversity statistics, teachers back in configured order."""
+        stats = {k: np.asarray(v) for k, v in stats.items()}
         stats["js"] = stats["js"][back][:, back]
         stats["agree"] = stats["agree"][back][:, back]
         stats["differs"] = stats["differs"][back]
+        return stats
+
+    def _output(self, state: lockstep.DecodeState, n: int, new: int, diversity: bool) -> StackOutput:
+        """Rows [:n] and tokens [:new] of a decode, teachers back in configured order."""
+        back = np.argsort(self.order)
+        tokens, mask = np.asarray(state.tokens)[:n, :new], np.asarray(state.mask)[:n, :new]
+        stats = self._stats(state.stats, back) if diversity else None
         return StackOutput(
             texts=[self.pivot.decode(row[m].tolist()) for row, m in zip(tokens, mask, strict=True)],
             tokens=tokens, mask=mask, logprob=np.asarray(state.logprob)[:n, :new],
