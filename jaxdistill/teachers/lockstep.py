@@ -73,8 +73,6 @@ class Settings:
     proposals: int = 4  # top tokens of the stack and of each teacher recorded at a pause
     record_top: int = 0  # > 0: keep the aggregated distribution's top tokens at every emitted position
     diversity: bool = False  # sum the pairwise diversity statistics (JS, agreement: an [N, N, B, V] cost)
-    refill: bool = False  # `advance` returns as soon as a row pauses, so its children start while the
-    # other rows go on (branch search); False: it returns when every row has paused or finished
 
 
 @jax.tree_util.register_dataclass
@@ -233,8 +231,7 @@ def advance(settings: Settings, groups: tuple[GroupInputs, ...], state: DecodeSt
     rows = jnp.arange(batch)
 
     def cond(s):
-        going = jnp.any(~s.done & ~s.paused) & (s.step < settings.cache_steps)
-        return going & ~(settings.refill & jnp.any(s.paused))
+        return jnp.any(~s.done & ~s.paused) & (s.step < settings.cache_steps)
 
     def body(s: DecodeState) -> DecodeState:
         key, sub = jax.random.split(s.key)

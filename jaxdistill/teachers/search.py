@@ -129,7 +129,7 @@ def search(stack: TeacherStack, record: Record, config: SearchConfig, *, aggrega
     settings = lockstep.Settings(
         graphdefs=tuple(g.graphdef for g in stack.groups), aggregate=aggregate, rule=rule, top_k=top_k,
         new_slots=slots, cache_steps=(config.max_levels + 1) * slots, pad_id=stack.pivot.pad_id,
-        branch_entropy=config.branch_entropy, proposals=max(config.right, config.wrong, 4), refill=True)
+        branch_entropy=config.branch_entropy, proposals=max(config.right, config.wrong, 4))
     allowed = jnp.asarray(stack.allowed)
     state = lockstep.start(settings, groups, jax.random.key(seed))
     branches = [Branch(0, -1, "root", 0, 0)]
@@ -144,27 +144,17 @@ def search(stack: TeacherStack, record: Record, config: SearchConfig, *, aggrega
                                  jnp.int32(config.max_new_tokens), forced)
         done, paused = np.asarray(state.done), np.asarray(state.paused)
         length, confidence = np.asarray(state.length), np.asarray(state.confidence)
-        full = int(state.step) >= settings.cache_steps
-        branch_after = np.asarray(state.branch_after)
         tokens, mask = np.asarray(state.tokens), np.asarray(state.mask)
         top_ids, top_lp = np.asarray(state.top_ids), np.asarray(state.top_logprobs)
         spent += int(sum(length[r] - counted[r] for r in range(len(rows))))
         mean_conf = confidence / np.maximum(length, 1)
 
-        # advance returns at the first pause: rows still decoding go on in the next batch, ahead
-        # of the new children (kept first under max_live), without waiting for the slowest row
         parents, pending, after, new_rows = [], [], [], []
-        for r, branch_id in enumerate(rows):
-            if not (done[r] or paused[r] or full):
-                parents.append(r), pending.append(-1), after.append(int(branch_after[r])), new_rows.append(branch_id)
-        going = len(new_rows)
         for r, branch_id in enumerate(rows):
             branch = branches[branch_id]
             branch.length = int(length[r])
             if paused[r]:
                 branch.features = pause_features(top_ids[:, r], top_lp[:, r], mean_conf[r]) | {"tokens": branch.length}
-            if not (done[r] or paused[r] or full):
-                continue  # still decoding (above)
             if done[r]:
                 ids = tokens[r][mask[r]].tolist()
                 text = stack.pivot.decode(ids)
@@ -187,8 +177,8 @@ def search(stack: TeacherStack, record: Record, config: SearchConfig, *, aggrega
                 branches.append(child)
                 parents.append(r), pending.append(token), after.append(int(length[r]) + config.gap)
                 new_rows.append(child.id)
-        if len(new_rows) > config.max_live:  # keep the rows going, then the most confident parents' children
-            rank = sorted(range(len(new_rows)), key=lambda i: (i >= going, -mean_conf[parents[i]],
+        if len(new_rows) > config.max_live:  # keep the most confident parents; right before wrong
+            rank = sorted(range(len(new_rows)), key=lambda i: (-mean_conf[parents[i]],
                                                                branches[new_rows[i]].kind == "wrong"))
             keep = sorted(rank[: config.max_live])
             pruned += len(new_rows) - len(keep)
