@@ -184,6 +184,21 @@ def pairwise_stats(logp, live):
     return js + js.T, agree, jnp.sum((mix_entropy - jnp.mean(member_entropy, axis=0)) * live)
 
 
+def no_stats(teachers: int) -> dict:
+    """Diversity sums before any position (and what a decode without `settings.diversity` keeps)."""
+    return dict(js=jnp.zeros((teachers, teachers)), agree=jnp.zeros((teachers, teachers)),
+                entropy_gain=jnp.zeros(()), differs=jnp.zeros((teachers,)), positions=jnp.zeros(()))
+
+
+def diversity_stats(logp, agg, live) -> dict:
+    """The diversity sums over the live rows [B] of teacher log-probs [N, B, V] and their aggregate
+    [B, V]: `pairwise_stats`, where the aggregate's top token differs from each teacher's, positions."""
+    js, agree, gain = pairwise_stats(logp, live)
+    differs = jnp.sum((jnp.argmax(agg, -1)[None] != jnp.argmax(logp, -1)) & live[None], axis=-1)
+    return dict(js=js, agree=agree, entropy_gain=gain, differs=differs.astype(jnp.float32),
+                positions=jnp.sum(live).astype(jnp.float32))
+
+
 @functools.partial(jax.jit, static_argnames=("settings",))
 def start(settings: Settings, groups: tuple[GroupInputs, ...], key) -> DecodeState:
     """Prefill every teacher's prompt; nothing emitted yet."""
@@ -217,8 +232,7 @@ def start(settings: Settings, groups: tuple[GroupInputs, ...], key) -> DecodeSta
         top_ids=jnp.zeros((teachers + 1, batch, c), jnp.int32), top_logprobs=jnp.zeros((teachers + 1, batch, c)),
         dist_ids=jnp.zeros((batch, slots, max(settings.record_top, 1)), jnp.int32),
         dist_logprobs=jnp.full((batch, slots, max(settings.record_top, 1)), -jnp.inf),
-        stats=dict(js=jnp.zeros((teachers, teachers)), agree=jnp.zeros((teachers, teachers)),
-                   entropy_gain=jnp.zeros(()), differs=jnp.zeros((teachers,)), positions=jnp.zeros(())))
+        stats=no_stats(teachers))
 
 
 @functools.partial(jax.jit, static_argnames=("settings",))
@@ -260,13 +274,7 @@ def advance(settings: Settings, groups: tuple[GroupInputs, ...], state: DecodeSt
             dist_lp = s.dist_logprobs.at[rows, at].set(jnp.where(emit[:, None], dist_lp, s.dist_logprobs[rows, at]))
         else:
             dist_ids, dist_lp = s.dist_ids, s.dist_logprobs
-        stats = s.stats
-        if settings.diversity:
-            js, agree, gain = pairwise_stats(logp, emit)
-            differs = jnp.sum((jnp.argmax(agg, -1)[None] != jnp.argmax(logp, -1)) & emit[None], axis=-1)
-            stats = dict(js=s.stats["js"] + js, agree=s.stats["agree"] + agree,
-                         entropy_gain=s.stats["entropy_gain"] + gain, differs=s.stats["differs"] + differs,
-                         positions=s.stats["positions"] + jnp.sum(emit))
+        stats = jax.tree.map(jnp.add, s.stats, diversity_stats(logp, agg, emit)) if settings.diversity else s.stats
 
         marked = s.marked | (emit & stops.marker[tok])
         length = s.length + emit
@@ -380,13 +388,7 @@ def score(settings: Settings, groups: tuple[GroupInputs, ...], weights, allowed,
     k = max(settings.record_top, 1)
     dist_lp, dist_ids = jax.lax.top_k(agg, k)
     teachers = logp.shape[0]
-    stats = dict(js=jnp.zeros((teachers, teachers)), agree=jnp.zeros((teachers, teachers)),
-                 entropy_gain=jnp.zeros(()), differs=jnp.zeros((teachers,)), positions=jnp.zeros(()))
-    if settings.diversity:
-        js, agree, gain = pairwise_stats(logp, mask)
-        differs = jnp.sum((jnp.argmax(agg, -1)[None] != jnp.argmax(logp, -1)) & mask[None], axis=-1)
-        stats = dict(js=js, agree=agree, entropy_gain=gain, differs=differs.astype(jnp.float32),
-                     positions=jnp.sum(mask).astype(jnp.float32))
+    stats = diversity_stats(logp, agg, mask) if settings.diversity else no_stats(teachers)
     shape = (batch, steps)
     return Scores(
         logprob=jnp.where(mask, agg[rows, flat], 0.0).reshape(shape),

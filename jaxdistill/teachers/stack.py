@@ -162,27 +162,14 @@ class TeacherStack:
         sparse multi-teacher target for distillation and for traces. `diversity` sums the
         pairwise diversity statistics into `stats` (None without it).
         """
-        aggregate = aggregate or agg_lib.MeanProbs()
-        if top_k < 0:
-            raise ConfigError(f"top_k must be >= 0 (0: every token), got {top_k}.")
-        n = len(records)
-        rows = sampling.bucket(n, minimum=1)
-        new = max_new_tokens if forced is None else max(len(f) for f in forced)
-        groups = self.inputs(records, rows=rows, new=new)
-        w = self.weights(rows, weights if weights is None or np.ndim(weights) == 1 else
-                         np.concatenate([weights, np.ones((rows - n, len(self.teachers)))]))
-        slots = sampling.bucket(new)
-        forced_tokens = np.full((rows, slots), self.pivot.pad_id, np.int32)
-        forced_lengths = np.full((rows,), slots, np.int32)
-        for r, f in enumerate(forced or ()):
-            forced_tokens[r, : len(f)], forced_lengths[r] = f, len(f)
-        settings = lockstep.Settings(graphdefs=tuple(g.graphdef for g in self.groups), aggregate=aggregate,
-                                     rule=rule, top_k=top_k, new_slots=slots, cache_steps=slots,
-                                     pad_id=self.pivot.pad_id, forced=forced is not None, record_top=record_top,
-                                     diversity=diversity)
-        state = lockstep.decode(settings, groups, jnp.asarray(w[:, self.order]), jnp.asarray(self.allowed),
-                                self.stops, jax.random.key(seed), jnp.int32(new),
-                                (jnp.asarray(forced_tokens), jnp.asarray(forced_lengths)))
+        n, new = len(records), max_new_tokens if forced is None else max(len(f) for f in forced)
+        groups, w, tokens, lengths = self._batch(records, new, top_k, weights, forced or ())
+        settings = lockstep.Settings(graphdefs=tuple(g.graphdef for g in self.groups),
+                                     aggregate=aggregate or agg_lib.MeanProbs(), rule=rule, top_k=top_k,
+                                     new_slots=tokens.shape[1], cache_steps=tokens.shape[1], pad_id=self.pivot.pad_id,
+                                     forced=forced is not None, record_top=record_top, diversity=diversity)
+        state = lockstep.decode(settings, groups, w, jnp.asarray(self.allowed), self.stops, jax.random.key(seed),
+                                jnp.int32(new), (jnp.asarray(tokens), jnp.asarray(lengths)))
         out = self._output(state, n, new, diversity)
         if record_top:
             out.top_ids = np.asarray(state.dist_ids)[:n, :new]
@@ -194,22 +181,15 @@ class TeacherStack:
               diversity: bool = False) -> StackOutput:
         """Score pivot-token completions of `records` under the stack, in one forward per group:
         what `run(..., forced=completions)` computes one decode step at a time."""
-        aggregate = aggregate or agg_lib.MeanProbs()
-        if top_k < 0:
-            raise ConfigError(f"top_k must be >= 0 (0: every token), got {top_k}.")
         n, new = len(records), max(len(c) for c in completions)
-        rows, slots = sampling.bucket(n, minimum=1), sampling.bucket(new)
-        groups = self.inputs(records, rows=rows, new=new)
-        w = self.weights(rows, weights if weights is None or np.ndim(weights) == 1 else
-                         np.concatenate([weights, np.ones((rows - n, len(self.teachers)))]))
-        tokens, lengths = np.full((rows, slots), self.pivot.pad_id, np.int32), np.zeros((rows,), np.int32)
-        for r, c in enumerate(completions):
-            tokens[r, : len(c)], lengths[r] = c, len(c)
-        settings = lockstep.Settings(graphdefs=tuple(g.graphdef for g in self.groups), aggregate=aggregate,
-                                     rule=sampling.Greedy(), top_k=top_k, new_slots=slots, cache_steps=slots,
-                                     pad_id=self.pivot.pad_id, record_top=record_top, diversity=diversity)
-        out = lockstep.score(settings, groups, jnp.asarray(w[:, self.order]), jnp.asarray(self.allowed),
-                             jnp.asarray(tokens), jnp.asarray(lengths))
+        groups, w, tokens, lengths = self._batch(records, new, top_k, weights, completions)
+        slots = tokens.shape[1]
+        settings = lockstep.Settings(graphdefs=tuple(g.graphdef for g in self.groups),
+                                     aggregate=aggregate or agg_lib.MeanProbs(), rule=sampling.Greedy(), top_k=top_k,
+                                     new_slots=slots, cache_steps=slots, pad_id=self.pivot.pad_id,
+                                     record_top=record_top, diversity=diversity)
+        out = lockstep.score(settings, groups, w, jnp.asarray(self.allowed), jnp.asarray(tokens),
+                             jnp.asarray(lengths))
         back = np.argsort(self.order)
         mask = (np.arange(slots)[None] < lengths[:, None])[:n, :new]
         result = StackOutput(
@@ -221,6 +201,21 @@ class TeacherStack:
             result.top_ids = np.asarray(out.dist_ids)[:n, :new]
             result.top_logprobs = np.asarray(out.dist_logprobs)[:n, :new]
         return result
+
+    def _batch(self, records: Sequence[Record], new: int, top_k: int, weights, completions):
+        """What `run` and `score` both start from: the groups' prompts for `records` (rows up to the batch
+        bucket), the [rows, N] weights in group order, and the given pivot tokens [rows, bucket(new)]
+        (pad after each) with their lengths [rows] (0 for rows without any)."""
+        if top_k < 0:
+            raise ConfigError(f"top_k must be >= 0 (0: every token), got {top_k}.")
+        n = len(records)
+        rows = sampling.bucket(n, minimum=1)
+        w = self.weights(rows, weights if weights is None or np.ndim(weights) == 1 else
+                         np.concatenate([weights, np.ones((rows - n, len(self.teachers)))]))
+        tokens, lengths = np.full((rows, sampling.bucket(new)), self.pivot.pad_id, np.int32), np.zeros(rows, np.int32)
+        for r, c in enumerate(completions):
+            tokens[r, : len(c)], lengths[r] = c, len(c)
+        return self.inputs(records, rows=rows, new=new), jnp.asarray(w[:, self.order]), tokens, lengths
 
     @staticmethod
     def _stats(stats: dict, back: np.ndarray) -> dict:
