@@ -188,6 +188,45 @@ def test_scoring_in_one_forward_equals_forced_decoding_step_by_step(smollm2, gem
             np.testing.assert_allclose(fast.stats[name], step.stats[name], rtol=1e-3, atol=1e-3)
 
 
+def test_a_fewshot_reply_end_counts_as_the_end_of_turn_when_asked(smollm2, gemma3):
+    """With `fewshot_ends_turn`, a few-shot teacher's probability of the end-of-turn token is its
+    probability of ending the way its format does: a blank line anywhere, any line break once the
+    '#### <answer>' line is written; chat teachers are unchanged. Against the model's own full
+    distribution, and in decode and `score` alike (Gemma through the cross-vocabulary map)."""
+    teachers = [TeacherConfig("smol", "smollm2"), TeacherConfig("smol-fewshot", "smollm2", style="fewshot")]
+    records = synthetic_records(2, 2, split="test")
+    model, tokenizer = smollm2
+    end = tokenizer.turn_end_id
+    completions = [tokenizer.encode(r.solution) + [end] for r in records]  # ends right after "#### N"
+    plain = _stack(smollm2, gemma3, teachers).score(records, completions, top_k=0)
+    stack = _stack(smollm2, gemma3, teachers, fewshot_ends_turn=True)
+    ended = stack.score(records, completions, top_k=0)
+    np.testing.assert_allclose(ended.teacher_logprob[0], plain.teacher_logprob[0], atol=1e-4)
+    blank, line_break = np.asarray(stack.stops.blank_line), np.asarray(stack.stops.line_break)
+    allowed = np.asarray(stack.allowed)
+    for r, (record, completion) in enumerate(zip(records, completions, strict=True)):
+        prompt = stack.prompt(1, record)
+        logits = model(jnp.asarray([prompt + completion[:-1]]))[0, len(prompt) - 1:]
+        p = np.exp(np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), np.float64))
+        marker_at = next(t for t, c in enumerate(completion) if stack.stops.marker[c])
+        for t in (0, len(completion) - 1):  # before the answer line: blank lines end; after it: any line break
+            ends = blank | (line_break if t > marker_at else False)
+            moved = p[t].copy()
+            moved[end] += moved[ends].sum()
+            moved[ends] = 1e-10
+            expected = np.log(moved[completion[t]] / moved[allowed].sum())
+            np.testing.assert_allclose(ended.teacher_logprob[1, r, t], expected, atol=2e-4)
+        last = len(completion) - 1
+        assert np.exp(ended.teacher_logprob[1, r, last]) > 0.9 > 0.1 > np.exp(plain.teacher_logprob[1, r, last])
+    # the decode loop applies the same rule as `score`, across two vocabularies
+    mixed = _stack(smollm2, gemma3, [*teachers, TeacherConfig("gemma", "gemma3", style="fewshot")],
+                   fewshot_ends_turn=True)
+    step = mixed.run(records, forced=completions, top_k=10)
+    fast = mixed.score(records, completions, top_k=10)
+    np.testing.assert_allclose(fast.teacher_logprob[:, fast.mask], step.teacher_logprob[:, step.mask], atol=2e-4)
+    np.testing.assert_allclose(fast.logprob[fast.mask], step.logprob[step.mask], atol=2e-4)
+
+
 def test_teacher_axis_sharded_over_8_devices_equals_one_device(smollm2):
     tokenizer = smollm2[1]
     loaded = {f"t{i}": (tiny_model(seed=i, vocab_size=tokenizer.vocab_size), tokenizer) for i in range(8)}

@@ -35,12 +35,14 @@ def get_config():
     c.teacher_weight = 0.75
     c.fixed_k = 1.75  # used by arm=fixed_k
     # arm=stack: the frozen teacher stack (jaxdistill/teachers) as the target, in the student's vocabulary;
-    # hint=True shows every teacher the reference solution, as the self-teacher sees it.
+    # hint=True shows every teacher the reference solution, as the self-teacher sees it; fewshot_ends_turn=True
+    # maps a few-shot teacher's end of reply (a blank line; a line break after '#### N') onto the end of turn.
     c.stack = ml_collections.ConfigDict(dict(
         teachers=[dict(name="smollm2-chat", model="smollm2-135m-instruct", style="chat"),
                   dict(name="smollm2-fewshot", model="smollm2-135m-instruct", style="fewshot"),
                   dict(name="gemma3-fewshot", model="gemma3-270m", style="fewshot")],
-        hint=True, rule="mean_probs", top_k=10, record_top=20, width=2, fewshot_examples=2))
+        hint=True, rule="mean_probs", top_k=10, record_top=20, width=2, fewshot_examples=2,
+        fewshot_ends_turn=False))
     # Prompts: chat (the model's chat template) or fewshot (worked examples from the first training records,
     # for base models such as gemma3-270m; replies end at a blank line).
     c.prompts = ml_collections.ConfigDict(dict(style="chat", fewshot_examples=2))

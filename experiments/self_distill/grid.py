@@ -50,6 +50,8 @@ ARMS = {  # name: (what it is, overrides)
     "blend-no-end": ("fix: the end-token positions left out of the loss", ["loss.end_weight=0"]),
     "blend-seq": ("fix: per-sample (length-normalised) loss", ["loss.normalize=sequence"]),
     "stack": ("the teacher stack (3 frozen teachers, with the hint) as a sparse top-20 target", ["arm=stack"]),
+    "stack-end": ("the stack with its few-shot teachers' end of reply as the end of turn",
+                  ["arm=stack", "stack.fewshot_ends_turn=True"]),
     # a second model: Gemma 3 270M, a base model with few-shot prompts
     "gemma-blend": ("Gemma 3 270M few-shot: the method", ["model=gemma3-270m", "prompts.style=fewshot"]),
     "gemma-sft": ("Gemma 3 270M few-shot: SFT", ["model=gemma3-270m", "prompts.style=fewshot", "arm=sft"]),

@@ -185,7 +185,8 @@ def make_stack(config, train_records):
     c = config.stack
     teachers = [TeacherConfig.from_config(t) for t in c.teachers]
     return TeacherStack(teachers, pivot=config.model, width=c.width, dtype=config.dtype, hint=c.hint,
-                        fewshot=fewshot_block(train_records[: c.fewshot_examples]))
+                        fewshot=fewshot_block(train_records[: c.fewshot_examples]),
+                        fewshot_ends_turn=c.get("fewshot_ends_turn", False))
 
 
 def stack_targets(stack, c, records, completions, width: int) -> dict[str, np.ndarray]:

@@ -47,6 +47,9 @@ class GroupInputs:
     pieces: jax.Array  # [V_pivot, W] int32: this vocabulary's tokens for each pivot token
     lengths: jax.Array  # [V_pivot] int32
     to_pivot: jax.Array | None  # [V_group] int32: the pivot token each token proposes; None: same vocabulary
+    # [N_g] bool: teachers whose replies end with text, not an end token (few-shot: a blank line, or
+    # a newline after the final-answer line); None: no such teacher, or not asked for
+    text_ends: jax.Array | None = None
 
 
 @jax.tree_util.register_dataclass
@@ -55,6 +58,8 @@ class StopTables:
     end: jax.Array  # [V_pivot] bool: tokens that end the answer at once
     marker: jax.Array  # [V_pivot] bool: tokens holding the final-answer marker ("####")
     newline: jax.Array  # [V_pivot] bool: tokens holding a newline (end the marker line)
+    blank_line: jax.Array  # [V_pivot] bool: tokens that start with a blank line
+    line_break: jax.Array  # [V_pivot] bool: tokens that start with a newline
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +73,7 @@ class Settings:
     new_slots: int  # output length bucket
     cache_steps: int  # decode steps the KV caches have room for (>= new_slots; more when branching)
     pad_id: int  # pivot pad id
+    turn_end: int = -1  # pivot end-of-turn id: where a text-ending teacher's end-of-reply probability goes
     forced: bool = False  # score `forced` tokens instead of sampling
     branch_entropy: float = 0.0  # > 0: rows pause where the aggregated entropy (nats) exceeds this
     proposals: int = 4  # top tokens of the stack and of each teacher recorded at a pause
@@ -125,15 +131,38 @@ def teacher_axes(state):
     return jax.tree_util.tree_map_with_path(lambda path, _: 1 if is_layer_weight(path) else 0, state)
 
 
-def _group_logprobs(graphdef, state, hidden, to_pivot, top_k: int, pivot_size: int):
+def _group_logprobs(graphdef, g: GroupInputs, hidden, top_k: int, pivot_size: int, turn_end: int, row_ends):
     """[N_g, B, D] hidden -> [N_g, B, V_pivot] log-probs of the pivot tokens: each teacher token's
-    probability goes to the pivot token it proposes (only the teacher's top-k when top_k > 0)."""
+    probability goes to the pivot token it proposes (only the teacher's top-k when top_k > 0).
+    `row_ends` [B, V_pivot]: the tokens that end a text-ending teacher's reply in each row."""
     def one(s, h):
         return jax.nn.log_softmax(nnx.merge(graphdef, s).logits(h), axis=-1)
 
-    logp = jax.vmap(one, in_axes=(teacher_axes(state), 0))(state, hidden)
-    if to_pivot is None:
-        return logp
+    logp = jax.vmap(one, in_axes=(teacher_axes(g.state), 0))(g.state, hidden)
+    if g.to_pivot is not None:
+        logp = _to_pivot(logp, g.to_pivot, top_k, pivot_size)
+    if g.text_ends is not None:
+        logp = _end_replies(logp, g.text_ends[:, None, None] & row_ends[None], turn_end)
+    return logp
+
+
+def reply_end_tokens(stops: StopTables, marked):
+    """[B, V_pivot]: the tokens that end a few-shot reply, by row: a blank line (it closes a worked
+    example), and once the final-answer line is written (`marked` [B]), any line break."""
+    return stops.blank_line[None] | (marked[:, None] & stops.line_break[None])
+
+
+def _end_replies(logp, ends, turn_end: int):
+    """A teacher whose reply ends with text rather than an end-of-turn token ends the pivot's turn
+    with that text's probability: the tokens in `ends` [N_g, B, V] give theirs to the end token."""
+    p = jnp.exp(logp)
+    moved = jnp.sum(jnp.where(ends, p, 0.0), axis=-1)
+    p = jnp.where(ends, 0.0, p).at[..., turn_end].add(moved)
+    return jnp.log(jnp.maximum(p, 1e-10))
+
+
+def _to_pivot(logp, to_pivot, top_k: int, pivot_size: int):
+    """[N_g, B, V_group] -> [N_g, B, V_pivot]: summed over the group tokens proposing each pivot token."""
     if top_k:
         logp, ids = jax.lax.top_k(logp, top_k)
     else:
@@ -249,7 +278,8 @@ def advance(settings: Settings, groups: tuple[GroupInputs, ...], state: DecodeSt
 
     def body(s: DecodeState) -> DecodeState:
         key, sub = jax.random.split(s.key)
-        per_group = [_group_logprobs(gd, g.state, h, g.to_pivot, settings.top_k, allowed.shape[0])
+        row_ends = reply_end_tokens(stops, s.marked)
+        per_group = [_group_logprobs(gd, g, h, settings.top_k, allowed.shape[0], settings.turn_end, row_ends)
                      for gd, g, h in zip(settings.graphdefs, groups, s.hiddens, strict=True)]
         logp = candidate_logprobs(per_group, allowed, settings.top_k)  # [N, B, V]
         agg = settings.aggregate(logp, weights)
@@ -349,7 +379,8 @@ class Scores:
 
 
 @functools.partial(jax.jit, static_argnames=("settings",))
-def score(settings: Settings, groups: tuple[GroupInputs, ...], weights, allowed, tokens, lengths) -> Scores:
+def score(settings: Settings, groups: tuple[GroupInputs, ...], weights, allowed, stops: StopTables, tokens,
+          lengths) -> Scores:
     """Score given pivot tokens [B, S] (row b's first `lengths[b]`) under the stack: what
     `decode` with `forced` tokens computes step by step, in one forward per group. Each
     teacher reads its prompt followed by its own pieces of the tokens (slots a piece does not
@@ -357,6 +388,9 @@ def score(settings: Settings, groups: tuple[GroupInputs, ...], weights, allowed,
     piece of token t - 1."""
     batch, steps = tokens.shape
     live = jnp.arange(steps)[None] < lengths[:, None]  # [B, S]
+    marker = stops.marker[tokens] & live
+    marked = (jnp.cumsum(marker, axis=1) - marker) > 0  # the final-answer marker came before token t
+    row_ends = reply_end_tokens(stops, marked.reshape(-1))
     per_group = []
     for gd, g in zip(settings.graphdefs, groups, strict=True):
         width = g.pieces.shape[1]
@@ -377,8 +411,8 @@ def score(settings: Settings, groups: tuple[GroupInputs, ...], weights, allowed,
             return jnp.take_along_axis(hidden, index[..., None], axis=1)  # [B, S, D]
 
         hidden = jax.vmap(forward, in_axes=(teacher_axes(g.state), 0, 0))(g.state, g.tokens, g.mask)
-        logp = _group_logprobs(gd, g.state, hidden.reshape(hidden.shape[0], batch * steps, -1), g.to_pivot,
-                               settings.top_k, allowed.shape[0])
+        logp = _group_logprobs(gd, g, hidden.reshape(hidden.shape[0], batch * steps, -1), settings.top_k,
+                               allowed.shape[0], settings.turn_end, row_ends)
         per_group.append(logp)
     logp = candidate_logprobs(per_group, allowed, settings.top_k)  # [N, B * S, V]
     agg = settings.aggregate(logp, jnp.repeat(weights, steps, axis=0))

@@ -126,9 +126,8 @@ def search(stack: TeacherStack, record: Record, config: SearchConfig, *, aggrega
     """Branch search from one prompt; returns every leaf, verified."""
     groups = stack.inputs([record], rows=1, new=config.max_new_tokens, steps=config.max_levels + 1)
     slots = sampling.bucket(config.max_new_tokens)
-    settings = lockstep.Settings(
-        graphdefs=tuple(g.graphdef for g in stack.groups), aggregate=aggregate, rule=rule, top_k=top_k,
-        new_slots=slots, cache_steps=(config.max_levels + 1) * slots, pad_id=stack.pivot.pad_id,
+    settings = stack.settings(
+        aggregate=aggregate, rule=rule, top_k=top_k, new_slots=slots, cache_steps=(config.max_levels + 1) * slots,
         branch_entropy=config.branch_entropy, proposals=max(config.right, config.wrong, 4))
     allowed = jnp.asarray(stack.allowed)
     state = lockstep.start(settings, groups, jax.random.key(seed))

@@ -31,6 +31,7 @@ from jaxdistill.teachers import align as align_lib
 from jaxdistill.teachers import lockstep
 
 STYLES = ("chat", "fewshot")
+FEWSHOT_REPLY_END = "\n\n"  # a blank line closes each worked example, so it is where a few-shot reply ends
 FEWSHOT_INSTRUCTION = "Solve each problem step by step. Write the final answer on the last line as '#### <answer>'.\n\n"
 
 
@@ -68,7 +69,8 @@ def validate_teachers(teachers: Sequence[TeacherConfig]) -> None:
 
 
 def fewshot_block(examples: Sequence[Record]) -> str:
-    return FEWSHOT_INSTRUCTION + "".join(f"Question: {r.problem}\nAnswer:\n{r.solution}\n\n" for r in examples)
+    return FEWSHOT_INSTRUCTION + "".join(f"Question: {r.problem}\nAnswer:\n{r.solution}{FEWSHOT_REPLY_END}"
+                                         for r in examples)
 
 
 @dataclasses.dataclass
@@ -95,11 +97,14 @@ class StackOutput:
 class TeacherStack:
     def __init__(self, teachers: Sequence[TeacherConfig], *, pivot: str | None = None, width: int = 2,
                  dtype: str = "float32", mesh=None, loaded: dict | None = None, fewshot: str = "",
-                 hint: bool = False):
+                 hint: bool = False, fewshot_ends_turn: bool = False):
         """`pivot`: the model whose vocabulary the stack decodes in (default: the first teacher's).
         `loaded`: already loaded {model: (model, tokenizer)}; `fewshot`: worked examples for
         fewshot-style teachers (`fewshot_block`); `hint`: every teacher also sees the record's
-        reference solution (privileged information, as the self-distillation teacher does)."""
+        reference solution (privileged information, as the self-distillation teacher does);
+        `fewshot_ends_turn`: a few-shot teacher's probability of ending its reply the way its format
+        does (a blank line; a line break after the final-answer line) counts as its probability of
+        the pivot's end-of-turn token, which it otherwise hardly gives (`lockstep.reply_end_tokens`)."""
         validate_teachers(teachers)
         self.teachers = list(teachers)
         self.fewshot = fewshot
@@ -131,6 +136,9 @@ class TeacherStack:
         self.order = [i for g in self.groups for i in g.teachers]  # group order -> configured teacher index
         self.allowed = align_lib.candidates([g.alignment for g in self.groups])
         self.stops = _stop_tables(self.pivot)
+        # [N_g] per group: its few-shot teachers, whose replies end with text (None: none, or not asked)
+        fewshot = [np.asarray([self.teachers[i].style == "fewshot" for i in g.teachers]) for g in self.groups]
+        self.text_ends = [f if fewshot_ends_turn and f.any() else None for f in fewshot]
 
     @property
     def names(self) -> list[str]:
@@ -150,6 +158,11 @@ class TeacherStack:
         w = np.asarray([t.weight for t in self.teachers], np.float32) if weights is None else np.asarray(weights)
         return np.broadcast_to(w, (rows, len(self.teachers))).astype(np.float32)
 
+    def settings(self, **kw) -> lockstep.Settings:
+        """A decode's static settings: this stack's graphs and pivot ids, and `kw`."""
+        return lockstep.Settings(graphdefs=tuple(g.graphdef for g in self.groups), pad_id=self.pivot.pad_id,
+                                 turn_end=self.pivot.turn_end_id, **kw)
+
     def run(self, records: Sequence[Record], *, aggregate=None, rule=sampling.Greedy(),
             max_new_tokens: int = 128, top_k: int = 10, weights: np.ndarray | None = None, seed: int = 0,
             forced: Sequence[Sequence[int]] | None = None, record_top: int = 0,
@@ -164,10 +177,9 @@ class TeacherStack:
         """
         n, new = len(records), max_new_tokens if forced is None else max(len(f) for f in forced)
         groups, w, tokens, lengths = self._batch(records, new, top_k, weights, forced or ())
-        settings = lockstep.Settings(graphdefs=tuple(g.graphdef for g in self.groups),
-                                     aggregate=aggregate or agg_lib.MeanProbs(), rule=rule, top_k=top_k,
-                                     new_slots=tokens.shape[1], cache_steps=tokens.shape[1], pad_id=self.pivot.pad_id,
-                                     forced=forced is not None, record_top=record_top, diversity=diversity)
+        settings = self.settings(aggregate=aggregate or agg_lib.MeanProbs(), rule=rule, top_k=top_k,
+                                 new_slots=tokens.shape[1], cache_steps=tokens.shape[1], forced=forced is not None,
+                                 record_top=record_top, diversity=diversity)
         state = lockstep.decode(settings, groups, w, jnp.asarray(self.allowed), self.stops, jax.random.key(seed),
                                 jnp.int32(new), (jnp.asarray(tokens), jnp.asarray(lengths)))
         out = self._output(state, n, new, diversity)
@@ -184,11 +196,9 @@ class TeacherStack:
         n, new = len(records), max(len(c) for c in completions)
         groups, w, tokens, lengths = self._batch(records, new, top_k, weights, completions)
         slots = tokens.shape[1]
-        settings = lockstep.Settings(graphdefs=tuple(g.graphdef for g in self.groups),
-                                     aggregate=aggregate or agg_lib.MeanProbs(), rule=sampling.Greedy(), top_k=top_k,
-                                     new_slots=slots, cache_steps=slots, pad_id=self.pivot.pad_id,
-                                     record_top=record_top, diversity=diversity)
-        out = lockstep.score(settings, groups, w, jnp.asarray(self.allowed), jnp.asarray(tokens),
+        settings = self.settings(aggregate=aggregate or agg_lib.MeanProbs(), rule=sampling.Greedy(), top_k=top_k,
+                                 new_slots=slots, cache_steps=slots, record_top=record_top, diversity=diversity)
+        out = lockstep.score(settings, groups, w, jnp.asarray(self.allowed), self.stops, jnp.asarray(tokens),
                              jnp.asarray(lengths))
         back = np.argsort(self.order)
         mask = (np.arange(slots)[None] < lengths[:, None])[:n, :new]
@@ -241,7 +251,7 @@ class TeacherStack:
         """Each group's prompts for `records` (left-padded to `rows` rows), checked against its
         context: prompt + width x `steps` x the bucket of `new` tokens must fit."""
         groups = []
-        for g in self.groups:
+        for g, text_ends in zip(self.groups, self.text_ends, strict=True):
             prompts = [[self.prompt(i, r) for r in records] for i in g.teachers]
             length = sampling.bucket(max(len(p) for ps in prompts for p in ps))
             limit = self.models[self.teachers[g.teachers[0]].model][0].config.max_seq_len
@@ -253,7 +263,8 @@ class TeacherStack:
                 state=g.state, tokens=jnp.asarray(np.stack([t for t, _ in padded])),
                 mask=jnp.asarray(np.stack([m for _, m in padded])),
                 pieces=jnp.asarray(g.alignment.pieces), lengths=jnp.asarray(g.alignment.lengths),
-                to_pivot=None if g.alignment.identity else jnp.asarray(g.alignment.to_pivot)))
+                to_pivot=None if g.alignment.identity else jnp.asarray(g.alignment.to_pivot),
+                text_ends=None if text_ends is None else jnp.asarray(text_ends)))
         return tuple(groups)
 
     def stream(self, i: int, pivot_tokens: Sequence[int]) -> list[int]:
@@ -290,4 +301,7 @@ def _stop_tables(pivot) -> lockstep.StopTables:
     text = [b or b"" for b in table]
     marker = np.asarray([b"####" in b for b in text])
     newline = np.asarray([b"\n" in b for b in text])
-    return lockstep.StopTables(end=jnp.asarray(end), marker=jnp.asarray(marker), newline=jnp.asarray(newline))
+    blank_line = np.asarray([b.startswith(FEWSHOT_REPLY_END.encode()) for b in text])
+    line_break = np.asarray([b.startswith(b"\n") for b in text])
+    return lockstep.StopTables(end=jnp.asarray(end), marker=jnp.asarray(marker), newline=jnp.asarray(newline),
+                               blank_line=jnp.asarray(blank_line), line_break=jnp.asarray(line_break))
