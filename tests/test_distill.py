@@ -361,16 +361,18 @@ def test_sparse_target_loss_is_the_kl_to_the_renormalised_top_k_and_padding_adds
     from flax import nnx
 
     model = tiny_model()
-    b = step_lib.build_batch(STUDENT, None, COMPLETIONS, pad_id=0, multiple=8)
+    b = step_lib.build_batch(STUDENT, None, COMPLETIONS, pad_id=0, multiple=8, end_ids=[2])
     rows, width, k = len(COMPLETIONS), b["target_mask"].shape[1], 5
     rng = np.random.default_rng(3)
     ids = rng.integers(0, model.config.vocab_size, size=(rows, width, k)).astype(np.int32)
+    ids[0, 3, 1] = 2  # the target proposes the end token where row 0 ends
     logprobs = rng.normal(size=(rows, width, k)).astype(np.float32)
     logprobs[1, len(COMPLETIONS[1]):] = -np.inf  # padding positions: no target at all
     logprobs[0, 0, -1] = -np.inf  # a token outside the kept mass
     b |= {"target_ids": ids, "target_logprobs": logprobs}
     graphdef, params = nnx.split(model)
-    value, grads = jax.value_and_grad(lambda p: step_lib.sparse_distill_loss(graphdef, p, None, b)[0])(params)
+    (value, stats), grads = jax.value_and_grad(lambda p: step_lib.sparse_distill_loss(graphdef, p, None, b),
+                                               has_aux=True)(params)
     assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
     logits = np.asarray(model(jnp.asarray(b["tokens"]), None, jnp.asarray(b["mask"])))
     width_p = b["tokens"].shape[1] - width
@@ -381,7 +383,12 @@ def test_sparse_target_loss_is_the_kl_to_the_renormalised_top_k_and_padding_adds
             keep = np.isfinite(logprobs[r, j])
             lt = logprobs[r, j, keep] - np.logaddexp.reduce(logprobs[r, j, keep])
             expected.append(np.sum(np.exp(lt) * (lt - log_s[ids[r, j, keep]])))
+            if r == 0 and j == 3:  # where row 0 ends: the end token under the student and the target
+                assert float(stats["end_p_student"][0]) == pytest.approx(np.exp(log_s[2]), rel=1e-4)
+                assert float(stats["end_p_target"][0]) == pytest.approx(np.exp(lt[ids[r, j, keep] == 2]).sum(),
+                                                                        rel=1e-4)
     assert float(value) == pytest.approx(np.mean(expected), rel=1e-4)
+    assert float(stats["end_p_student"][1]) == float(stats["end_p_target"][1]) == 0.0  # row 1 never ends
 
 
 @pytest.mark.slow
@@ -400,6 +407,7 @@ def test_the_teacher_stack_trains_the_student_as_a_sparse_target(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(np.isfinite(r["loss"]) and r["loss"] > 0 and np.isfinite(r["grad_norm"])
                                   for r in rows)
+    assert all("end_p_student" in r and "end_p_target" in r for r in rows)  # the end push is logged here too
 
 
 def test_fewshot_prompts_for_a_base_model_stop_at_the_blank_line(gemma3):

@@ -202,24 +202,33 @@ def sft_loss(graphdef, params, teacher_params, batch, target=None, loss=None, co
 def sparse_distill_loss(graphdef, params, teacher_params, batch, target=None, loss=None, combined_forward=True):
     """KL(target || student) against a sparse target given in the batch (student rows only): at
     each completion position, `target_ids` [B, G, K] and `target_logprobs` [B, G, K], e.g. the
-    teacher stack's aggregated top-K, renormalised over the K tokens."""
+    teacher stack's aggregated top-K, renormalised over the K tokens. Diagnostics as in
+    `distill_loss`: the student's and the target's probability of the end token where each
+    sample ended (`end_p_student`, `end_p_target`)."""
     model = nnx.merge(graphdef, params)
     tokens, mask, target_mask = batch["tokens"], batch["mask"], batch["target_mask"]
     region = completion_columns(batch)
     hidden = model.hidden_states(tokens, None, mask)[0][:, region]
+    labels = tokens[:, region.start + 1 : region.stop + 1]
     log_t = jax.nn.log_softmax(batch["target_logprobs"].astype(jnp.float32), axis=-1)  # renormalise over K
 
     @jax.checkpoint
-    def kl(h, ids, lt):
+    def kl(h, ids, lt, label):
         log_s = jax.nn.log_softmax(model.logits(h))
         picked = jnp.take_along_axis(log_s, ids, axis=-1)
         known = jnp.isfinite(lt)  # -inf (a token outside the kept mass) or NaN (a padding position): weight 0
         p = jnp.where(known, jnp.exp(jnp.where(known, lt, 0.0)), 0.0)
-        return jnp.sum(p * (jnp.where(known, lt, 0.0) - picked), axis=-1)
+        p_label = jnp.exp(jnp.take_along_axis(log_s, label[:, None], axis=-1)[:, 0]), jnp.sum(
+            jnp.where(ids == label[:, None], p, 0.0), axis=-1)  # the sampled token under student, target
+        return jnp.sum(p * (jnp.where(known, lt, 0.0) - picked), axis=-1), *p_label
 
-    per_token = jax.lax.map(lambda xs: kl(*xs), (hidden.swapaxes(0, 1), batch["target_ids"].swapaxes(0, 1),
-                                                 log_t.swapaxes(0, 1))).swapaxes(0, 1)
-    return jnp.sum(jnp.where(target_mask, per_token, 0.0)) / jnp.maximum(target_mask.sum(), 1), {}
+    swap = lambda x: x.swapaxes(0, 1)  # noqa: E731  (map over positions)
+    per_token, p_student, p_target = (swap(x) for x in jax.lax.map(lambda xs: kl(*xs), (
+        swap(hidden), swap(batch["target_ids"]), swap(log_t), swap(labels))))
+    end = batch["end_mask"]
+    stats = {"end_p_student": jnp.sum(jnp.where(end, p_student, 0.0), axis=1),
+             "end_p_target": jnp.sum(jnp.where(end, jax.lax.stop_gradient(p_target), 0.0), axis=1)}
+    return jnp.sum(jnp.where(target_mask, per_token, 0.0)) / jnp.maximum(target_mask.sum(), 1), stats
 
 
 def make_train_step(graphdef, tx, *, mode: str = "distill", target: TargetConfig = TargetConfig(),
