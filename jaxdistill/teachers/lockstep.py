@@ -7,8 +7,9 @@ architectures or vocabularies all run inside the same `lax.while_loop` body, so 
 no Python loop per token.
 
 Each step: every teacher's next-token log-probs are projected onto the pivot vocabulary
-(`align`), restricted to the union of the teachers' top-k candidates and renormalised;
-the aggregation rule combines them; the sampler rule picks one pivot token; each group
+(`align`; a few-shot teacher's end of reply onto the end-of-turn token, when asked),
+restricted to the union of the teachers' top-k candidates and renormalised; the
+aggregation rule combines them; the sampler rule picks one pivot token; each group
 feeds that token's piece (its own tokens for the same bytes) into its KV cache. The same
 loop, fed a fixed continuation instead of sampling (`forced`), scores text under the
 stack: that is how diversity is measured.
