@@ -50,6 +50,9 @@ def get_config(finetuned: str = ""):
     # but measured lower (docs/teachers.md).
     c.pivot = ""
     c.width = 2  # teacher tokens fed per pivot token; pivot tokens needing more are not candidates (counted)
+    # True: a few-shot teacher's end of reply (a blank line; a line break after '#### N') counts as the end of
+    # turn. Off in the measured runs: there the final-answer line stops a branch anyway (docs/teachers.md).
+    c.fewshot_ends_turn = False
     c.rules = ("mean_probs", "mean_logprobs", "gated", "perplexity", "online")
     c.gate_threshold = 0.5  # gated: the lead (first) teacher alone while its top probability is >= this
     c.perplexity_temperature = 1.0  # perplexity: w ∝ exp(-nll per byte of the problem / temperature)

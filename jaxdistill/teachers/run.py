@@ -86,7 +86,7 @@ def load_stack(config, fewshot: str) -> tuple[TeacherStack, dict]:
     """The stack, and per group the pivot tokens it cannot take (needing more than `width` tokens)."""
     teachers = [TeacherConfig.from_config(t) for t in config.teachers]
     stack = TeacherStack(teachers, pivot=config.pivot or None, width=config.width, dtype=config.dtype,
-                         fewshot=fewshot)
+                         fewshot=fewshot, fewshot_ends_turn=config.get("fewshot_ends_turn", False))
     excluded = {stack.teachers[g.teachers[0]].name: g.alignment.excluded for g in stack.groups}
     print(f"teacher stack: {len(teachers)} teachers in {len(stack.groups)} groups "
           f"{[[stack.names[i] for i in g.teachers] for g in stack.groups]}; pivot vocabulary "
