@@ -218,16 +218,16 @@ def sparse_distill_loss(graphdef, params, teacher_params, batch, target=None, lo
         picked = jnp.take_along_axis(log_s, ids, axis=-1)
         known = jnp.isfinite(lt)  # -inf (a token outside the kept mass) or NaN (a padding position): weight 0
         p = jnp.where(known, jnp.exp(jnp.where(known, lt, 0.0)), 0.0)
-        p_label = jnp.exp(jnp.take_along_axis(log_s, label[:, None], axis=-1)[:, 0]), jnp.sum(
-            jnp.where(ids == label[:, None], p, 0.0), axis=-1)  # the sampled token under student, target
-        return jnp.sum(p * (jnp.where(known, lt, 0.0) - picked), axis=-1), *p_label
+        p_student = jnp.exp(jnp.take_along_axis(log_s, label[:, None], axis=-1)[:, 0])  # the sampled token's
+        p_target = jnp.sum(jnp.where(ids == label[:, None], p, 0.0), axis=-1)
+        return jnp.sum(p * (jnp.where(known, lt, 0.0) - picked), axis=-1), p_student, p_target
 
     swap = lambda x: x.swapaxes(0, 1)  # noqa: E731  (map over positions)
     per_token, p_student, p_target = (swap(x) for x in jax.lax.map(lambda xs: kl(*xs), (
         swap(hidden), swap(batch["target_ids"]), swap(log_t), swap(labels))))
     end = batch["end_mask"]
     stats = {"end_p_student": jnp.sum(jnp.where(end, p_student, 0.0), axis=1),
-             "end_p_target": jnp.sum(jnp.where(end, jax.lax.stop_gradient(p_target), 0.0), axis=1)}
+             "end_p_target": jnp.sum(jnp.where(end, p_target, 0.0), axis=1)}
     return jnp.sum(jnp.where(target_mask, per_token, 0.0)) / jnp.maximum(target_mask.sum(), 1), stats
 
 

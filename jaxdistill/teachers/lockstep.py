@@ -74,7 +74,7 @@ class Settings:
     new_slots: int  # output length bucket
     cache_steps: int  # decode steps the KV caches have room for (>= new_slots; more when branching)
     pad_id: int  # pivot pad id
-    turn_end: int = -1  # pivot end-of-turn id: where a text-ending teacher's end-of-reply probability goes
+    turn_end: int  # pivot end-of-turn id: where a text-ending teacher's end-of-reply probability goes
     forced: bool = False  # score `forced` tokens instead of sampling
     branch_entropy: float = 0.0  # > 0: rows pause where the aggregated entropy (nats) exceeds this
     proposals: int = 4  # top tokens of the stack and of each teacher recorded at a pause
