@@ -160,8 +160,13 @@ def chunked_distill_loss(
             "logp_student": pick(log_s, y),  # of the token that was sampled
             "logp_target": pick(log_t, y),
         }
+        per_token = token_losses(student_logits, target_logits, loss, y)
+        if loss.clip:  # the share of tokens the cap reaches (sampled_reverse_kl caps |A|, not the loss)
+            capped = (jnp.abs(stats["logp_target"] - stats["logp_student"]) if loss.kind == "sampled_reverse_kl"
+                      else per_token)
+            stats["clipped"] = (capped >= loss.clip).astype(jnp.float32)
         stats = {name: jax.lax.stop_gradient(v) for name, v in stats.items()}
-        return {"loss": token_losses(student_logits, target_logits, loss, y), **stats}
+        return {"loss": per_token, **stats}
 
     per_chunk = jax.lax.map(lambda xs: one_chunk(*xs), (split(student_hidden), split(teacher_hidden), split(labels)))
     return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape(b, n * chunk)[:, :t], per_chunk)
