@@ -22,6 +22,8 @@ QWEN3_8B = dict(model_type="qwen3", vocab_size=151936, hidden_size=4096, interme
                 num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
                 max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000, tie_word_embeddings=False,
                 hidden_act="silu")  # Qwen3-8B's config.json, the fields we read
+QWEN3_1P7B = QWEN3_8B | dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+                             tie_word_embeddings=True)  # Qwen3-1.7B's
 
 
 def script(*args, env=None):
@@ -80,18 +82,21 @@ def test_tpu_script_sets_up_the_tpu_build_on_every_worker_and_quotes_overrides()
     assert script("launch/tpu_pod.sh", "--dry-run", "only-a-name").returncode != 0
 
 
-@pytest.mark.parametrize("name,devices,state_gb", [("qwen3_8b_gpu8", 8, 8.19), ("qwen3_8b_v5p64", 32, 2.05)])
-def test_pod_presets_fit_their_mesh_with_the_state_their_docstrings_state(name, devices, state_gb):
+@pytest.mark.parametrize("name,hf,params,devices,state_gb", [("qwen3_8b_gpu8", QWEN3_8B, 8.19e9, 8, 8.19),
+                                                           ("qwen3_8b_v5p64", QWEN3_8B, 8.19e9, 32, 2.05),
+                                                           ("qwen3_1p7b_gpu1", QWEN3_1P7B, 1.72e9, 1, 13.8)])
+def test_gpu_and_pod_presets_fit_their_mesh_with_the_state_their_docstrings_state(name, hf, params, devices,
+                                                                                  state_gb):
     c = preset(name)
     with pytest.raises(ConfigError, match="--config.model"):
         train_lib.validate(c)  # the weights are the user's
-    c.model = "/data/Qwen3-8B"
+    c.model = "/data/Qwen3"
     train_lib.validate(c)
     sizes = {axis: size for axis, size in dict(c.mesh).items() if axis != "dcn"}
     assert sizes["data"] * sizes["fsdp"] * sizes["tensor"] == devices
     assert (c.batch_size * c.samples_per_problem) % (sizes["data"] * sizes["fsdp"]) == 0
-    config = ModelConfig.from_hf(QWEN3_8B)
-    assert config.num_params() == pytest.approx(8.19e9, rel=1e-3)
+    config = ModelConfig.from_hf(hf)
+    assert config.num_params() == pytest.approx(params, rel=1e-3)
     abstract = nnx.state(nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0), param_dtype=jnp.bfloat16)))
     mesh = AbstractMesh(tuple(sizes.values()), tuple(sizes))
     # parameters, gradients and two AdamW moments, all in the parameters' dtype
