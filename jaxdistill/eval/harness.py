@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tqdm.auto import tqdm
 
 from jaxdistill import mesh as mesh_lib
 from jaxdistill import sampling
@@ -109,6 +110,7 @@ def evaluate(model, tokenizer, records: list[Record], *, prompt_config: PromptCo
     mine, real = _share(records, mesh)
     per_record = {name: [] for name in ("correct", "correct_teacher", "kl", "entropy", "length", "ended",
                                         "answer_line", "copy", "uplift", "constraints", "reference_logp")}
+    bar = tqdm(total=len(mine), desc="held-out eval", unit="record", leave=False, dynamic_ncols=True)
     for chunk in _batches(mine, batch_size):
         pairs = [prompt_pair(tokenizer, r, prompt_config) for r in chunk]
         student = gen([p[0] for p in pairs]).sequences()
@@ -136,6 +138,8 @@ def evaluate(model, tokenizer, records: list[Record], *, prompt_config: PromptCo
         ref = score_completions(model, tokenizer, pairs, solutions, mesh)
         per_record["uplift"] += (ref["logp_teacher"] - ref["logp_student"]).tolist()
         per_record["reference_logp"] += ref["logp_student"].tolist()
+        bar.update(len(chunk))
+    bar.close()
     real = mesh_lib.process_concat(real) if mesh is not None else real
 
     def mean(name):
