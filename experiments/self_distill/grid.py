@@ -58,6 +58,8 @@ ARMS = {  # name: (what it is, overrides)
     # a second model: Gemma 3 270M, a base model with few-shot prompts
     "gemma-blend": ("Gemma 3 270M few-shot: the method", ["model=gemma3-270m", "prompts.style=fewshot"]),
     "gemma-sft": ("Gemma 3 270M few-shot: SFT", ["model=gemma3-270m", "prompts.style=fewshot", "arm=sft"]),
+    "gemma-blend-lr2e-6": ("Gemma 3 270M few-shot: the method at lr 2e-6",
+                           ["model=gemma3-270m", "prompts.style=fewshot", "optim.lr=2e-6"]),
     # the non-verifiable case: conversations revised under constraints, the accepted reply as the hint
     "conv-blend": ("conversations: the method", ["data.source=conversations"]),
     "conv-teacher": ("conversations: pure teacher target", ["data.source=conversations", "arm=teacher"]),
