@@ -52,6 +52,8 @@ ARMS = {  # name: (what it is, overrides)
                            ["arm=rejection_sft", "rollout=teacher"]),
     "blend-no-end": ("fix: the end-token positions left out of the loss", ["loss.end_weight=0"]),
     "blend-seq": ("fix: per-sample (length-normalised) loss", ["loss.normalize=sequence"]),
+    "blend-frozen": ("fix: a frozen copy of the initial model teaches (the target cannot drift)",
+                     ["frozen_teacher=True"]),
     "stack": ("the teacher stack (3 frozen teachers, with the hint) as a sparse top-20 target", ["arm=stack"]),
     "stack-end": ("the stack with its few-shot teachers' end of reply as the end of turn",
                   ["arm=stack", "stack.fewshot_ends_turn=True"]),
