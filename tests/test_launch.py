@@ -1,6 +1,7 @@
 """The launch path, where it can run here: setup and launch scripts in dry-run mode, and the
 pod presets' memory arithmetic on abstract meshes of their real size."""
 
+import ast
 import importlib.util
 import os
 import subprocess
@@ -31,11 +32,15 @@ def script(*args, env=None):
                           env={**os.environ, **(env or {})})
 
 
-def preset(name):
+def experiment(name):
     spec = importlib.util.spec_from_file_location(name, ROOT / "experiments/self_distill" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config()
+    return module
+
+
+def preset(name):
+    return experiment(name).get_config()
 
 
 @pytest.mark.parametrize("accelerator,build", [("gpu", "jax[cuda12]<0.11.1"), ("tpu", "jax[tpu]<0.11.1")])
@@ -110,3 +115,17 @@ def test_bytes_per_device_counts_replicated_dimensions_whole():
     assert one == 2 * config.num_params()
     replicated = mesh_lib.bytes_per_device(abstract, AbstractMesh((8, 1, 1), ("data", "fsdp", "tensor")))
     assert replicated == one  # data parallelism replicates the parameters
+
+
+@pytest.mark.parametrize("arm", list(experiment("grid").ARMS))
+def test_every_grid_arm_overrides_real_keys_with_valid_values(arm):
+    # A typo in an arm's overrides would otherwise surface only when its run starts, minutes into a grid.
+    config = preset("default")
+    for override in experiment("grid").ARMS[arm][1]:
+        key, value = override.split("=", 1)
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):  # a bare word: a string
+            pass
+        config.update_from_flattened_dict({key: value})  # KeyError on an unknown key, TypeError on a wrong type
+    train_lib.validate(config)
