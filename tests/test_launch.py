@@ -123,9 +123,13 @@ def test_every_grid_arm_overrides_real_keys_with_valid_values(arm):
     config = preset("default")
     for override in experiment("grid").ARMS[arm][1]:
         key, value = override.split("=", 1)
+        node = config
+        for part in key.split("."):  # update_from_flattened_dict would add an unknown key, not refuse it
+            assert part in node, f"{arm}: {key!r} is not a key of the default config"
+            node = node[part]
         try:
             value = ast.literal_eval(value)
         except (ValueError, SyntaxError):  # a bare word: a string
             pass
-        config.update_from_flattened_dict({key: value})  # KeyError on an unknown key, TypeError on a wrong type
+        config.update_from_flattened_dict({key: value})  # TypeError on a value of the wrong type
     train_lib.validate(config)
