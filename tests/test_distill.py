@@ -100,6 +100,29 @@ def test_sharded_train_step_on_8_devices_equals_single_device():
         np.testing.assert_allclose(np.asarray(a), np.asarray(c), atol=2e-5)
 
 
+def test_sft_weight_adds_that_multiple_of_the_reference_cross_entropy_to_loss_and_gradient():
+    from flax import nnx
+    import optax
+
+    model, b = tiny_model(), batch()
+    references = [[30, 31, 2], [32, 33, 34, 2]]
+    b["sft"] = step_lib.build_batch(STUDENT, None, references, pad_id=0, multiple=8)
+    graphdef, params = nnx.split(model)
+    distill = lambda p: step_lib.distill_loss(graphdef, p, None, b, train_lib.TargetConfig(),  # noqa: E731
+                                              train_lib.LossConfig(chunk=4))[0]
+    sft = lambda p: step_lib.sft_loss(graphdef, p, None, b["sft"])[0]  # noqa: E731
+    (d, gd), (s, gs) = jax.value_and_grad(distill)(params), jax.value_and_grad(sft)(params)
+    tx = step_lib.make_optimizer(step_lib.OptimConfig(lr=1e-2, warmup_steps=1, total_steps=4))
+    graphdef, state = step_lib.init_state(model, tx)
+    step = step_lib.jit_train_step(step_lib.make_train_step(graphdef, tx, sft_weight=0.5), state)
+    _, metrics = step(state, b, jax.random.key(0))
+    assert float(metrics["sft_loss"]) == pytest.approx(float(s), rel=1e-5)
+    assert float(metrics["loss"]) == pytest.approx(float(d) + 0.5 * float(s), rel=1e-5)
+    expected_norm = optax.tree.norm(jax.tree.map(lambda x, y: x + 0.5 * y, gd, gs))
+    assert float(metrics["grad_norm"]) == pytest.approx(float(expected_norm), rel=1e-4)
+    assert float(s) > 10 * float(d)  # the references are far from a random model: the mix is not a no-op
+
+
 def test_training_on_smollm2_lowers_the_loss_on_a_fixed_batch_and_moves_the_weights(smollm2):
     from flax import nnx
 
@@ -252,6 +275,16 @@ def test_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
         for key in ("loss", "grad_norm", "generated_tokens", "kl_teacher_student"):
             assert m1[key] == m2[key], (m1["step"], key)
     assert sorted(p.name for p in (resumed / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
+
+
+def test_a_run_with_sft_weight_logs_the_reference_cross_entropy_inside_its_loss(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = tiny_run_config("mixed", steps=2)
+    config.sft_weight = 0.5
+    train_lib.run(config)
+    for m in _metrics(tmp_path / "mixed"):
+        assert 0 < m["sft_loss"] < 20  # SmolLM2's cross-entropy on a reference solution: a few nats per token
+        assert m["loss"] >= 0.5 * m["sft_loss"]  # plus the (non-negative) forward KL
 
 
 def test_a_finished_run_loads_by_its_workdir_as_its_final_model(tmp_path, monkeypatch):

@@ -225,6 +225,16 @@ def test_steps_not_above_warmup_names_both(capsys, tmp_path, steps):
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("overrides,message", [
+    (["--config.sft_weight=-1"], "sft_weight must be >= 0, got -1"),
+    (["--config.arm=sft", "--config.sft_weight=0.5"], "arm='sft' has none (use arm=blend, fixed_k or teacher"),
+])
+def test_sft_weight_outside_a_distillation_arm_is_refused(capsys, tmp_path, overrides, message):
+    code, _, err = run_main(capsys, "train", "--config=experiments/self_distill/default.py",
+                            f"--config.workdir={tmp_path}", *overrides)
+    assert code == 2 and message in err, err
+
+
 def test_cli_errors_are_one_line_and_verbose_shows_the_traceback(capsys, tmp_path):
     code, _, err = run_main(capsys, "train", "--config=/nonexistent.py")
     assert code == 2 and "config file '/nonexistent.py' does not exist" in err and "Traceback" not in err

@@ -47,6 +47,7 @@ def get_config():
     # for base models such as gemma3-270m; replies end at a blank line).
     c.prompts = ml_collections.ConfigDict(dict(style="chat", fewshot_examples=2))
     c.guided = False  # sample genCoT from the blended target instead of the student
+    c.sft_weight = 0.0  # > 0 adds this multiple of the cross-entropy on the reference solutions to the loss
     c.frozen_teacher = False  # True: a frozen copy of the initial weights teaches (one more forward)
     c.combined_forward = True  # one forward over both contexts; False: teacher in a second, gradient-free one
     c.steps = 24

@@ -232,15 +232,22 @@ def sparse_distill_loss(graphdef, params, teacher_params, batch, target=None, lo
 
 
 def make_train_step(graphdef, tx, *, mode: str = "distill", target: TargetConfig = TargetConfig(),
-                    loss: LossConfig = LossConfig(), combined_forward: bool = True):
-    """A pure `(state, batch, rng) -> (state, metrics)`; jit it with `jit_train_step`."""
+                    loss: LossConfig = LossConfig(), combined_forward: bool = True, sft_weight: float = 0.0):
+    """A pure `(state, batch, rng) -> (state, metrics)`; jit it with `jit_train_step`.
+
+    sft_weight > 0 adds that multiple of the cross-entropy on `batch["sft"]` (student prompts
+    and reference completions, a `build_batch` without teacher prompts) to the loss."""
     loss_fn = {"distill": distill_loss, "sft": sft_loss, "sparse": sparse_distill_loss}[mode]
 
     def train_step(state: TrainState, batch, rng):
         del rng  # the step itself is deterministic; the key is part of the signature for arms that sample
 
         def objective(params):
-            return loss_fn(graphdef, params, state.teacher_params, batch, target, loss, combined_forward)
+            value, stats = loss_fn(graphdef, params, state.teacher_params, batch, target, loss, combined_forward)
+            if sft_weight:
+                sft_value, _ = sft_loss(graphdef, params, None, batch["sft"])
+                value, stats = value + sft_weight * sft_value, stats | {"sft_loss": sft_value}
+            return value, stats
 
         (value, stats), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -252,9 +259,10 @@ def make_train_step(graphdef, tx, *, mode: str = "distill", target: TargetConfig
     return train_step
 
 
-def jit_train_step(train_step, state: TrainState, mesh=None, sparse_target: bool = False):
+def jit_train_step(train_step, state: TrainState, mesh=None, sparse_target: bool = False, sft_rows: bool = False):
     """jit with explicit shardings (state as it is placed, batch split over data/fsdp) and donation.
-    `sparse_target`: the batch also holds target_ids/target_logprobs (mode "sparse")."""
+    `sparse_target`: the batch also holds target_ids/target_logprobs (mode "sparse"); `sft_rows`:
+    it also holds an SFT batch under "sft" (sft_weight > 0)."""
     from jaxdistill import mesh as mesh_lib
 
     if mesh is None:
@@ -264,6 +272,9 @@ def jit_train_step(train_step, state: TrainState, mesh=None, sparse_target: bool
                        for name in ("tokens", "mask", "target_mask", "end_mask")}
     if sparse_target:
         batch_shardings |= {name: mesh_lib.batch_sharding(mesh, 3) for name in ("target_ids", "target_logprobs")}
+    if sft_rows:
+        batch_shardings["sft"] = {name: mesh_lib.batch_sharding(mesh, 2) for name in ("tokens", "mask", "target_mask",
+                                                                                       "end_mask")}
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     return jax.jit(train_step, in_shardings=(state_shardings, batch_shardings, replicated),
                    out_shardings=(state_shardings, replicated), donate_argnums=0)

@@ -236,6 +236,11 @@ def validate(config) -> None:
          "learning rate warms up, then decays over the remaining steps. Lower --config.optim.warmup_steps or raise "
          "--config.steps.")
     need(config.optim.lr > 0, f"optim.lr must be > 0, got {config.optim.lr}.")
+    sft_weight = config.get("sft_weight", 0.0)
+    need(sft_weight >= 0, f"sft_weight must be >= 0, got {sft_weight}.")
+    need(not sft_weight or config.arm in ("blend", "fixed_k", "teacher"),
+         f"sft_weight mixes cross-entropy on the references into a distillation loss; arm={config.arm!r} has none "
+         "(use arm=blend, fixed_k or teacher, or arm=sft for cross-entropy alone).")
     need(config.batch_size >= 1, f"batch_size must be >= 1, got {config.batch_size}.")
     need(config.sample.max_new_tokens >= 1, f"sample.max_new_tokens must be >= 1, got {config.sample.max_new_tokens}.")
     need(config.sample.temperature > 0, f"sample.temperature must be > 0 for on-policy sampling, got "
@@ -350,10 +355,11 @@ def _train(config, workdir) -> dict:
     tx = step_lib.make_optimizer(optim)
     graphdef, state = step_lib.init_state(model, tx, frozen_teacher=config.frozen_teacher, mesh=mesh)
     mode = {"sft": "sft", "rejection_sft": "sft", "stack": "sparse"}.get(config.arm, "distill")
+    sft_weight = config.get("sft_weight", 0.0)
     train_step = step_lib.jit_train_step(
         step_lib.make_train_step(graphdef, tx, mode=mode, target=target_for(config), loss=LossConfig(**config.loss),
-                                 combined_forward=config.combined_forward),
-        state, mesh, sparse_target=mode == "sparse")
+                                 combined_forward=config.combined_forward, sft_weight=sft_weight),
+        state, mesh, sparse_target=mode == "sparse", sft_rows=bool(sft_weight))
     stack = make_stack(config, train_records) if config.arm == "stack" else None
     iterator = data_iterator(train_records, config.seed)
     summary_path = workdir / "summary.json"
@@ -384,9 +390,10 @@ def _train(config, workdir) -> dict:
             records = [r for r in problems for _ in range(samples)][mine]
             model = nnx.merge(graphdef, state.params)
             rows = {}
+            references = ([tokenizer.encode(r.solution, add_special_tokens=False) + [end] for r in records]
+                          if config.arm == "sft" or sft_weight else None)
             if config.arm == "sft":
-                completions = [tokenizer.encode(r.solution, add_special_tokens=False) + [end] for r in records]
-                teacher_prompts = None
+                completions, teacher_prompts = references, None
             else:
                 completions = sample_completions(model, tokenizer, pairs, config, jax.random.fold_in(key, 1), mesh,
                                                  stops)
@@ -397,6 +404,11 @@ def _train(config, workdir) -> dict:
             widths = mesh_lib.process_max(step_lib.padded_widths(prompts, completions))  # one shape on every process
             batch = step_lib.build_batch([p[0] for p in pairs], teacher_prompts, completions, pad_id=tokenizer.pad_id,
                                          end_ids=stops, widths=widths)
+            if sft_weight:  # the reference solutions under the student prompt, for the mixed-in cross-entropy
+                student_prompts = [p[0] for p in pairs]
+                batch["sft"] = step_lib.build_batch(
+                    student_prompts, None, references, pad_id=tokenizer.pad_id, end_ids=stops,
+                    widths=mesh_lib.process_max(step_lib.padded_widths(student_prompts, references)))
             if stack is not None:
                 batch |= stack_targets(stack, config.stack, records, completions, batch["target_mask"].shape[1])
             if config.arm == "rejection_sft":  # train only on the samples that reach the answer
