@@ -101,8 +101,8 @@ def test_sharded_train_step_on_8_devices_equals_single_device():
 
 
 def test_sft_weight_adds_that_multiple_of_the_reference_cross_entropy_to_loss_and_gradient():
-    from flax import nnx
     import optax
+    from flax import nnx
 
     model, b = tiny_model(), batch()
     references = [[30, 31, 2], [32, 33, 34, 2]]

@@ -52,6 +52,7 @@ ARMS = {  # name: (what it is, overrides)
                            ["arm=rejection_sft", "rollout=teacher"]),
     "blend-no-end": ("fix: the end-token positions left out of the loss", ["loss.end_weight=0"]),
     "blend-seq": ("fix: per-sample (length-normalised) loss", ["loss.normalize=sequence"]),
+    "blend-sft0.1": ("fix: the method plus 0.1 x the cross-entropy on the reference solutions", ["sft_weight=0.1"]),
     "blend-frozen": ("fix: a frozen copy of the initial model teaches (the target cannot drift)",
                      ["frozen_teacher=True"]),
     "stack": ("the teacher stack (3 frozen teachers, with the hint) as a sparse top-20 target", ["arm=stack"]),
