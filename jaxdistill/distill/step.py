@@ -268,13 +268,12 @@ def jit_train_step(train_step, state: TrainState, mesh=None, sparse_target: bool
     if mesh is None:
         return jax.jit(train_step, donate_argnums=0)
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
-    batch_shardings = {name: mesh_lib.batch_sharding(mesh, 2)
-                       for name in ("tokens", "mask", "target_mask", "end_mask")}
+    rows = {name: mesh_lib.batch_sharding(mesh, 2) for name in ("tokens", "mask", "target_mask", "end_mask")}
+    batch_shardings = dict(rows)
     if sparse_target:
         batch_shardings |= {name: mesh_lib.batch_sharding(mesh, 3) for name in ("target_ids", "target_logprobs")}
     if sft_rows:
-        batch_shardings["sft"] = {name: mesh_lib.batch_sharding(mesh, 2) for name in ("tokens", "mask", "target_mask",
-                                                                                       "end_mask")}
+        batch_shardings["sft"] = rows  # a build_batch of its own, laid out like the main one
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     return jax.jit(train_step, in_shardings=(state_shardings, batch_shardings, replicated),
                    out_shardings=(state_shardings, replicated), donate_argnums=0)

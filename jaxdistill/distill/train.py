@@ -400,12 +400,12 @@ def _train(config, workdir) -> dict:
                 completions = [c if c else [end] for c in completions]
                 rows = sample_rows(tokenizer, records, completions, stops)
                 teacher_prompts = None if mode in ("sft", "sparse") else [p[1] for p in pairs]
-            prompts = [p[0] for p in pairs] + (teacher_prompts or [])
+            student_prompts = [p[0] for p in pairs]
+            prompts = student_prompts + (teacher_prompts or [])
             widths = mesh_lib.process_max(step_lib.padded_widths(prompts, completions))  # one shape on every process
-            batch = step_lib.build_batch([p[0] for p in pairs], teacher_prompts, completions, pad_id=tokenizer.pad_id,
+            batch = step_lib.build_batch(student_prompts, teacher_prompts, completions, pad_id=tokenizer.pad_id,
                                          end_ids=stops, widths=widths)
             if sft_weight:  # the reference solutions under the student prompt, for the mixed-in cross-entropy
-                student_prompts = [p[0] for p in pairs]
                 batch["sft"] = step_lib.build_batch(
                     student_prompts, None, references, pad_id=tokenizer.pad_id, end_ids=stops,
                     widths=mesh_lib.process_max(step_lib.padded_widths(student_prompts, references)))
