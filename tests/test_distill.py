@@ -80,10 +80,11 @@ def test_prompt_padding_and_tail_padding_change_neither_loss_nor_gradients():
     assert float(_loss_and_grads(model, changed)[0]) != pytest.approx(float(value), rel=1e-6)
 
 
-def _one_step(model, b, mesh=None):
+def _one_step(model, b, mesh=None, sft_weight=0.0):
     tx = step_lib.make_optimizer(step_lib.OptimConfig(lr=1e-2, warmup_steps=1, total_steps=4))
     graphdef, state = step_lib.init_state(model, tx, mesh=mesh)
-    step = step_lib.jit_train_step(step_lib.make_train_step(graphdef, tx), state, mesh)
+    step = step_lib.jit_train_step(step_lib.make_train_step(graphdef, tx, sft_weight=sft_weight), state, mesh,
+                                   sft_rows="sft" in b)
     if mesh is not None:
         b = mesh_lib.host_to_global(b, mesh)
     state, metrics = step(state, b, jax.random.key(0))
@@ -95,6 +96,18 @@ def test_sharded_train_step_on_8_devices_equals_single_device():
     params1, metrics1 = _one_step(tiny_model(), b)
     mesh = mesh_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     params8, metrics8 = _one_step(mesh_lib.shard_model(tiny_model(), mesh), b, mesh)
+    assert metrics8["loss"] == pytest.approx(metrics1["loss"], rel=1e-4)
+    for a, c in zip(jax.tree.leaves(params1), jax.tree.leaves(params8), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(c), atol=2e-5)
+
+
+def test_sharded_step_with_sft_rows_equals_single_device():
+    b = step_lib.build_batch(STUDENT * 2, TEACHER * 2, COMPLETIONS * 2, pad_id=0, multiple=8)
+    b["sft"] = step_lib.build_batch(STUDENT * 2, None, [[30, 31, 2], [32, 33, 34, 2]] * 2, pad_id=0, multiple=8)
+    params1, metrics1 = _one_step(tiny_model(), b, sft_weight=0.5)
+    mesh = mesh_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    params8, metrics8 = _one_step(mesh_lib.shard_model(tiny_model(), mesh), b, mesh, sft_weight=0.5)
+    assert metrics8["sft_loss"] == pytest.approx(metrics1["sft_loss"], rel=1e-4)
     assert metrics8["loss"] == pytest.approx(metrics1["loss"], rel=1e-4)
     for a, c in zip(jax.tree.leaves(params1), jax.tree.leaves(params8), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(c), atol=2e-5)
