@@ -199,6 +199,8 @@ def plot(curves: dict, figures: Path) -> None:
             for r in rows:
                 if isinstance(r.get("end_p_target"), float) and isinstance(r.get("end_p_student"), float):
                     r["end_gap"] = r["end_p_target"] - r["end_p_student"]
+    # one colour per arm, the same in both figures (the default cycle repeats after 10 arms)
+    colour = {arm: plt.cm.tab20.colors[i % 20] for i, arm in enumerate(curves)}
     fig, axes = plt.subplots(2, 4, figsize=(18, 7))
     for ax, (name, title) in zip(axes.flat, panels, strict=True):
         for arm, arm_runs in curves.items():
@@ -212,7 +214,7 @@ def plot(curves: dict, figures: Path) -> None:
                 warnings.simplefilter("ignore", RuntimeWarning)
                 mean = np.nanmean(values, axis=0)  # over seeds, then a 4-step moving average (4 problems a step)
                 smooth = [np.nanmean(mean[max(0, i - 3) : i + 1]) for i in range(steps)]
-            ax.plot(np.arange(1, steps + 1), smooth, label=arm)
+            ax.plot(np.arange(1, steps + 1), smooth, label=arm, color=colour[arm])
         ax.set_title(title + " (4-step mean)", fontsize=9)
         ax.set_xlabel("step")
     axes.flat[0].legend(fontsize=7)
@@ -226,7 +228,8 @@ def plot(curves: dict, figures: Path) -> None:
             width = max(len(p) for p in profiles)
             stacked = np.array([p + [np.nan] * (width - len(p)) for p in profiles])
             with np.errstate(all="ignore"):
-                ax.plot(16 * np.arange(width) + 8, np.nanmean(stacked, axis=0), marker="o", label=arm)
+                ax.plot(16 * np.arange(width) + 8, np.nanmean(stacked, axis=0), marker="o", label=arm,
+                        color=colour[arm])
     ax.set_xlabel("generated position")
     ax.set_ylabel("KL(target || student), nats")
     ax.set_yscale("log")
