@@ -41,6 +41,7 @@ ARMS = {  # name: (what it is, overrides)
     "teacher-jsd": ("pure teacher, JSD(0.5)", ["arm=teacher", "loss.kind=jsd"]),
     "blend-top20": ("blend, forward KL on the target's top 20 tokens", ["loss.top_k=20"]),
     "blend-clip": ("blend, forward KL with each token's loss capped at 0.1 nats", ["loss.clip=0.1"]),
+    "blend-lr2e-6": ("the method at lr 2e-6 (5x lower)", ["optim.lr=2e-6"]),
     "teacher-srkl-lr2e-6": ("pure teacher, sampled-token reverse KL, lr 2e-6 (5x lower)",
                             ["arm=teacher", "loss.kind=sampled_reverse_kl", "optim.lr=2e-6"]),
     "wrong-hint": ("control: another problem's solution as the hint", ["hint=wrong"]),
