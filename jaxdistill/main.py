@@ -31,7 +31,12 @@ COMMANDS = {
               "experiments/teachers/pruning.py"),
     "sample": ("jaxdistill.main:sample", "chat with, or complete from, any loadable model",
                "experiments/sample/default.py"),
+    "compile": ("jaxdistill.main:compile_job", "compile a job's programs for a TPU topology or GPUs (--target=...) "
+                "without weights or devices, and report per-device memory", "experiments/self_distill/default.py"),
 }
+# compile: which system's programs a config describes (by a key only that system's configs have)
+COMPILE_MODULES = (("arm", "jaxdistill.distill.compile"), ("experts", "jaxdistill.router.compile"),
+                   ("teachers", "jaxdistill.teachers.compile"))
 HELP_FLAGS = ("-h", "--help", "--helpfull", "help")
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (a .py with get_config())")
@@ -39,6 +44,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config fil
 
 def usage() -> str:
     lines = ["usage: python -m jaxdistill <command> --config=experiments/<system>/<name>.py [--config.key=value ...]",
+             "       python -m jaxdistill compile --config=... --target=v5p:4x4x2|h100:8|... [--out=compile.json]",
              "       python -m jaxdistill <command> --help     (the command's config fields and defaults)",
              "", "commands:"]
     lines += [f"  {name:<10} {help_}  (default config: {default})" for name, (_, help_, default) in COMMANDS.items()]
@@ -120,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     command, args = argv[1], argv[2:]
     verbose = "--verbose" in args
     args = [a for a in args if a != "--verbose"]
+    extra = {a.split("=", 1)[0][2:]: a.split("=", 1)[1] for a in args if a.startswith(("--target=", "--out="))}
+    args = [a for a in args if not a.startswith(("--target=", "--out="))]
     try:
         if command not in COMMANDS:
             close = difflib.get_close_matches(command, COMMANDS, n=1)
@@ -144,13 +152,36 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             sys.argv = saved_argv
         module, function = COMMANDS[command][0].split(":")
-        getattr(importlib.import_module(module), function)(_CONFIG.value)
+        if command == "compile":
+            if "target" not in extra:
+                raise CommandLineError("compile needs --target=TARGET: a TPU topology (v5e:2x2, v5p:4x4x2, v6e:4x4, "
+                                       "v4-8, ...) or h100:N / h200:N.")
+            compile_job(_CONFIG.value, extra["target"], extra.get("out"))
+        else:
+            getattr(importlib.import_module(module), function)(_CONFIG.value)
         return 0
     except (UserError, FileNotFoundError, PermissionError, ValueError) as e:
         if verbose:
             traceback.print_exc()
         print(f"error: {e}" + ("" if verbose else "  (--verbose shows the traceback)"), file=sys.stderr)
         return 2
+
+
+def compile_job(config, target_name: str, out: str | None = None) -> list:
+    """Compile every program of the job `config` describes for `target_name`, print per-device
+    memory per program, write compile.json (default: in the config's workdir); exit non-zero
+    with one line if a program does not fit."""
+    from jaxdistill import aot
+
+    module = next((m for key, m in COMPILE_MODULES if key in config), None)
+    if module is None:
+        raise CommandLineError("compile knows train, route and teachers configs (with config.arm, config.experts or "
+                               "config.teachers); this config has none of them.")
+    target = aot.target(target_name)
+    path = Path(out) if out else Path(config.workdir) / f"compile-{target_name.replace(':', '_')}.json"
+    reports = aot.compile_all(importlib.import_module(module).programs(config, target), target, out=path)
+    print(f"every program fits on {target_name}; report: {path}")
+    return reports
 
 
 def sample(config) -> None:

@@ -172,17 +172,48 @@ def put_global(host: np.ndarray, sharding: NamedSharding, dtype=None) -> jax.Arr
 
 
 def shard_model(model, mesh: Mesh):
-    """Move an NNX model's parameters into their mesh shardings (in place); returns the model."""
+    """Move an NNX model's parameters into their mesh shardings (in place); returns the model.
+    Abstract parameters (`nnx.eval_shape`) become ShapeDtypeStructs carrying their sharding,
+    which is what an ahead-of-time compile takes instead of weights."""
     from flax import nnx
 
     def put(variable):
         value = variable.get_value()
         axes = variable.get_metadata().get("axes") or (None,) * value.ndim
-        return variable.replace(put_global(np.asarray(value), param_sharding(mesh, axes, value.shape)))
+        sharding = param_sharding(mesh, axes, value.shape)
+        if isinstance(value, jax.ShapeDtypeStruct):
+            return variable.replace(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding))
+        return variable.replace(put_global(np.asarray(value), sharding))
 
     state = jax.tree.map(put, nnx.state(model), is_leaf=lambda x: isinstance(x, nnx.Variable))
     nnx.update(model, state)
     return model
+
+
+def mesh_of(tree) -> Mesh | None:
+    """The mesh the (possibly abstract) arrays of `tree` are placed on, or None if none is."""
+    for leaf in jax.tree.leaves(tree):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, NamedSharding):
+            return sharding.mesh
+    return None
+
+
+def optimizer_shardings(tx, params):
+    """The shardings of `tx.init(params)`: every moment (any copy of the parameter tree inside
+    the optimizer state) in its parameter's sharding, counters replicated. None off a mesh.
+
+    The moments do not depend on the parameters' values, so `jax.jit(tx.init)` alone returns
+    them off the mesh (whole on one device, then replicated): jit it with these out_shardings.
+    `params` may be abstract (ShapeDtypeStructs with shardings), for ahead-of-time compiles."""
+    import optax
+
+    mesh = mesh_of(params)
+    if mesh is None:
+        return None
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return optax.tree_map_params(tx, lambda _, param: param.sharding, jax.eval_shape(tx.init, params), params,
+                                 transform_non_params=lambda _: replicated)
 
 
 def batch_rows_per_process(mesh: Mesh) -> int:

@@ -196,7 +196,8 @@ def generate(
     key = jax.random.key(rng) if isinstance(rng, int) else rng
     graphdef, state = nnx.split(model)
     new_slots = bucket(max_new_tokens)
-    decoding, outputs = _prefill_jit(graphdef, state, tokens, mask, expand, new_slots=new_slots, pad_id=int(pad_id))
+    decoding, outputs = _prefill_jit(graphdef, state, tokens, mask, expand, new_slots=new_slots, pad_id=int(pad_id),
+                                     mesh=mesh)
     settings = dict(rule=rule, eos_ids=tuple(sorted(set(eos_ids))), pad_id=int(pad_id))
     chunk = compact_every or max_new_tokens
     for start in range(0, max_new_tokens, chunk):
@@ -233,9 +234,24 @@ class Decoding:
     step: jax.Array  # [] int32: new tokens so far
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "new_slots", "pad_id"))
-def _prefill_jit(graphdef, state, tokens, mask, expand, *, new_slots, pad_id):
-    """Prefill the left-padded prompts; the decode state and empty outputs [B, new_slots].
+def decoding_shardings(mesh, decoding: Decoding, outputs):
+    """Where the decode state lives on a mesh: every per-row array split over the batch axes,
+    the KV cache [layers, B, kv_heads, slots, head_dim] also over `tensor` by its heads."""
+    rows = lambda x: mesh_lib.batch_sharding(mesh, x.ndim)  # noqa: E731
+    cache_spec = mesh_lib.logical_to_spec(("layers", "batch", "kv_heads", "length", "head_dim"),
+                                          decoding.cache.k.shape, mesh)
+    cache = KVCache(k=jax.sharding.NamedSharding(mesh, cache_spec), v=jax.sharding.NamedSharding(mesh, cache_spec),
+                    positions=rows(decoding.cache.positions),
+                    index=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    placed = Decoding(cache, rows(decoding.logits), rows(decoding.done), rows(decoding.positions),
+                      rows(decoding.rows), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    return placed, jax.tree.map(rows, outputs)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "new_slots", "pad_id", "mesh"))
+def _prefill_jit(graphdef, state, tokens, mask, expand, *, new_slots, pad_id, mesh=None):
+    """Prefill the left-padded prompts; the decode state and empty outputs [B, new_slots], made
+    in `decoding_shardings` on a mesh (no device holds the whole cache).
 
     `expand` [B]: the rows are copies of these prompt rows (prefix sharing): each prompt is
     prefilled once and its KV-cache row copied to every row that continues it.
@@ -252,7 +268,11 @@ def _prefill_jit(graphdef, state, tokens, mask, expand, *, new_slots, pad_id):
     batch = logits.shape[0]
     outputs = (jnp.full((batch, new_slots), pad_id, jnp.int32), jnp.zeros((batch, new_slots), jnp.float32),
                jnp.zeros((batch, new_slots), bool))
-    return Decoding(cache, logits, done, positions, jnp.arange(batch, dtype=jnp.int32), jnp.int32(0)), outputs
+    decoding = Decoding(cache, logits, done, positions, jnp.arange(batch, dtype=jnp.int32), jnp.int32(0))
+    if mesh is not None:
+        decoding, outputs = jax.lax.with_sharding_constraint((decoding, outputs),
+                                                             decoding_shardings(mesh, decoding, outputs))
+    return decoding, outputs
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "rule", "eos_ids", "pad_id"), donate_argnames=("decoding",

@@ -82,7 +82,7 @@ def test_prompt_padding_and_tail_padding_change_neither_loss_nor_gradients():
 
 def _one_step(model, b, mesh=None, sft_weight=0.0):
     tx = step_lib.make_optimizer(step_lib.OptimConfig(lr=1e-2, warmup_steps=1, total_steps=4))
-    graphdef, state = step_lib.init_state(model, tx, mesh=mesh)
+    graphdef, state = step_lib.init_state(model, tx)
     step = step_lib.jit_train_step(step_lib.make_train_step(graphdef, tx, sft_weight=sft_weight), state, mesh,
                                    sft_rows="sft" in b)
     if mesh is not None:

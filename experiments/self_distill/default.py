@@ -70,6 +70,9 @@ def get_config():
                                             tfds_name="gsm8k", tfds_data_dir="", max_tokens=0, overlong="error"))
     c.eval = ml_collections.ConfigDict(dict(before=True, after=True, every=0, max_new_tokens=96, batch_size=32,
                                             mean_at_k=0))
+    # `python -m jaxdistill compile` only: the longest prompt (with its hint) the compiled programs take;
+    # a run pads to its own batch's longest instead.
+    c.compile = ml_collections.ConfigDict(dict(prompt_tokens=256))
     # resume_from=N restarts from checkpoint N (later ones are deleted); 0 resumes from the latest.
     c.checkpoint = ml_collections.ConfigDict(dict(every=8, keep=2, resume_from=0))
     # -1: all remaining devices. dcn: how many ways each axis crosses the slow network (TPU

@@ -114,21 +114,29 @@ def make_optimizer(c: OptimConfig) -> optax.GradientTransformation:
     return optax.MultiSteps(tx, c.accumulate) if c.accumulate > 1 else tx
 
 
-def init_state(model, tx, *, frozen_teacher: bool = False, mesh=None) -> tuple[nnx.GraphDef, TrainState]:
+def init_state(model, tx, *, frozen_teacher: bool = False) -> tuple[nnx.GraphDef, TrainState]:
     """Train state around a model whose parameters are already placed (on a mesh or a device).
 
+    Every leaf is created where its parameter lives: the moments and the frozen teacher's copy
+    in their parameter's sharding, the step counter replicated on the parameters' mesh. A
+    model of abstract parameters (ShapeDtypeStructs with shardings) gives the abstract state
+    an ahead-of-time compile takes.
     The state takes the model's arrays as they are, and the jitted step donates them: after
     the first step the old `model` is gone. Rebuild it with nnx.merge(graphdef, state.params).
     """
+    from jaxdistill import mesh as mesh_lib
+
     graphdef, params = nnx.split(model)
-    opt_state = jax.jit(tx.init)(params)  # moments inherit the parameters' shardings
-    teacher = jax.tree.map(jnp.copy, params) if frozen_teacher else None
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, teacher_params=teacher)
-    if mesh is not None:  # counters and other leaves made off the mesh: replicate them on it
-        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        on_mesh = lambda x: isinstance(x.sharding, jax.sharding.NamedSharding) and x.sharding.mesh == mesh  # noqa: E731
-        state = jax.tree.map(lambda x: x if on_mesh(x) else jax.device_put(x, replicated), state)
-    return graphdef, state
+    mesh = mesh_lib.mesh_of(params)
+    shardings = jax.tree.map(lambda x: x.sharding, params) if mesh is not None else None
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()) if mesh is not None else None
+    abstract = any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params))
+    make = jax.eval_shape if abstract else (lambda f, *args: f(*args))
+    step = make(jax.jit(lambda: jnp.zeros((), jnp.int32), out_shardings=replicated))
+    opt_state = make(jax.jit(tx.init, out_shardings=mesh_lib.optimizer_shardings(tx, params)), params)
+    copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings)
+    teacher = make(copy, params) if frozen_teacher else None
+    return graphdef, TrainState(step=step, params=params, opt_state=opt_state, teacher_params=teacher)
 
 
 KL_BUCKET = 16  # generated positions per bucket of the logged KL-by-position profile
@@ -229,6 +237,11 @@ def sparse_distill_loss(graphdef, params, teacher_params, batch, target=None, lo
     stats = {"end_p_student": jnp.sum(jnp.where(end, p_student, 0.0), axis=1),
              "end_p_target": jnp.sum(jnp.where(end, p_target, 0.0), axis=1)}
     return jnp.sum(jnp.where(target_mask, per_token, 0.0)) / jnp.maximum(target_mask.sum(), 1), stats
+
+
+def mode_for(arm: str) -> str:
+    """Which loss an arm trains with: "distill" (paired rows), "sft" or "sparse" (a given target)."""
+    return {"sft": "sft", "rejection_sft": "sft", "stack": "sparse"}.get(arm, "distill")
 
 
 def make_train_step(graphdef, tx, *, mode: str = "distill", target: TargetConfig = TargetConfig(),

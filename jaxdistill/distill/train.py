@@ -88,7 +88,7 @@ def load_trained(workdir, *, mesh=None):
     model, tokenizer = load(config.model, dtype=config.dtype, compute_dtype=config.compute_dtype or None,
                             mesh=mesh, attention=config.get("attention", "xla"))
     tx = step_lib.make_optimizer(step_lib.OptimConfig(**config.optim, total_steps=config.steps))
-    graphdef, state = step_lib.init_state(model, tx, frozen_teacher=config.frozen_teacher, mesh=mesh)
+    graphdef, state = step_lib.init_state(model, tx, frozen_teacher=config.frozen_teacher)
     with runs.Checkpoints(directory / "checkpoints", keep=config.checkpoint.keep) as checkpoints:
         restored = checkpoints.restore(state)
     if restored is None:
@@ -353,8 +353,8 @@ def _train(config, workdir) -> dict:
 
     optim = step_lib.OptimConfig(**config.optim, total_steps=config.steps)
     tx = step_lib.make_optimizer(optim)
-    graphdef, state = step_lib.init_state(model, tx, frozen_teacher=config.frozen_teacher, mesh=mesh)
-    mode = {"sft": "sft", "rejection_sft": "sft", "stack": "sparse"}.get(config.arm, "distill")
+    graphdef, state = step_lib.init_state(model, tx, frozen_teacher=config.frozen_teacher)
+    mode = step_lib.mode_for(config.arm)
     sft_weight = config.get("sft_weight", 0.0)
     train_step = step_lib.jit_train_step(
         step_lib.make_train_step(graphdef, tx, mode=mode, target=target_for(config), loss=LossConfig(**config.loss),

@@ -14,7 +14,9 @@ They return [B, T, K*G, D].
   NVIDIA GPUs (bfloat16/float16 only). `cudnn_xla` runs the same call with JAX's XLA
   implementation, which is how the wiring is tested on CPU.
 - `splash`: Pallas splash attention for TPU (causal or local masks, segment ids for padding),
-  interpreted on CPU for the tests. Under a mesh it runs inside shard_map over the batch.
+  interpreted on CPU for the tests. Under a mesh it runs inside shard_map over the batch; the
+  mesh's devices (not the process's backend) decide whether the real kernel is lowered, so an
+  ahead-of-time compile for a TPU on a CPU host gets the Mosaic kernel.
 
 The fused kernels mask by index, not position: they need rows laid out as [padding, real
 tokens with consecutive positions, padding], which is what every batch here looks like
@@ -176,6 +178,12 @@ def _cudnn(q, k, v, positions, window, *, implementation):
     return out.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4)
 
 
+def compiling_for(mesh=None) -> str:
+    """The platform a program is compiled for: its mesh's devices' (an ahead-of-time compile for a
+    TPU on a CPU host builds its mesh of TPU devices), else the default backend's."""
+    return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+
+
 SPLASH_BLOCK = 128  # the kernel's tile; sequences are padded to a multiple of it
 
 
@@ -189,7 +197,7 @@ def _splash(q, k, v, positions, window, *, mesh=None):
     pad = padded - t
     shape = (padded, padded)
     head_mask = mask_lib.CausalMask(shape) if window is None else mask_lib.LocalMask(shape, (window - 1, 0), 0)
-    interpret = jax.default_backend() != "tpu"
+    interpret = compiling_for(mesh) != "tpu"  # the real Mosaic kernel on TPUs, the interpreter elsewhere
     kernel = kernel_lib.make_splash_mqa_single_device(mask_lib.MultiHeadMask([head_mask] * g), interpret=interpret)
 
     def run(q, k, v, segments):  # q [b, K, G, T, D], k/v [b, K, T, D], segments [b, T]

@@ -304,3 +304,23 @@ def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling) -> tuple
     if attention_factor is None:
         attention_factor = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
     return inv, float(attention_factor)
+
+
+# Architectures by name, for compiling without weights (`python -m jaxdistill compile
+# --config.model=qwen3-8b`): the config.json fields we read, as the models publish them.
+_QWEN3 = dict(model_type="qwen3", vocab_size=151936, head_dim=128, num_key_value_heads=8, max_position_embeddings=40960,
+              rms_norm_eps=1e-6, rope_theta=1000000, hidden_act="silu")
+SHAPES: dict[str, dict[str, Any]] = {
+    "qwen3-1.7b": _QWEN3 | dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                                num_attention_heads=16, tie_word_embeddings=True),
+    "qwen3-8b": _QWEN3 | dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                              tie_word_embeddings=False),
+    "qwen3-32b": _QWEN3 | dict(hidden_size=5120, intermediate_size=25600, num_hidden_layers=64,
+                               num_attention_heads=64, tie_word_embeddings=False),
+    "llama3-70b": dict(model_type="llama", vocab_size=128256, hidden_size=8192, intermediate_size=28672,
+                       num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+                       max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0, hidden_act="silu",
+                       tie_word_embeddings=False, rope_scaling=dict(rope_type="llama3", factor=8.0,
+                                                                    low_freq_factor=1.0, high_freq_factor=4.0,
+                                                                    original_max_position_embeddings=8192)),
+}

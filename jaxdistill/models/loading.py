@@ -345,6 +345,18 @@ def training_run(name_or_path: str | Path) -> dict | None:
     return json.loads(summary.read_text())["config"]
 
 
+def model_config(name_or_path: str | Path) -> ModelConfig:
+    """The architecture alone: a shape name (`config.SHAPES`: qwen3-8b, ...), a directory that
+    may hold only config.json, a GGUF file, a built-in name or a training run. No weights,
+    no tokenizer: what an ahead-of-time compile needs."""
+    from jaxdistill.models.config import SHAPES
+
+    if str(name_or_path) in SHAPES:
+        return ModelConfig.from_hf(SHAPES[str(name_or_path)], where=f"shape {name_or_path}")
+    run = training_run(name_or_path)
+    return model_config(run["model"]) if run is not None else read_config(resolve(name_or_path))
+
+
 def describe(name_or_path: str | Path) -> tuple[ModelConfig, Tokenizer]:
     """A model's config and tokenizer without its weights: enough to validate data against
     the model (lengths, vocabulary) before paying for the weights."""
