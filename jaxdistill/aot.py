@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -39,8 +40,10 @@ DEVICE_MEMORY = {
     "TPU v5 lite": 16 * GIB,  # v5e
     "TPU v5": 95 * 10**9,  # v5p: 95 GB of HBM2e
     "TPU v6 lite": 32 * GIB,  # v6e (Trillium)
-    "h100": 80 * 10**9,  # H100 SXM 80 GB
-    "h200": 141 * 10**9,  # H200 SXM 141 GB
+    # GPUs: what CUDA reports usable (gpu_targets/*.txtpb). JAX preallocates 75% of it unless
+    # XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise; launch/slurm_gpu.sh sets 0.95.
+    "h100": 84_978_434_048,  # H100 SXM 80 GB
+    "h200": 150_754_820_096,  # H200 SXM 141 GB
 }
 
 
@@ -80,6 +83,8 @@ def target(name: str) -> Target:
     except ImportError:
         raise ConfigError(f"target {name}: compiling for TPUs needs libtpu: `pip install 'jax[tpu]'` in this venv "
                           "(the test extras have it).") from None
+    # Compile-only: several processes (a test run beside a compile) may load libtpu at once.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     options = {"chip_config_name": "megacore"} if name.startswith("v4") else {}
     try:
         topology = topologies.get_topology_desc(name, "tpu", **options)

@@ -153,10 +153,11 @@ def main(argv: list[str] | None = None) -> int:
             sys.argv = saved_argv
         module, function = COMMANDS[command][0].split(":")
         if command == "compile":
-            if "target" not in extra:
+            target = extra.get("target") or _CONFIG.value.get("compile", {}).get("target")
+            if not target:
                 raise CommandLineError("compile needs --target=TARGET: a TPU topology (v5e:2x2, v5p:4x4x2, v6e:4x4, "
-                                       "v4-8, ...) or h100:N / h200:N.")
-            compile_job(_CONFIG.value, extra["target"], extra.get("out"))
+                                       "v4-8, ...) or h100:N / h200:N (presets name theirs in compile.target).")
+            compile_job(_CONFIG.value, target, extra.get("out"))
         else:
             getattr(importlib.import_module(module), function)(_CONFIG.value)
         return 0

@@ -72,7 +72,8 @@ def get_config():
                                             mean_at_k=0))
     # `python -m jaxdistill compile` only: the longest prompt (with its hint) the compiled programs take;
     # a run pads to its own batch's longest instead.
-    c.compile = ml_collections.ConfigDict(dict(prompt_tokens=256))
+    # target: the TPU topology or GPUs the presets are sized for ("" = name one with --target).
+    c.compile = ml_collections.ConfigDict(dict(prompt_tokens=256, target=""))
     # resume_from=N restarts from checkpoint N (later ones are deleted); 0 resumes from the latest.
     c.checkpoint = ml_collections.ConfigDict(dict(every=8, keep=2, resume_from=0))
     # -1: all remaining devices. dcn: how many ways each axis crosses the slow network (TPU

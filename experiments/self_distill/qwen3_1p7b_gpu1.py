@@ -40,4 +40,5 @@ def get_config():
     c.batch_size = 8
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 1, 1
     c.distributed.num_processes = 1  # one process, no jax.distributed
+    c.compile.target = "h100:1"
     return c

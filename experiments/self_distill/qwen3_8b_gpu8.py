@@ -54,4 +54,5 @@ def get_config():
     c.checkpoint.every = 25
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 8, 1
     c.distributed.num_processes = -1  # set by launch/slurm_gpu.sh; JAX reads the rest from SLURM
+    c.compile.target = "h100:8"  # what `python -m jaxdistill compile` and the launch script's --dry-run check
     return c

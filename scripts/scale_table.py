@@ -1,0 +1,132 @@
+"""Compile every shipped pod preset for its target at 2k, 8k and 16k tokens of context, keep the
+compiled memory reports as records, and write docs/scale.md's table from them.
+
+    python scripts/scale_table.py                       # compile what has no record yet, then the table
+    python scripts/scale_table.py --gpu-python=/path/to/venv-with-jax-cuda/bin/python
+    python scripts/scale_table.py --report              # the table from the committed records only
+
+TPU targets compile with this venv's libtpu (the test extras); GPU targets need jax's CUDA
+build (`scripts/setup.sh --accelerator gpu`, 5.6 GB), which --gpu-python points at. Each record
+(docs/scale/compile/*.json) holds the command, the commit, the per-program memory and the
+compile time on the machine that ran it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RECORDS = ROOT / "docs/scale/compile"
+DOC = ROOT / "docs/scale.md"
+BEGIN, END = "<!-- compile table: scripts/scale_table.py -->", "<!-- end of compile table -->"
+PROMPT = 512  # prompt tokens (with the hint) every row assumes
+# preset -> the model shape it is sized for (its target is the preset's compile.target)
+PRESETS = {"qwen3_1p7b_gpu1": "qwen3-1.7b", "qwen3_8b_gpu8": "qwen3-8b", "qwen3_8b_v5p64": "qwen3-8b",
+           "qwen3_8b_8k_v5p64": "qwen3-8b", "qwen3_32b_v5p128": "qwen3-32b", "qwen3_32b_h200x8": "qwen3-32b"}
+CONTEXTS = (2048, 8192, 16384)  # prompt + generated tokens
+
+
+def record_path(preset: str, context: int) -> Path:
+    return RECORDS / f"{preset}-{context}.json"
+
+
+def command(preset: str, context: int, python: str, out: Path) -> list[str]:
+    new = context - PROMPT
+    return [python, "-m", "jaxdistill", "compile", f"--config=experiments/self_distill/{preset}.py",
+            f"--config.model={PRESETS[preset]}", f"--config.compile.prompt_tokens={PROMPT}",
+            f"--config.sample.max_new_tokens={new}", f"--config.eval.max_new_tokens={new}", f"--out={out}"]
+
+
+def run(preset: str, context: int, python: str) -> None:
+    out = record_path(preset, context)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = command(preset, context, python, out)
+    shown = " ".join(["python", *cmd[1:-1]])
+    print(f"$ {shown}", flush=True)
+    start = time.perf_counter()
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=os.environ | {"JAX_PLATFORMS": "cpu"})
+    seconds = time.perf_counter() - start
+    if not out.exists():  # it failed before compiling anything
+        print(done.stdout[-2000:], done.stderr[-2000:], sep="\n")
+        return
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    record = json.loads(out.read_text()) | {"preset": preset, "context": context, "command": shown,
+                                            "commit": commit, "seconds": round(seconds, 1),
+                                            "error": done.stderr.strip().splitlines()[-1] if done.returncode else ""}
+    out.write_text(json.dumps(record, indent=1))
+    print(f"  {'fits' if not done.returncode else 'DOES NOT FIT'} ({seconds:.0f}s)", flush=True)
+
+
+def table() -> str:
+    rows = ["| preset | target | context | train step | rollout decode | eval score | largest program "
+            "(args + out + temp + code) | device | fits (≥10% free) | compile time |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    gib = lambda n: f"{n / 2**30:.1f}"  # noqa: E731
+    for preset in PRESETS:
+        for context in CONTEXTS:
+            path = record_path(preset, context)
+            if not path.exists():
+                continue
+            r = json.loads(path.read_text())
+            programs = {p["program"]: p for p in r["programs"]}
+            peak = lambda name: gib(programs[name]["peak_bytes"]) if name in programs else "–"  # noqa: E731
+            worst = max(r["programs"], key=lambda p: p["peak_bytes"])
+            parts = "+".join(gib(worst[k]) for k in ("argument_bytes", "output_bytes", "temp_bytes", "code_bytes"))
+            rows.append(f"| {preset} | {r['target']} | {context} | {peak('train_step')} | {peak('rollout_decode')} "
+                        f"| {peak('eval_score')} | {worst['program']} {gib(worst['peak_bytes'])} ({parts}) | "
+                        f"{gib(worst['device_memory'])} | {'yes' if all(p['fits'] for p in r['programs']) else 'NO'}"
+                        f" | {r['seconds']:.0f}s |")
+    return "\n".join(rows)
+
+
+def write_doc() -> None:
+    text = DOC.read_text()
+    body = (f"{BEGIN}\nGiB per device; context = {PROMPT} prompt tokens + generated tokens (rollout and evaluation). "
+            f"Each row: `{command('PRESET', 0, 'python', Path('OUT'))[0]} ...` as in its record "
+            f"(docs/scale/compile/).\n\n{table()}\n{END}")
+    if BEGIN in text:
+        text = text[: text.index(BEGIN)] + body + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip() + "\n\n" + body + "\n"
+    DOC.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--gpu-python", default="", help="a python with jax's CUDA build, for the h100/h200 presets")
+    parser.add_argument("--report", action="store_true", help="only write the table from the records")
+    parser.add_argument("--force", action="store_true", help="recompile presets that have a record")
+    args = parser.parse_args()
+    if not args.report:
+        for preset in PRESETS:
+            sys.path.insert(0, str(ROOT))
+            target = _target(preset)
+            python = args.gpu_python if target.startswith("h") else sys.executable
+            if not python:
+                print(f"skipping {preset} ({target}): pass --gpu-python")
+                continue
+            for context in CONTEXTS:
+                if args.force or not record_path(preset, context).exists():
+                    run(preset, context, python)
+    write_doc()
+    print(f"table written to {DOC}")
+
+
+def _target(preset: str) -> str:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(preset, ROOT / "experiments/self_distill" / f"{preset}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config().compile.target
+
+
+if __name__ == "__main__":
+    main()
