@@ -122,13 +122,13 @@ def main():
 
     rows = [("Stable-Baselines3 PPO (PyTorch)", sb3_rate, sb3_rate)]
     for seeds in (1, args.seeds):
-        train = jax.jit(jax.vmap(ppo.make_train(base, env, rewards), in_axes=(0, None)))
+        train = jax.jit(jax.vmap(ppo.make_train(base, env, rewards), in_axes=(0, None, None)))
         keys = jax.random.split(jax.random.key(0), seeds)
         start = time.perf_counter()
-        jax.block_until_ready(train(keys, jnp.float32(rewards.alpha)))
+        jax.block_until_ready(train(keys, jnp.float32(rewards.alpha), env))
         first = time.perf_counter() - start
         start = time.perf_counter()
-        jax.block_until_ready(train(jax.random.split(jax.random.key(1), seeds), jnp.float32(rewards.alpha)))
+        jax.block_until_ready(train(jax.random.split(jax.random.key(1), seeds), jnp.float32(rewards.alpha), env))
         steady = time.perf_counter() - start
         steps = base.num_updates * base.num_envs * base.num_steps * seeds
         rows.append((f"jaxdistill PPO, {seeds} polic{'y' if seeds == 1 else 'ies'} (vmap)", steps / steady,

@@ -268,24 +268,3 @@ def host_to_global(batch, mesh: Mesh):
         return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x)
 
     return jax.tree.map(put, batch)
-
-
-def bytes_per_device(abstract_state, mesh) -> int:
-    """Bytes of the largest per-device share of an (abstract) NNX state under the logical rules.
-
-    `mesh` may be a jax.sharding.AbstractMesh, so a pod's arithmetic can be checked on a laptop.
-    """
-    from flax import nnx
-
-    total = 0
-    for _, variable in nnx.to_flat_state(abstract_state):
-        value = variable.get_value()
-        axes = variable.get_metadata().get("axes") or (None,) * len(value.shape)
-        spec = logical_to_spec(axes, value.shape, mesh)
-        share = 1
-        for dim, split in zip(value.shape, spec, strict=False):
-            ways = math.prod(mesh.shape[a] for a in ((split,) if isinstance(split, str) else split or ()))
-            share *= -(-dim // ways)
-        share *= math.prod(value.shape[len(spec):])
-        total += share * np.dtype(value.dtype).itemsize
-    return total

@@ -29,21 +29,22 @@ PROMPT = 512  # prompt tokens (with the hint) every row assumes
 # preset -> the model shape it is sized for (its target is the preset's compile.target)
 PRESETS = {"qwen3_1p7b_gpu1": "qwen3-1.7b", "qwen3_8b_gpu8": "qwen3-8b", "qwen3_8b_v5p64": "qwen3-8b",
            "qwen3_8b_8k_v5p64": "qwen3-8b", "qwen3_32b_v5p128": "qwen3-32b", "qwen3_32b_h200x8": "qwen3-32b"}
-CONTEXTS = (2048, 8192, 16384)  # prompt + generated tokens
+CONTEXTS = ("shipped", 2048, 8192, 16384)  # prompt + generated tokens; "shipped": the preset's own lengths
 
 
-def record_path(preset: str, context: int) -> Path:
+def record_path(preset: str, context: int | str) -> Path:
     return RECORDS / f"{preset}-{context}.json"
 
 
-def command(preset: str, context: int, python: str, out: Path) -> list[str]:
-    new = context - PROMPT
+def command(preset: str, context: int | str, python: str, out: Path) -> list[str]:
+    lengths = [] if context == "shipped" else [f"--config.sample.max_new_tokens={context - PROMPT}",
+                                               f"--config.eval.max_new_tokens={context - PROMPT}"]
     return [python, "-m", "jaxdistill", "compile", f"--config=experiments/self_distill/{preset}.py",
-            f"--config.model={PRESETS[preset]}", f"--config.compile.prompt_tokens={PROMPT}",
-            f"--config.sample.max_new_tokens={new}", f"--config.eval.max_new_tokens={new}", f"--out={out}"]
+            f"--config.model={PRESETS[preset]}", f"--config.compile.prompt_tokens={PROMPT}", *lengths,
+            f"--out={out}"]
 
 
-def run(preset: str, context: int, python: str) -> None:
+def run(preset: str, context: int | str, python: str) -> None:
     out = record_path(preset, context)
     out.parent.mkdir(parents=True, exist_ok=True)
     cmd = command(preset, context, python, out)
@@ -76,13 +77,16 @@ def table() -> str:
                 continue
             r = json.loads(path.read_text())
             programs = {p["program"]: p for p in r["programs"]}
-            peak = lambda name: gib(programs[name]["peak_bytes"]) if name in programs else "–"  # noqa: E731
+            peak = {name: gib(p["peak_bytes"]) for name, p in programs.items()}
             worst = max(r["programs"], key=lambda p: p["peak_bytes"])
             parts = "+".join(gib(worst[k]) for k in ("argument_bytes", "output_bytes", "temp_bytes", "code_bytes"))
-            rows.append(f"| {preset} | {r['target']} | {context} | {peak('train_step')} | {peak('rollout_decode')} "
-                        f"| {peak('eval_score')} | {worst['program']} {gib(worst['peak_bytes'])} ({parts}) | "
-                        f"{gib(worst['device_memory'])} | {'yes' if all(p['fits'] for p in r['programs']) else 'NO'}"
-                        f" | {r['seconds']:.0f}s |")
+            shown = f"{PROMPT + config(preset).sample.max_new_tokens} (shipped)" if context == "shipped" else context
+            fits = "yes" if all(p["fits"] for p in r["programs"]) else "NO"
+            cells = [preset, r["target"], shown, *(peak.get(n, "–") for n in ("train_step", "rollout_decode",
+                                                                             "eval_score")),
+                     f"{worst['program']} {gib(worst['peak_bytes'])} ({parts})", gib(worst["device_memory"]), fits,
+                     f"{r['seconds']:.0f}s"]
+            rows.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(rows)
 
 
@@ -106,8 +110,7 @@ def main() -> None:
     args = parser.parse_args()
     if not args.report:
         for preset in PRESETS:
-            sys.path.insert(0, str(ROOT))
-            target = _target(preset)
+            target = config(preset).compile.target
             python = args.gpu_python if target.startswith("h") else sys.executable
             if not python:
                 print(f"skipping {preset} ({target}): pass --gpu-python")
@@ -119,13 +122,13 @@ def main() -> None:
     print(f"table written to {DOC}")
 
 
-def _target(preset: str) -> str:
+def config(preset: str):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(preset, ROOT / "experiments/self_distill" / f"{preset}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config().compile.target
+    return module.get_config()
 
 
 if __name__ == "__main__":

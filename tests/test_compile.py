@@ -153,3 +153,28 @@ def test_compile_command_reports_every_program_and_refuses_what_does_not_fit(tmp
         aot.compile_all((p for p in [program]), small)
     assert main_lib.main(["jaxdistill", "compile", "--config=experiments/self_distill/default.py"]) == 2
     assert "compile needs --target" in capsys.readouterr().err
+
+
+def test_ppo_runs_split_over_the_mesh_keep_every_state_leaf_with_their_seeds():
+    """The router's and the pruner's PPO (one trainer): with a mesh, each device trains its own
+    seeds and holds only their parameters and moments; the policies equal a one-device run's."""
+    from jaxdistill.router import env as env_lib
+    from jaxdistill.router import ppo
+
+    rng = np.random.default_rng(0)
+    q, m, d = 8, 7, 4  # 2 experts, T_max 2: 1 + 2 + 4 nodes
+    env = env_lib.Env(quality=jnp.asarray(rng.uniform(size=(q, m)), jnp.float32),
+                      cost=jnp.ones((q, m)), flops=jnp.ones((q, m)),
+                      question_emb=jnp.asarray(rng.normal(size=(q, d)), jnp.float32),
+                      answer_emb=jnp.asarray(rng.normal(size=(q, m, d)), jnp.float32), n_experts=2, t_max=2)
+    config = ppo.PPOConfig(num_envs=8, num_steps=4, total_timesteps=8 * 4 * 2, hidden=(16,))
+    train = ppo.make_train(config, env, env_lib.Rewards())
+    keys, alphas = jax.random.split(jax.random.key(0), 4), jnp.asarray([0.0, 0.5])
+    mesh = mesh_lib.make_mesh({"data": 4}, devices=jax.devices()[:4])
+    states, metrics = ppo.train_grid(train, env, keys, alphas, mesh)
+    alone, _ = ppo.train_grid(train, env, keys, alphas)
+    for leaf, reference in zip(jax.tree.leaves(states), jax.tree.leaves(alone), strict=True):
+        assert leaf.shape[:2] == (2, 4) and leaf.sharding.spec[:2] == (None, "data")
+        assert per_device_bytes(leaf) == leaf.nbytes // 4
+        np.testing.assert_allclose(np.asarray(leaf), np.asarray(reference), rtol=1e-5, atol=1e-6)
+    assert jax.tree.leaves(states.opt_state) and metrics["episode_return"].sharding.spec[:2] == (None, "data")

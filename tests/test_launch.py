@@ -1,31 +1,24 @@
-"""The launch path, where it can run here: setup and launch scripts in dry-run mode, and the
-pod presets' memory arithmetic on abstract meshes of their real size."""
+"""The launch path, where it can run here: setup and launch scripts in dry-run mode (which compile
+the job for its target), and the pod presets' compiled memory records."""
 
 import ast
 import importlib.util
+import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
-import jax.numpy as jnp
 import pytest
-from flax import nnx
-from jax.sharding import AbstractMesh
 
 from jaxdistill import main as main_lib
-from jaxdistill import mesh as mesh_lib
 from jaxdistill.distill import train as train_lib
 from jaxdistill.errors import ConfigError
-from jaxdistill.models.config import ModelConfig
-from jaxdistill.models.transformer import Decoder
+from jaxdistill.models.config import SHAPES, ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-QWEN3_8B = dict(model_type="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288,
-                num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000, tie_word_embeddings=False,
-                hidden_act="silu")  # Qwen3-8B's config.json, the fields we read
-QWEN3_1P7B = QWEN3_8B | dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
-                             tie_word_embeddings=True)  # Qwen3-1.7B's
+sys.path.insert(0, str(ROOT / "scripts"))
+import scale_table  # noqa: E402
 
 
 def script(*args, env=None):
@@ -65,57 +58,66 @@ def test_setup_refuses_unknown_options():
 
 def test_slurm_script_gives_one_process_every_gpu_of_its_node_and_keeps_the_presets_mesh():
     out = script("launch/slurm_gpu.sh", "--dry-run", "experiments/self_distill/qwen3_8b_gpu8.py",
-                 "--config.model=/data/Qwen3-8B", env={"SLURM_GPUS_ON_NODE": "8"})
-    assert out.returncode == 0, out.stderr
-    command = out.stdout.split()
+                 "--config.model=qwen3-8b", env={"SLURM_GPUS_ON_NODE": "8"})
+    command = out.stdout.splitlines()[0].split()
     assert command[:2] == ["srun", "--ntasks-per-node=1"]
     assert "--config.distributed.local_device_ids=0,1,2,3,4,5,6,7" in command
-    assert "--config.distributed.num_processes=-1" in command and "--config.model=/data/Qwen3-8B" in command
+    assert "--config.distributed.num_processes=-1" in command and "--config.model=qwen3-8b" in command
     assert not any(arg.startswith("--config.mesh") for arg in command)
+    # then the dry run compiles the job for the preset's h100:8, which needs jax's CUDA build here
+    if out.returncode == 0:
+        assert "every program fits on h100:8" in out.stdout
+    else:
+        assert out.returncode == 2 and "--accelerator gpu" in out.stderr, out.stderr
     missing = script("launch/slurm_gpu.sh", "--dry-run", "x.py", env={"SLURM_GPUS_ON_NODE": "0"})
     assert missing.returncode == 1 and "--gpus-per-node" in missing.stderr
 
 
-def test_tpu_script_sets_up_the_tpu_build_on_every_worker_and_quotes_overrides():
+def test_tpu_script_sets_up_every_worker_quotes_overrides_and_compiles_for_its_topology(tmp_path):
+    tiny = tmp_path / "tiny model"  # only config.json: the dry run's compile needs no weights
+    tiny.mkdir()
+    (tiny / "config.json").write_text(json.dumps(dict(
+        model_type="qwen3", vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=4096, rms_norm_eps=1e-6,
+        rope_theta=10000.0, tie_word_embeddings=True)))
     out = script("launch/tpu_pod.sh", "--dry-run", "my-tpu", "us-east5-a", "experiments/self_distill/qwen3_8b_v5p64.py",
-                 "--config.workdir=/mnt/runs/a b")
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith("gcloud compute tpus tpu-vm ssh my-tpu --zone=us-east5-a --worker=all --command=")
-    remote = out.stdout.split("--command=", 1)[1]
+                 f"--config.workdir={tmp_path}/a b", f"--config.model={tiny}", "--config.compile.prompt_tokens=64",
+                 "--config.sample.max_new_tokens=64", "--config.eval.max_new_tokens=64")
+    assert out.returncode == 0, out.stderr[-3000:]
+    launch, *compiled = out.stdout.splitlines()
+    assert launch.startswith("gcloud compute tpus tpu-vm ssh my-tpu --zone=us-east5-a --worker=all --command=")
+    remote = launch.split("--command=", 1)[1]
     assert "bash scripts/setup.sh --accelerator tpu &&" in remote
-    assert "--config.distributed.num_processes=-1" in remote and r"--config.workdir=/mnt/runs/a\ b" in remote
+    assert "--config.distributed.num_processes=-1" in remote and rf"--config.workdir={tmp_path}/a\ b" in remote
     assert "--config.mesh" not in remote
+    assert "compiling for v5p:4x4x2 (32 x TPU v5" in compiled[0] and "every program fits on v5p:4x4x2" in compiled[-1]
+    assert json.loads((tmp_path / "a b" / "compile-v5p_4x4x2.json").read_text())["devices"] == 32
     assert script("launch/tpu_pod.sh", "--dry-run", "only-a-name").returncode != 0
 
 
-@pytest.mark.parametrize("name,hf,params,devices,state_gb", [("qwen3_8b_gpu8", QWEN3_8B, 8.19e9, 8, 8.19),
-                                                           ("qwen3_8b_v5p64", QWEN3_8B, 8.19e9, 32, 2.05),
-                                                           ("qwen3_1p7b_gpu1", QWEN3_1P7B, 1.72e9, 1, 13.8)])
-def test_gpu_and_pod_presets_fit_their_mesh_with_the_state_their_docstrings_state(name, hf, params, devices,
-                                                                                  state_gb):
+@pytest.mark.parametrize("name", list(scale_table.PRESETS))
+def test_every_pod_preset_has_a_compiled_record_that_fits_its_target(name):
+    """The presets' memory is the compiled programs' (docs/scale.md, from scripts/scale_table.py):
+    each shipped preset has a record for its own target and lengths, and every program fits."""
     c = preset(name)
     with pytest.raises(ConfigError, match="--config.model"):
         train_lib.validate(c)  # the weights are the user's
     c.model = "/data/Qwen3"
     train_lib.validate(c)
     sizes = {axis: size for axis, size in dict(c.mesh).items() if axis != "dcn"}
-    assert sizes["data"] * sizes["fsdp"] * sizes["tensor"] == devices
     assert (c.batch_size * c.samples_per_problem) % (sizes["data"] * sizes["fsdp"]) == 0
-    config = ModelConfig.from_hf(hf)
-    assert config.num_params() == pytest.approx(params, rel=1e-3)
-    abstract = nnx.state(nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0), param_dtype=jnp.bfloat16)))
-    mesh = AbstractMesh(tuple(sizes.values()), tuple(sizes))
-    # parameters, gradients and two AdamW moments, all in the parameters' dtype
-    assert 4 * mesh_lib.bytes_per_device(abstract, mesh) / 1e9 == pytest.approx(state_gb, rel=0.01)
+    record = json.loads(scale_table.record_path(name, "shipped").read_text())
+    assert record["target"] == c.compile.target and record["devices"] == sizes["data"] * sizes["fsdp"] * sizes["tensor"]
+    assert record["command"] == " ".join(["python", *scale_table.command(name, "shipped", "", Path())[1:-1]])
+    names = {p["program"] for p in record["programs"]}
+    assert {"train_step", "rollout_prefill", "rollout_decode", "eval_prefill", "eval_decode", "eval_score"} <= names
+    assert all(p["fits"] and p["headroom"] >= 0.10 for p in record["programs"]), record["programs"]
 
 
-def test_bytes_per_device_counts_replicated_dimensions_whole():
-    config = ModelConfig.from_hf(QWEN3_8B)
-    abstract = nnx.state(nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0), param_dtype=jnp.bfloat16)))
-    one = mesh_lib.bytes_per_device(abstract, AbstractMesh((1, 1, 1), ("data", "fsdp", "tensor")))
-    assert one == 2 * config.num_params()
-    replicated = mesh_lib.bytes_per_device(abstract, AbstractMesh((8, 1, 1), ("data", "fsdp", "tensor")))
-    assert replicated == one  # data parallelism replicates the parameters
+@pytest.mark.parametrize("name,params", [("qwen3-1.7b", 1.72e9), ("qwen3-8b", 8.19e9), ("qwen3-32b", 32.76e9),
+                                         ("llama3-70b", 70.55e9)])
+def test_shape_names_are_the_published_architectures(name, params):
+    assert ModelConfig.from_hf(SHAPES[name]).num_params() == pytest.approx(params, rel=1e-3)
 
 
 GRID_ARMS = experiment("grid").ARMS

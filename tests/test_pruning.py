@@ -84,7 +84,8 @@ def test_ppo_learns_to_expand_only_where_the_wrong_direction_pays():
     ppo_config = ppo.PPOConfig(num_envs=16, num_steps=8, total_timesteps=16_384, hidden=(16,), discount=1.0,
                                 lr=1e-3)
     train_fn = ppo.make_train(ppo_config, train, pruning.Price(), dynamics=pruning)
-    params, history = jax.jit(train_fn)(jax.random.key(0), 5.0)
+    states, history = jax.jit(train_fn)(jax.random.key(0), 5.0, train)
+    params = states.params
     graphdef = ppo.policy_graph(train, ppo_config)
     out = pruning.replay(test, lambda obs: jax.numpy.argmax(ppo.apply(graphdef, params, obs)[0]))
     pays = np.arange(8) % 2 == 0

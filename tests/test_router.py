@@ -143,8 +143,8 @@ def test_actions_never_depend_on_test_references():
     config = ppo.PPOConfig(num_envs=16, num_steps=8, total_timesteps=16 * 8 * 20, hidden=(16,))
     alphas = np.array([0.0, 0.2], np.float32)
     keys = jax.random.split(jax.random.key(0), 2)
-    params, _ = jax.jit(jax.vmap(jax.vmap(ppo.make_train(config, train_env, r), in_axes=(0, None)),
-                                 in_axes=(None, 0)))(keys, jnp.asarray(alphas))
+    states, _ = ppo.train_grid(ppo.make_train(config, train_env, r), train_env, keys, jnp.asarray(alphas))
+    params = states.params
     graphdef = ppo.policy_graph(train_env, config)
     evaluations = [evaluate_all(ConfigDict(dict(seed=0, knn_k=3)), train_env, env_lib.make_env(test, 1.0, stats),
                                 train_table, test, r, alphas, graphdef, params, 2) for test in (test_table, garbage)]
@@ -218,8 +218,9 @@ def test_ppo_finds_the_known_optimal_policy():
     # episode calls it at every step: 3 x (1 - 0.1) + gamma at T_max = 3.2 (no label-based early end)
     r = env_lib.Rewards(alpha=0.1, beta=0.5, gamma=0.5, p0=0.9)
     config = ppo.PPOConfig(num_envs=32, num_steps=8, total_timesteps=32 * 8 * 60, hidden=(32, 32))
-    train = jax.jit(jax.vmap(ppo.make_train(config, env, r), in_axes=(0, None)))
-    params, history = train(jax.random.split(jax.random.key(0), 3), 0.1)
+    train = jax.jit(jax.vmap(ppo.make_train(config, env, r), in_axes=(0, None, None)))
+    states, history = train(jax.random.split(jax.random.key(0), 3), 0.1, env)
+    params = states.params
     graphdef = ppo.policy_graph(env, config)
     always_1 = child(child(child(0, 1, n), 1, n), 1, n)
     for seed in range(3):

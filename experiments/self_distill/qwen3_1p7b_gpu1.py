@@ -7,16 +7,11 @@
 
 Weights and data are the user's (a Hugging Face directory and GSM8K JSONL); nothing downloads.
 
-Memory (one device; `mesh.bytes_per_device` computes the first line, and tests/test_launch.py
-checks it):
-- parameters 3.44 GB (1.72B in bfloat16, embeddings tied), gradients 3.44 GB, AdamW moments
-  2 x 3.44 GB: 13.8 GB of state;
-- activations with remat: 8 student rows x 1,536 tokens x 2,048 x 2 bytes x 28 layers = 1.4 GB
-  (the teacher rows keep none), plus one block's recomputation and one 64-position logits chunk
-  (16 rows x 64 x 151,936 floats, 0.6 GB) at a time;
-- rollouts: a KV cache of 115 KB per token (28 layers x 2 x 8 heads x 128 x 2 bytes); 8 problems
-  x 1,536 tokens = 1.4 GB.
-About 20 of the 80 GB: room for samples_per_problem=4 or longer genCoT.
+Memory per GPU: every program of the job compiled for h100:1 on a CPU host, with no weights:
+
+    python -m jaxdistill compile --config=experiments/self_distill/qwen3_1p7b_gpu1.py --config.model=qwen3-1.7b
+
+docs/scale.md has the numbers (from docs/scale/compile/, which tests/test_launch.py checks).
 
 What to expect: OPSD (on-policy self-distillation with privileged information) reports
 Qwen3-1.7B on AIME24 going from 47.7 to 51.7, with competition problems and generations far

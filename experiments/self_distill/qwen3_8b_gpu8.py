@@ -7,16 +7,14 @@
 
 Weights and data are the user's (a Hugging Face directory and GSM8K JSONL); nothing downloads.
 
-Memory per GPU (mesh fsdp=8; `mesh.bytes_per_device` computes the first line, and
-tests/test_launch.py checks it):
-- parameters 2.05 GB (8.19B in bfloat16, split 8 ways), gradients 2.05 GB, AdamW moments
-  2 x 2.05 GB (they take the parameters' dtype): 8.2 GB of state;
-- activations with remat (each block's input kept): 4 rows x 1,536 tokens x 4,096 x 2 bytes x
-  36 layers = 1.8 GB, plus one block's recomputation and one 64-position logits chunk
-  (4 x 64 x 151,936 floats) at a time: a few GB;
-- rollouts: a KV cache of 147 KB per token (36 layers x 2 x 8 heads x 128 x 2 bytes); 16
-  problems x 1,536 tokens = 3.6 GB, today on every GPU (generate decodes replicated rows).
-About 20 of the 80 GB, leaving room for longer genCoT or larger batches.
+Memory per GPU: every program of the job (train step, rollout prefill and decode, held-out
+decoding and scoring) compiled for h100:8 on a CPU host, with no weights:
+
+    python -m jaxdistill compile --config=experiments/self_distill/qwen3_8b_gpu8.py --config.model=qwen3-8b
+
+docs/scale.md has the numbers (from docs/scale/compile/, which tests/test_launch.py checks):
+parameters, gradients and AdamW moments split 8 ways (fsdp), activations with remat, the
+KV cache split over the batch. The launch script's --dry-run runs the same compile.
 
 What to expect: OPSD (on-policy self-distillation with privileged information) reports
 Qwen3-1.7B on AIME24 going from 47.7 to 51.7; at 8B on GSM8K the base model is already
@@ -54,5 +52,6 @@ def get_config():
     c.checkpoint.every = 25
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 8, 1
     c.distributed.num_processes = -1  # set by launch/slurm_gpu.sh; JAX reads the rest from SLURM
+    c.compile.prompt_tokens = 512  # GSM8K prompts with the reference solution as the hint
     c.compile.target = "h100:8"  # what `python -m jaxdistill compile` and the launch script's --dry-run check
     return c

@@ -7,15 +7,11 @@
 Weights and data are the user's and must be on every host at the same path (or a mounted
 bucket); nothing downloads.
 
-Memory per chip (mesh fsdp=32, all within the slice's ICI; `mesh.bytes_per_device` computes
-the first line, and tests/test_launch.py checks it):
-- parameters 0.51 GB (8.19B in bfloat16, split 32 ways), gradients 0.51 GB, AdamW moments
-  2 x 0.51 GB: 2.05 GB of state;
-- activations with remat: 2 rows x 2,560 tokens x 4,096 x 2 bytes x 36 layers = 1.5 GB, plus
-  one block's recomputation and one logits chunk at a time;
-- rollouts: 147 KB of KV cache per token; 32 problems x 2,560 tokens = 12 GB, today on every
-  chip (generate decodes replicated rows), the largest item.
-About 20 of the 95 GB.
+Memory per chip: every program of the job compiled for v5p:4x4x2 on a CPU host, with no weights:
+
+    python -m jaxdistill compile --config=experiments/self_distill/qwen3_8b_v5p64.py --config.model=qwen3-8b
+
+docs/scale.md has the numbers (from docs/scale/compile/, which tests/test_launch.py checks).
 
 What to expect: see qwen3_8b_gpu8.py.
 """

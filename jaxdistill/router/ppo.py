@@ -1,10 +1,12 @@
 """PPO for the router, PureJaxRL-style: a whole training run is one jitted function of a key.
 
-`make_train(config, env, rewards)` returns `train(key, alpha) -> (params, metrics)`: a scan
-over updates, each collecting `num_steps` transitions from `num_envs` vectorised
+`make_train(config, env, rewards)` returns `train(key, alpha, env) -> (PolicyState, metrics)`:
+a scan over updates, each collecting `num_steps` transitions from `num_envs` vectorised
 environments (auto-reset), computing GAE, and running `update_epochs` epochs of
 `num_minibatches` minibatches of the clipped-surrogate + value + entropy loss with optax.
-vmap it over keys (seeds) and alphas (the cost price) to train many policies in one call.
+The environment is an argument (the one given to make_train fixes only its shapes), so the
+same program runs on other data, or compiles ahead of time from abstract arrays.
+`train_grid` runs it for every (alpha, seed) in one call, the seeds split over a mesh's devices.
 
 The environment is the router's (`router/env.py`) unless `dynamics` names another module
 with the same pure functions: `reset(env, key)`, `observe(env, state)`, `step(env, rewards,
@@ -86,6 +88,15 @@ class ActorCritic(nnx.Module):
         return self.actor_out(a), self.critic_out(v)[..., 0]
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PolicyState:
+    """What a PPO run trains: the policy/value parameters and their optimizer state."""
+
+    params: nnx.State
+    opt_state: optax.OptState
+
+
 def policy_graph(env: env_lib.Env, config: PPOConfig) -> nnx.GraphDef:
     return nnx.split(ActorCritic(env.obs_dim, env.n_actions, config.hidden, rngs=nnx.Rngs(0)))[0]
 
@@ -117,7 +128,8 @@ def gae(rewards, values, dones, last_value, discount: float, lam: float):
 
 
 def make_train(config: PPOConfig, env, rewards, dynamics=env_lib):
-    """train(key, alpha) -> (policy params, per-update metrics); jit/vmap it."""
+    """train(key, alpha, env) -> (PolicyState, per-update metrics); jit/vmap it, or use train_grid.
+    `env` here fixes the policy's input and output sizes."""
     graphdef = policy_graph(env, config)
     batch = config.num_envs * config.num_steps
     minibatch = batch // config.num_minibatches
@@ -142,7 +154,7 @@ def make_train(config: PPOConfig, env, rewards, dynamics=env_lib):
         total = policy_loss + config.vf_coef * value_loss - config.ent_coef * entropy
         return total, {"policy_loss": policy_loss, "value_loss": value_loss, "entropy": entropy}
 
-    def train(key, alpha):
+    def train(key, alpha, env):
         r = rewards.replace(alpha=alpha)
         key, init_key, reset_key = jax.random.split(key, 3)
         params = init_params(env, config, init_key)
@@ -201,11 +213,36 @@ def make_train(config: PPOConfig, env, rewards, dynamics=env_lib):
             metrics["episodes"] = finished["done"].sum()
             return (params, opt_state, states, running, key), metrics
 
-        (params, *_), metrics = jax.lax.scan(update, (params, opt_state, states, running, key), None,
-                                             config.num_updates)
-        return params, metrics
+        (params, opt_state, *_), metrics = jax.lax.scan(update, (params, opt_state, states, running, key), None,
+                                                        config.num_updates)
+        return PolicyState(params, opt_state), metrics
 
     return train
+
+
+def train_grid(train, env, keys, alphas, mesh=None):
+    """Every (alpha, seed) run in one jitted call: states and metrics [alphas, seeds, ...].
+
+    With a mesh, the seeds are split over its batch axes (data x fsdp): each device trains its
+    own policies and holds only their parameters, moments and rollout buffers. `env` is
+    replicated (every run reads all of it)."""
+    return grid_program(train, mesh)(keys, alphas, env)
+
+
+def grid_program(train, mesh=None):
+    """`train` vmapped over seeds and alphas and jitted, the seeds (and everything they train)
+    split over the mesh's batch axes; called as (keys [S], alphas [A], env)."""
+    run = jax.vmap(jax.vmap(train, in_axes=(0, None, None)), in_axes=(None, 0, None))
+    if mesh is None:
+        return jax.jit(run)
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from jaxdistill import mesh as mesh_lib
+
+    seeds = mesh_lib.batch_sharding(mesh, 1)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(run, in_shardings=(seeds, replicated, replicated),
+                   out_shardings=NamedSharding(mesh, PartitionSpec(None, seeds.spec[0])))
 
 
 def select(params, *index):

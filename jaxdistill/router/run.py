@@ -110,12 +110,12 @@ def train_policies(config, env: env_lib.Env, rewards: env_lib.Rewards, alphas: n
     ppo_config = ppo.PPOConfig.from_config(config.ppo)
     train = ppo.make_train(ppo_config, env, rewards)
     keys = jax.random.split(jax.random.key(config.seed), seeds)
-    run_all = jax.jit(jax.vmap(jax.vmap(train, in_axes=(0, None)), in_axes=(None, 0)))
     steps = ppo_config.num_updates * ppo_config.num_envs * ppo_config.num_steps * len(alphas) * seeds
     print(f"ppo: {len(alphas)} alphas x {seeds} seeds x {ppo_config.num_updates} updates "
           f"({steps:,} environment steps) in one jitted call", flush=True)
     start = time.perf_counter()
-    params, history = jax.block_until_ready(run_all(keys, jnp.asarray(alphas, jnp.float32)))
+    states, history = jax.block_until_ready(ppo.train_grid(train, env, keys, jnp.asarray(alphas, jnp.float32)))
+    params = states.params
     seconds = time.perf_counter() - start
     print(f"ppo: done in {seconds:.1f}s (compile included), {steps / seconds:,.0f} steps/s", flush=True)
     history = jax.tree.map(np.asarray, history)

@@ -305,8 +305,8 @@ def _run(config, workdir: Path) -> dict:
     alphas = np.asarray(c.alphas, np.float32)
     keys = jax.random.split(jax.random.key(c.seed), c.seeds)
     t0 = time.perf_counter()
-    params, history = jax.block_until_ready(jax.jit(jax.vmap(jax.vmap(train_fn, in_axes=(0, None)),
-                                                             in_axes=(None, 0)))(keys, jnp.asarray(alphas)))
+    states, history = jax.block_until_ready(ppo.train_grid(train_fn, train, keys, jnp.asarray(alphas)))
+    params = states.params
     ppo_seconds = time.perf_counter() - t0
     print(f"ppo: {len(alphas)} prices x {c.seeds} seeds in {ppo_seconds:.1f}s", flush=True)
     graphdef = ppo.policy_graph(train, ppo_config)
