@@ -13,6 +13,7 @@ from jaxdistill.distill import step as step_lib
 from jaxdistill.distill import train as train_lib
 from jaxdistill.distill.prompts import prompt_pair, student_messages, teacher_messages
 from jaxdistill.distill.targets import blend_logits
+from jaxdistill.errors import RunError
 
 STUDENT = [[5, 6, 7], [8, 9]]
 TEACHER = [[5, 6, 7, 10, 11, 12, 13], [8, 9, 14, 15, 16]]
@@ -288,6 +289,29 @@ def test_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
         for key in ("loss", "grad_norm", "generated_tokens", "kl_teacher_student"):
             assert m1[key] == m2[key], (m1["step"], key)
     assert sorted(p.name for p in (resumed / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
+
+
+def test_a_rerun_under_other_settings_is_refused_a_harmless_one_continues_and_a_deliberate_one_is_recorded(
+        tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    train_lib.run(tiny_run_config("w", steps=2))
+    assert json.loads((tmp_path / "w" / "config.json").read_text())["optim"]["lr"] == 1e-4
+    before = _metrics(tmp_path / "w")
+    changed = tiny_run_config("w", steps=2)
+    changed.optim.lr, changed.seed = 2e-4, 1
+    with pytest.raises(RunError, match=r"other settings \(optim.lr: 0.0001 -> 0.0002; seed: 0 -> 1\)\. Use a new "
+                                       r"--config.workdir, or --config.resume=ignore_config_changes"):
+        train_lib.run(changed)
+    harmless = tiny_run_config("w", steps=2)
+    harmless.eval.batch_size, harmless.checkpoint.keep = 1, 3
+    train_lib.run(harmless)  # finished: nothing to redo, nothing refused
+    assert _metrics(tmp_path / "w") == before
+    more = tiny_run_config("w", steps=3)
+    more.resume = "ignore_config_changes"
+    train_lib.run(more)
+    assert [m["step"] for m in _metrics(tmp_path / "w")] == [1, 2, 3] and _metrics(tmp_path / "w")[:2] == before
+    assert "Continued with changed settings (resume=ignore_config_changes): steps: 2 -> 3" in (
+        tmp_path / "w" / "summary.md").read_text()
 
 
 def test_a_run_with_sft_weight_logs_the_reference_cross_entropy_inside_its_loss(tmp_path, monkeypatch):

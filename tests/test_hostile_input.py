@@ -235,6 +235,24 @@ def test_sft_weight_outside_a_distillation_arm_is_refused(capsys, tmp_path, over
     assert code == 2 and message in err, err
 
 
+@pytest.mark.parametrize("command,overrides,message", [
+    ("train", ["--config.data.train_path=/etc/hostname"], "data.train_path is set ('/etc/hostname') but only "
+     "data.source=jsonl reads it and data.source is 'synthetic'; add --config.data.source=jsonl"),
+    ("train", ["--config.fixed_k=2"], "fixed_k is set (2.0) but only arm=fixed_k reads it and arm is 'blend'"),
+    ("train", ["--config.arm=teacher", "--config.teacher_weight=0.5"], "arm='teacher' does not read it"),
+    ("train", ["--config.loss.jsd_beta=0.2"], "only loss.kind=jsd reads it and loss.kind is 'forward_kl'"),
+    ("train", ["--config.arm=sft", "--config.sample.temperature=1.0"], "arm='sft' samples nothing"),
+    ("train", ["--config.stack.rule=gated"], "only arm=stack reads it and arm is 'blend'; add --config.arm=stack"),
+    ("route", ["--config.data.test_path=dev.jsonl"], "data.test_path is set ('dev.jsonl') but only "
+     "data.source=jsonl reads it and data.source is 'synthetic'"),
+])
+def test_a_setting_the_run_would_not_read_is_refused_by_name(capsys, tmp_path, command, overrides, message):
+    config = {"train": "experiments/self_distill/default.py", "route": "experiments/router/default.py"}[command]
+    code, _, err = run_main(capsys, command, f"--config={config}", f"--config.workdir={tmp_path / 'w'}", *overrides)
+    assert code == 2 and message in err, err
+    assert not (tmp_path / "w").exists()  # refused before any work, even the work directory
+
+
 def test_cli_errors_are_one_line_and_verbose_shows_the_traceback(capsys, tmp_path):
     code, _, err = run_main(capsys, "train", "--config=/nonexistent.py")
     assert code == 2 and "config file '/nonexistent.py' does not exist" in err and "Traceback" not in err

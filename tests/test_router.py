@@ -11,6 +11,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from jaxdistill.data.qa import Question
+from jaxdistill.errors import RunError
 from jaxdistill.router import baselines, ppo
 from jaxdistill.router import env as env_lib
 from jaxdistill.router.experts import Encoder, ExpertConfig, ExpertPool
@@ -374,6 +375,10 @@ def test_route_runs_end_to_end(tmp_path, tiny_pool):
     c.workdir, c.precompute.dir = str(tmp_path / "again"), str(out / "precompute")
     again = run(c)
     assert again["per_alpha"] == results["per_alpha"]
+    # a rerun under a results-changing setting is refused before any work, naming it
+    c.env.beta = 0.7
+    with pytest.raises(RunError, match=r"other settings \(env.beta: 0.5 -> 0.7\)"):
+        run(c)
 
 
 def test_gpu_pool_config_points_at_weights_on_disk(tmp_path):

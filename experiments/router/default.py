@@ -24,6 +24,9 @@ def get_config():
     c = ml_collections.ConfigDict()
     c.workdir = "runs/router/default"
     c.seed = 0
+    # "": a rerun continues this workdir only under the same results-changing settings (config.json holds them);
+    # "ignore_config_changes": continue it anyway (more steps, say), recorded in the summary
+    c.resume = ""
     c.seeds = 5  # PPO seeds per alpha, trained at once with vmap
 
     c.data = ml_collections.ConfigDict()

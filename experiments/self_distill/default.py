@@ -29,6 +29,9 @@ def get_config():
     c.attention = "xla"  # xla (dense, CPU) | flash (blockwise, any backend) | cudnn (GPU) | splash (TPU)
     c.workdir = "runs/self_distill/default"
     c.seed = 0
+    # "": a rerun continues this workdir only under the same results-changing settings (config.json holds them);
+    # "ignore_config_changes": continue it anyway (more steps, say), recorded in the summary
+    c.resume = ""
     c.arm = "blend"  # blend | fixed_k | teacher | sft | rejection_sft | stack
     c.hint = "reference"  # what pTeacher shows: reference | wrong (another problem's solution) | none
     c.rollout = "student"  # which context samples genCoT: student (on-policy) | teacher (pTeacher, off-policy)

@@ -49,6 +49,9 @@ def get_config(finetuned: str = ""):
     # in this project). gemma3-270m (the larger vocabulary) keeps every stream closer to its own tokenisation
     # but measured lower (docs/teachers.md).
     c.pivot = ""
+    # "": a rerun continues this workdir only under the same results-changing settings (config.json holds them);
+    # "ignore_config_changes": continue it anyway (more steps, say), recorded in the summary
+    c.resume = ""
     c.width = 2  # teacher tokens fed per pivot token; pivot tokens needing more are not candidates (counted)
     # True: a few-shot teacher's end of reply (a blank line; a line break after '#### N') counts as the end of
     # turn. Off in the measured runs: there the final-answer line stops a branch anyway (docs/teachers.md).

@@ -33,7 +33,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from jaxdistill import mesh as mesh_lib
-from jaxdistill import runs, sampling
+from jaxdistill import runs, sampling, settings
 from jaxdistill.data import load_records
 from jaxdistill.data.records import Record, answer_matches
 from jaxdistill.distill import prompts as prompt_lib
@@ -212,6 +212,46 @@ def end_metrics(stats, ended: np.ndarray, answered: np.ndarray) -> dict[str, flo
     return out
 
 
+DISTILL_ARMS = ("blend", "fixed_k", "teacher")  # the arms with a self-teacher (hint, frozen teacher)
+
+
+def _only(what: str, key: str, value: str):
+    return lambda c: f"only {what} reads it and {key} is {settings.get(c, key)!r}; add --config.{key}={value}"
+
+
+def _arms(arms: tuple, what: str):
+    return lambda c: f"arm={c.arm!r} does not read it ({what}: {', '.join(arms)})"
+
+
+# Settings that only some sources, arms or kinds read, with their unset values: changing one that the
+# run would not read is an error (settings.check_unused), not a silent no-op.
+UNUSED = (
+    *(settings.Unused(f"data.{key}", "", lambda c: c.data.source == "jsonl", _only("data.source=jsonl",
+                                                                                   "data.source", "jsonl"))
+      for key in ("train_path", "eval_path")),
+    *(settings.Unused(f"data.{key}", unset, lambda c: c.data.source == "tfds",
+                      _only("data.source=tfds", "data.source", "tfds"))
+      for key, unset in (("tfds_data_dir", ""), ("tfds_name", "gsm8k"))),
+    *(settings.Unused(f"data.{key}", unset, lambda c: c.data.source == "synthetic",
+                      _only("data.source=synthetic", "data.source", "synthetic"))
+      for key, unset in (("steps", 1), ("max_start", 20), ("max_operand", 12))),
+    settings.Unused("fixed_k", 1.75, lambda c: c.arm == "fixed_k", _only("arm=fixed_k", "arm", "fixed_k")),
+    settings.Unused("teacher_weight", 0.75, lambda c: c.arm in ("blend", "fixed_k"),
+                    _arms(("blend", "fixed_k"), "the blended targets")),
+    *(settings.Unused(key, unset, lambda c: c.arm in DISTILL_ARMS, _arms(DISTILL_ARMS, "the self-teacher arms"))
+      for key, unset in (("hint", "reference"), ("frozen_teacher", False), ("combined_forward", True))),
+    *(settings.Unused(key, unset, lambda c: c.arm != "sft", lambda c: "arm='sft' samples nothing")
+      for key, unset in (("rollout", "student"), ("guided", False), ("sample.temperature", 0.7),
+                         ("sample.top_k", 0), ("sample.top_p", 1.0))),
+    settings.Unused("loss.jsd_beta", 0.5, lambda c: c.loss.kind == "jsd", _only("loss.kind=jsd", "loss.kind", "jsd")),
+    settings.Unused("prompts.fewshot_examples", 2, lambda c: c.prompts.style == "fewshot",
+                    _only("prompts.style=fewshot", "prompts.style", "fewshot")),
+    *(settings.Unused(f"stack.{key}", unset, lambda c: c.arm == "stack", _only("arm=stack", "arm", "stack"))
+      for key, unset in (("hint", True), ("rule", "mean_probs"), ("top_k", 10), ("record_top", 20), ("width", 2),
+                         ("fewshot_examples", 2), ("fewshot_ends_turn", False))),
+)
+
+
 def validate(config) -> None:
     """Every setting that can be checked without data or a model, checked before any work."""
     def need(ok: bool, message: str):
@@ -275,6 +315,7 @@ def validate(config) -> None:
              f"{config.model!r}.")
         need(c.rule in RULES, f"stack.rule {c.rule!r} is not one of {sorted(RULES)}.")
         need(c.record_top >= 1 and c.top_k >= 0, "stack.record_top must be >= 1 and stack.top_k >= 0.")
+    settings.check_unused(config, UNUSED)
 
 
 def fit_to_context(records: list[Record], tokenizer, limit: int, prompt_config: PromptConfig, new_tokens: int,
@@ -310,9 +351,7 @@ def run(config) -> dict:
     validate(config)
     if config.get("distributed"):
         mesh_lib.initialize_distributed(**config.distributed)
-    workdir = runs.open_workdir(config.workdir)
-    with runs.WorkdirLock(workdir):
-        return _train(config, workdir)
+    return settings.run_in_workdir(config, _train)
 
 
 def _train(config, workdir) -> dict:

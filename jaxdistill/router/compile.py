@@ -39,4 +39,5 @@ def programs(config, target: aot.Target):
                            env_lib.Rewards(alpha=e.alpha, beta=e.beta, gamma=e.gamma, p0=e.p0))
     keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), seeds))
     keys = jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=mesh_lib.batch_sharding(mesh, 1))
-    yield aot.Program("ppo_train", ppo.grid_program(train, mesh), (keys, aot.abstract((alphas,), jnp.float32, whole), env))
+    alpha_values = aot.abstract((alphas,), jnp.float32, whole)
+    yield aot.Program("ppo_train", ppo.grid_program(train, mesh), (keys, alpha_values, env))

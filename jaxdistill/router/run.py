@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxdistill import runs
+from jaxdistill import runs, settings
 from jaxdistill.data.qa import load_questions
 from jaxdistill.errors import ConfigError
 from jaxdistill.eval import metrics
@@ -27,6 +27,20 @@ from jaxdistill.router import baselines, ppo
 from jaxdistill.router import env as env_lib
 from jaxdistill.router.experts import Encoder, ExpertConfig, ExpertPool
 from jaxdistill.router.precompute import Table, precompute
+
+# Data settings only some sources read (settings.check_unused): set with another source, they are an error.
+UNUSED = (
+    *(settings.Unused(f"data.{key}", "", lambda c: c.data.source == "jsonl",
+                      lambda c: f"only data.source=jsonl reads it and data.source is {c.data.source!r}; add "
+                                "--config.data.source=jsonl") for key in ("train_path", "test_path")),
+    *(settings.Unused(f"data.{key}", unset, lambda c: c.data.source == "tfds",
+                      lambda c: f"only data.source=tfds reads it and data.source is {c.data.source!r}; add "
+                                "--config.data.source=tfds")
+      for key, unset in (("tfds_data_dir", ""), ("test_split", "validation"))),
+    settings.Unused("data.dataset", "", lambda c: c.data.source in ("jsonl", "tfds"),
+                    lambda c: "data.source='synthetic' generates its own questions; add --config.data.source=jsonl "
+                              "or tfds"),
+)
 
 
 def validate(config) -> None:
@@ -47,6 +61,7 @@ def validate(config) -> None:
     need(config.seeds >= 1, f"seeds must be >= 1, got {config.seeds}.")
     need(config.knn_k >= 1, f"knn_k must be >= 1, got {config.knn_k}.")
     need(len(config.experts) >= 1, "experts is empty: configure at least one expert.")
+    settings.check_unused(config, UNUSED)
     try:
         ppo.PPOConfig.from_config(config.ppo)
         [ExpertConfig.from_config(dict(x)) for x in config.experts]
@@ -268,9 +283,7 @@ def format_table(rows: dict[str, list[dict]]) -> str:
 
 def run(config) -> dict:
     validate(config)
-    workdir = runs.open_workdir(config.workdir)
-    with runs.WorkdirLock(workdir):
-        return _route(config, Path(str(workdir)))
+    return settings.run_in_workdir(config, lambda c, workdir: _route(c, Path(str(workdir))))
 
 
 def _route(config, workdir: Path) -> dict:

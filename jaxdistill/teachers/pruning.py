@@ -36,7 +36,7 @@ import numpy as np
 from flax import struct
 from tqdm.auto import tqdm
 
-from jaxdistill import runs
+from jaxdistill import runs, settings
 from jaxdistill.errors import ConfigError
 from jaxdistill.router import ppo
 from jaxdistill.teachers import aggregate as agg_lib
@@ -241,9 +241,7 @@ def validate(config) -> None:
 
 def run(config) -> dict:
     validate(config)
-    workdir = runs.open_workdir(config.workdir)
-    with runs.WorkdirLock(workdir):
-        return _run(config, Path(str(workdir)))
+    return settings.run_in_workdir(config, lambda c, workdir: _run(c, Path(str(workdir))))
 
 
 def record(config, workdir: Path) -> tuple[list, list[dict]]:

@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from jaxdistill import runs, sampling
+from jaxdistill import runs, sampling, settings
 from jaxdistill.data import qa
 from jaxdistill.data.records import answer_matches
 from jaxdistill.data.synthetic import SyntheticConfig, synthetic_records
@@ -123,9 +123,7 @@ def nll_per_byte(model, tokenizer, texts) -> np.ndarray:
 
 def run(config) -> dict:
     validate(config)
-    workdir = runs.open_workdir(config.workdir)
-    with runs.WorkdirLock(workdir):
-        return _run(config, Path(str(workdir)))
+    return settings.run_in_workdir(config, lambda c, workdir: _run(c, Path(str(workdir))))
 
 
 def _run(config, workdir: Path) -> dict:
