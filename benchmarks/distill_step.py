@@ -54,10 +54,10 @@ def make_batch(args):
     import numpy as np
 
     from jaxdistill.data.synthetic import synthetic_records
-    from jaxdistill.distill.prompts import prompt_pair
     from jaxdistill.distill.step import build_batch
     from jaxdistill.models.loading import resolve
     from jaxdistill.models.tokenizer import load_tokenizer
+    from jaxdistill.prompts import prompt_pair
 
     path = resolve(args.model)
     tok = load_tokenizer(path, arch="llama" if "smollm" in args.model else "gemma3")

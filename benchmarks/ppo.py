@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdistill.rl import ppo
 from jaxdistill.router import env as env_lib
-from jaxdistill.router import ppo
 from jaxdistill.router.precompute import Table, num_nodes
 
 
@@ -122,7 +122,7 @@ def main():
 
     rows = [("Stable-Baselines3 PPO (PyTorch)", sb3_rate, sb3_rate)]
     for seeds in (1, args.seeds):
-        train = jax.jit(jax.vmap(ppo.make_train(base, env, rewards), in_axes=(0, None, None)))
+        train = jax.jit(jax.vmap(ppo.make_train(base, env, rewards, env_lib), in_axes=(0, None, None)))
         keys = jax.random.split(jax.random.key(0), seeds)
         start = time.perf_counter()
         jax.block_until_ready(train(keys, jnp.float32(rewards.alpha), env))

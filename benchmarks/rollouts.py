@@ -36,7 +36,7 @@ def best_of(fn, repeats):
 
 def finished_rows(model, tokenizer, args):
     from jaxdistill.data.synthetic import synthetic_records
-    from jaxdistill.distill.prompts import PromptConfig, prompt_pair
+    from jaxdistill.prompts import PromptConfig, prompt_pair
 
     prompts = [prompt_pair(tokenizer, r, PromptConfig())[0] for r in synthetic_records(args.rows, seed=0)]
     print("| rows | new tokens | generated (mean / max length) | row-steps decoded | whole batch s "

@@ -218,6 +218,18 @@ class Checkpoints:
             raise RunError(f"checkpoint {self.directory / str(steps[-1])} is damaged ({type(e).__name__}: "
                            f"{damage}); {advice}, or use a fresh --config.workdir.") from None
 
+    def restore_params(self, template):
+        """The parameters of the latest checkpoint, restored into `template`'s shapes, dtypes and
+        shardings (a model's parameters), without the optimizer state: how a finished run's
+        model is loaded. None if there is no checkpoint."""
+        steps = self.steps()
+        if not steps:
+            return None
+        restored = self.manager.restore(steps[-1], args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item={"params": template}, restore_args={"params": ocp.checkpoint_utils.construct_restore_args(template)},
+            partial_restore=True)))
+        return restored.state["params"]
+
     def _restore(self, step: int, template) -> tuple[object, dict]:
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(template), meta=ocp.args.JsonRestore()))

@@ -158,8 +158,8 @@ def test_compile_command_reports_every_program_and_refuses_what_does_not_fit(tmp
 def test_ppo_runs_split_over_the_mesh_keep_every_state_leaf_with_their_seeds():
     """The router's and the pruner's PPO (one trainer): with a mesh, each device trains its own
     seeds and holds only their parameters and moments; the policies equal a one-device run's."""
+    from jaxdistill.rl import ppo
     from jaxdistill.router import env as env_lib
-    from jaxdistill.router import ppo
 
     rng = np.random.default_rng(0)
     q, m, d = 8, 7, 4  # 2 experts, T_max 2: 1 + 2 + 4 nodes
@@ -168,7 +168,7 @@ def test_ppo_runs_split_over_the_mesh_keep_every_state_leaf_with_their_seeds():
                       question_emb=jnp.asarray(rng.normal(size=(q, d)), jnp.float32),
                       answer_emb=jnp.asarray(rng.normal(size=(q, m, d)), jnp.float32), n_experts=2, t_max=2)
     config = ppo.PPOConfig(num_envs=8, num_steps=4, total_timesteps=8 * 4 * 2, hidden=(16,))
-    train = ppo.make_train(config, env, env_lib.Rewards())
+    train = ppo.make_train(config, env, env_lib.Rewards(), env_lib)
     keys, alphas = jax.random.split(jax.random.key(0), 4), jnp.asarray([0.0, 0.5])
     mesh = mesh_lib.make_mesh({"data": 4}, devices=jax.devices()[:4])
     states, metrics = ppo.train_grid(train, env, keys, alphas, mesh)

@@ -7,7 +7,7 @@ import pytest
 
 from jaxdistill.data import DataError, conversation_records, read_jsonl
 from jaxdistill.data.conversations import is_test
-from jaxdistill.eval.metrics import passes_checks
+from jaxdistill.data.metrics import passes_checks
 
 
 def key(r):
@@ -66,7 +66,7 @@ def test_conversation_jsonl_carries_checks(tmp_path):
 
 
 def test_evaluation_scores_constraints_and_the_accepted_replies_log_prob(smollm2):
-    from jaxdistill.eval.harness import evaluate
+    from jaxdistill.distill.evaluate import evaluate
 
     model, tok = smollm2
     records = conversation_records(6, 0, "test")

@@ -9,11 +9,13 @@ from ml_collections import config_dict
 
 from jaxdistill import mesh as mesh_lib
 from jaxdistill.data import DataError, extract_answer, load_records, read_jsonl, synthetic_records, tfds_records
+from jaxdistill.distill import rollouts
 from jaxdistill.distill import step as step_lib
 from jaxdistill.distill import train as train_lib
-from jaxdistill.distill.prompts import prompt_pair, student_messages, teacher_messages
+from jaxdistill.distill.losses import LossConfig, TargetConfig
 from jaxdistill.distill.targets import blend_logits
 from jaxdistill.errors import RunError
+from jaxdistill.prompts import PromptConfig, prompt_pair, student_messages, teacher_messages
 
 STUDENT = [[5, 6, 7], [8, 9]]
 TEACHER = [[5, 6, 7, 10, 11, 12, 13], [8, 9, 14, 15, 16]]
@@ -48,8 +50,8 @@ def _loss_and_grads(model, b, combined=True):
     from flax import nnx
 
     graphdef, params = nnx.split(model)
-    fn = lambda p: step_lib.distill_loss(graphdef, p, None, b, train_lib.TargetConfig(),  # noqa: E731
-                                         train_lib.LossConfig(chunk=4), combined)[0]
+    fn = lambda p: step_lib.distill_loss(graphdef, p, None, b, TargetConfig(),  # noqa: E731
+                                         LossConfig(chunk=4), combined)[0]
     return jax.value_and_grad(fn)(params)
 
 
@@ -122,8 +124,8 @@ def test_sft_weight_adds_that_multiple_of_the_reference_cross_entropy_to_loss_an
     references = [[30, 31, 2], [32, 33, 34, 2]]
     b["sft"] = step_lib.build_batch(STUDENT, None, references, pad_id=0, multiple=8)
     graphdef, params = nnx.split(model)
-    distill = lambda p: step_lib.distill_loss(graphdef, p, None, b, train_lib.TargetConfig(),  # noqa: E731
-                                              train_lib.LossConfig(chunk=4))[0]
+    distill = lambda p: step_lib.distill_loss(graphdef, p, None, b, TargetConfig(),  # noqa: E731
+                                              LossConfig(chunk=4))[0]
     sft = lambda p: step_lib.sft_loss(graphdef, p, None, b["sft"])[0]  # noqa: E731
     (d, gd), (s, gs) = jax.value_and_grad(distill)(params), jax.value_and_grad(sft)(params)
     tx = step_lib.make_optimizer(step_lib.OptimConfig(lr=1e-2, warmup_steps=1, total_steps=4))
@@ -176,7 +178,7 @@ def test_student_and_teacher_prompts_differ_only_by_the_hint(smollm2):
 def test_guided_rule_gives_both_rows_the_token_sampled_from_the_blend():
     rng = np.random.default_rng(0)
     logits = jnp.asarray(rng.normal(size=(4, 30)) * 2)  # rows 0, 2 students; 1, 3 their teachers
-    rule = train_lib.GuidedRule(0.75, 1.0)
+    rule = rollouts.GuidedRule(0.75, 1.0)
     keys = jax.random.split(jax.random.key(1), 4)
     tokens = rule(logits, keys, 0)
     assert tokens[0::2].tolist() == tokens[1::2].tolist()
@@ -340,8 +342,10 @@ def test_a_finished_run_loads_by_its_workdir_as_its_final_model(tmp_path, monkey
                         or real_evaluate(model, *a, **k))
     config = tiny_run_config(tmp_path / "run", steps=2)
     config.eval.after = True
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("")  # a run that has started, not finished
     with pytest.raises(RunError, match="not a finished jaxdistill training run"):
-        train_lib.load_trained(tmp_path / "run")
+        load(tmp_path / "run")
     train_lib.run(config)
     trained, tokenizer = load(tmp_path / "run")
     base = params(load("smollm2-135m-instruct")[0])
@@ -377,14 +381,14 @@ def test_guided_generation_keeps_student_and_teacher_rows_in_step():
 
     paired = [[3, 4], [3, 4, 9, 9, 9], [5, 6, 7], [5, 6, 7, 8]]  # (student, teacher) of two problems
     out = sampling.generate(tiny_model(), paired, max_new_tokens=12,
-                            rule=train_lib.GuidedRule(0.75, 1.0), rng=5, eos_ids=(2,))
+                            rule=rollouts.GuidedRule(0.75, 1.0), rng=5, eos_ids=(2,))
     seqs = out.sequences()
     assert seqs[0::2] == seqs[1::2]  # each pair shares its tokens and its stop
     assert out.logprobs[0].tolist() != out.logprobs[1].tolist()  # but each row reports its own log-probs
 
 
 def test_evaluation_row_on_smollm2_has_a_positive_hint_uplift_and_mean_at_k(smollm2):
-    from jaxdistill.eval.harness import evaluate, format_table
+    from jaxdistill.distill.evaluate import evaluate, format_table
 
     model, tok = smollm2
     records = synthetic_records(4, seed=1, split="test")
@@ -403,9 +407,9 @@ def test_controls_no_hint_gives_zero_loss_and_wrong_hint_shows_another_solution(
 
     model, tok = smollm2
     problems = synthetic_records(2, seed=5)
-    none = train_lib.hinted_pairs(tok, problems, 1, train_lib.PromptConfig(), "none")
+    none = rollouts.hinted_pairs(tok, problems, 1, PromptConfig(), "none")
     assert all(student == teacher for student, teacher in none)
-    wrong = train_lib.hinted_pairs(tok, problems, 2, train_lib.PromptConfig(), "wrong")
+    wrong = rollouts.hinted_pairs(tok, problems, 2, PromptConfig(), "wrong")
     assert len(wrong) == 4 and wrong[0] == wrong[1]
     assert problems[1].solution in tok.decode(wrong[0][1]) and problems[0].solution not in tok.decode(wrong[0][1])
     completions = [tok.encode("Let me think. " + r.solution, add_special_tokens=False) + [tok.turn_end_id]
@@ -413,8 +417,8 @@ def test_controls_no_hint_gives_zero_loss_and_wrong_hint_shows_another_solution(
     b = step_lib.build_batch([p[0] for p in none], [p[1] for p in none], completions, pad_id=tok.pad_id,
                              end_ids=tok.eos_ids)
     graphdef, params = nnx.split(model)
-    value, stats = step_lib.distill_loss(graphdef, params, None, b, train_lib.TargetConfig(),
-                                         train_lib.LossConfig(chunk=32))
+    value, stats = step_lib.distill_loss(graphdef, params, None, b, TargetConfig(),
+                                         LossConfig(chunk=32))
     # no hint: teacher = student, so the entropy-matched blend is the student itself
     assert abs(float(value)) < 1e-5 and float(stats["kl_teacher_student"]) < 1e-6
     # the end statistics are the student's probability of the end token where each sample ends
@@ -483,8 +487,8 @@ def test_the_teacher_stack_trains_the_student_as_a_sparse_target(tmp_path):
 def test_fewshot_prompts_for_a_base_model_stop_at_the_blank_line(gemma3):
     """Gemma 3 270M few-shot: pCoT and pTeacher share the examples and end at "Solution:\\n"; the
     reply stops at the blank line, so evaluation sees finished replies."""
-    from jaxdistill.distill import prompts as prompt_lib
-    from jaxdistill.eval.harness import evaluate
+    from jaxdistill import prompts as prompt_lib
+    from jaxdistill.distill.evaluate import evaluate
 
     model, tok = gemma3
     train = synthetic_records(2, 0)

@@ -5,9 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from jaxdistill.data import DataError
+from jaxdistill.data import DataError, metrics
 from jaxdistill.data.qa import FAMILIES, Question, adapt, read_questions, synthetic_questions, tfds_questions
-from jaxdistill.eval import metrics
 
 
 def test_squad_normalisation_exact_match_and_f1():

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 
 from jaxdistill.data.synthetic import synthetic_records
-from jaxdistill.router import ppo
+from jaxdistill.rl import ppo
 from jaxdistill.teachers import aggregate as agg
 from jaxdistill.teachers import pruning
 from jaxdistill.teachers import search as search_lib

@@ -12,7 +12,8 @@ import pytest
 
 from jaxdistill.data.qa import Question
 from jaxdistill.errors import RunError
-from jaxdistill.router import baselines, ppo
+from jaxdistill.rl import ppo
+from jaxdistill.router import baselines
 from jaxdistill.router import env as env_lib
 from jaxdistill.router.experts import Encoder, ExpertConfig, ExpertPool
 from jaxdistill.router.precompute import Table, child, num_nodes, path_of, precompute
@@ -144,7 +145,7 @@ def test_actions_never_depend_on_test_references():
     config = ppo.PPOConfig(num_envs=16, num_steps=8, total_timesteps=16 * 8 * 20, hidden=(16,))
     alphas = np.array([0.0, 0.2], np.float32)
     keys = jax.random.split(jax.random.key(0), 2)
-    states, _ = ppo.train_grid(ppo.make_train(config, train_env, r), train_env, keys, jnp.asarray(alphas))
+    states, _ = ppo.train_grid(ppo.make_train(config, train_env, r, env_lib), train_env, keys, jnp.asarray(alphas))
     params = states.params
     graphdef = ppo.policy_graph(train_env, config)
     evaluations = [evaluate_all(ConfigDict(dict(seed=0, knn_k=3)), train_env, env_lib.make_env(test, 1.0, stats),
@@ -219,7 +220,7 @@ def test_ppo_finds_the_known_optimal_policy():
     # episode calls it at every step: 3 x (1 - 0.1) + gamma at T_max = 3.2 (no label-based early end)
     r = env_lib.Rewards(alpha=0.1, beta=0.5, gamma=0.5, p0=0.9)
     config = ppo.PPOConfig(num_envs=32, num_steps=8, total_timesteps=32 * 8 * 60, hidden=(32, 32))
-    train = jax.jit(jax.vmap(ppo.make_train(config, env, r), in_axes=(0, None, None)))
+    train = jax.jit(jax.vmap(ppo.make_train(config, env, r, env_lib), in_axes=(0, None, None)))
     states, history = train(jax.random.split(jax.random.key(0), 3), 0.1, env)
     params = states.params
     graphdef = ppo.policy_graph(env, config)

@@ -22,9 +22,9 @@ from etils import epath
 
 from jaxdistill import models, sampling
 from jaxdistill.data import load_records
-from jaxdistill.distill.prompts import prompt_pair, stop_ids
-from jaxdistill.distill.train import prompts_for
+from jaxdistill.distill.config import prompts_for
 from jaxdistill.models.loading import training_run
+from jaxdistill.prompts import prompt_pair, stop_ids
 
 
 def first_token_logp(model, prompts: list[list[int]]) -> np.ndarray:

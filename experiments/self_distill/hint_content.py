@@ -34,8 +34,8 @@ import numpy as np
 
 from jaxdistill import sampling
 from jaxdistill.data.synthetic import SyntheticConfig, synthetic_records
-from jaxdistill.distill.prompts import PromptConfig, prompt_pair, stop_ids
 from jaxdistill.models import load
+from jaxdistill.prompts import PromptConfig, prompt_pair, stop_ids
 
 
 def completion_logprobs(model, prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> list:

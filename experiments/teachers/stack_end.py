@@ -14,8 +14,8 @@ import numpy as np
 
 from jaxdistill import sampling
 from jaxdistill.data.synthetic import synthetic_records
-from jaxdistill.distill.prompts import student_messages
 from jaxdistill.models import load
+from jaxdistill.prompts import student_messages
 from jaxdistill.teachers import aggregate as agg
 from jaxdistill.teachers.stack import TeacherConfig, TeacherStack, fewshot_block
 

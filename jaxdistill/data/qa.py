@@ -1,7 +1,7 @@
 """Question/answer tasks for the router: synthetic mixed tasks, JSONL files, TFDS.
 
 Every source yields `Question`s: the text an expert sees, the reference answer(s) and the
-metric that scores answers (see jaxdistill.eval.metrics). One adapter per dataset turns a
+metric that scores answers (see jaxdistill.data.metrics). One adapter per dataset turns a
 raw record (a dict, from a JSONL line or a TFDS example) into a Question, so both sources
 read the same fields:
 
@@ -30,8 +30,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from jaxdistill.data.metrics import check_metric, normalize
 from jaxdistill.data.records import DataError, Record, extract_answer, iter_jsonl, iter_tfds, require_field
-from jaxdistill.eval.metrics import check_metric, normalize
 
 
 @dataclasses.dataclass(frozen=True)

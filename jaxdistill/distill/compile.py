@@ -21,8 +21,11 @@ from flax import nnx
 
 from jaxdistill import aot, sampling
 from jaxdistill import mesh as mesh_lib
+from jaxdistill.distill import evaluate
 from jaxdistill.distill import step as step_lib
+from jaxdistill.distill.config import target_for, validate
 from jaxdistill.distill.losses import LossConfig
+from jaxdistill.distill.rollouts import GuidedRule
 from jaxdistill.models.loading import DTYPES, model_config
 from jaxdistill.models.transformer import Decoder
 
@@ -76,10 +79,8 @@ def sampler_programs(prefix: str, model: Decoder, mesh, rows: int, prompt: int, 
 
 
 def programs(config, target: aot.Target):
-    from jaxdistill.distill import train as train_lib
-    from jaxdistill.eval import harness
 
-    train_lib.validate(config)
+    validate(config)
     mesh = mesh_lib.make_mesh(dict(config.mesh), devices=target.devices)
     prompt = config.compile.prompt_tokens
     gen = step_lib.round_up(config.sample.max_new_tokens, 32)
@@ -89,7 +90,7 @@ def programs(config, target: aot.Target):
     mode = step_lib.mode_for(config.arm)
     sft_weight = config.get("sft_weight", 0.0)
     train_step = step_lib.jit_train_step(
-        step_lib.make_train_step(graphdef, tx, mode=mode, target=train_lib.target_for(config),
+        step_lib.make_train_step(graphdef, tx, mode=mode, target=target_for(config),
                                  loss=LossConfig(**config.loss), combined_forward=config.combined_forward,
                                  sft_weight=sft_weight),
         state, mesh, sparse_target=mode == "sparse", sft_rows=bool(sft_weight))
@@ -100,7 +101,7 @@ def programs(config, target: aot.Target):
     problems = config.batch_size * config.get("samples_per_problem", 1)
     s = config.sample
     if config.arm != "sft":
-        rule = (train_lib.GuidedRule(config.teacher_weight, s.temperature) if config.guided
+        rule = (GuidedRule(config.teacher_weight, s.temperature) if config.guided
                 else sampling.Sample(s.temperature, s.top_k, s.top_p))
         yield from sampler_programs("rollout", model, mesh, problems * (2 if config.guided else 1), prompt,
                                     s.max_new_tokens, rule)
@@ -109,6 +110,6 @@ def programs(config, target: aot.Target):
     rows = -(-e.batch_size // mesh_lib.batch_rows_per_process(mesh)) * mesh_lib.batch_rows_per_process(mesh)
     width = step_lib.round_up(prompt, 32) + step_lib.round_up(e.max_new_tokens, 32)
     on_rows = lambda shape, dtype: aot.abstract(shape, dtype, mesh_lib.batch_sharding(mesh, len(shape)))  # noqa: E731
-    yield aot.Program("eval_score", harness._score, (graphdef, state.params, on_rows((2 * rows, width), jnp.int32),
-                                                     on_rows((2 * rows, width), bool),
-                                                     on_rows((rows, step_lib.round_up(e.max_new_tokens, 32)), bool)))
+    scored = (on_rows((2 * rows, width), jnp.int32), on_rows((2 * rows, width), bool),
+              on_rows((rows, step_lib.round_up(e.max_new_tokens, 32)), bool))
+    yield aot.Program("eval_score", evaluate.score_program, (graphdef, state.params, *scored))

@@ -2,11 +2,11 @@
 
 Every implementation takes the same inputs: q [B, K, G, T, D] (already scaled), k and v
 [B, K, T, D], token positions [B, T] (-1: padding) and the sliding window (None: global),
-and applies the one visibility rule of `transformer._visibility`: a key is seen by a query
+and applies the one visibility rule of `blocks.visibility`: a key is seen by a query
 when it is a real token, not in the future and, for local layers, within the window.
 They return [B, T, K*G, D].
 
-- `xla`: dense float32 scores [B, K, G, T, T] (`transformer._attend`): the reference, the
+- `xla`: dense float32 scores [B, K, G, T, T] (`blocks.attend`): the reference, the
   CPU default and the only one with the hand-written backward.
 - `flash`: blockwise attention in plain JAX (online softmax over key blocks, a custom
   backward that recomputes each block). Temporaries are linear in T on every backend.

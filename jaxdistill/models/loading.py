@@ -7,7 +7,6 @@ stacked layout, checking every shape against the config.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import json
 import re
@@ -19,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxdistill.models import gguf as gguf_lib
 from jaxdistill.models.config import ConfigError, ModelConfig
 from jaxdistill.models.tokenizer import Tokenizer, cache_dir, load_tokenizer
 from jaxdistill.models.transformer import Decoder
@@ -76,90 +76,13 @@ def resolve(name_or_path: str | Path) -> Path:
 # ------------------------------------------------------------------- readers
 
 
-@functools.lru_cache(maxsize=2)
-def _gguf_reader(path: Path):
-    """The parsed file (memory-mapped), kept so weights and tokenizer parse it once."""
-    import gguf
-
-    try:
-        return gguf.GGUFReader(path)
-    except Exception as e:  # the gguf package raises assorted errors on damaged files
-        raise ValueError(f"{path} is not a readable GGUF file ({e}); re-download or re-assemble it.") from e
-
-
-def _gguf_config(reader) -> ModelConfig:
-    meta = {}
-    for key, field in reader.fields.items():
-        if not key.startswith("tokenizer.ggml.") or key.endswith("_id"):  # skip the big vocab arrays
-            meta[key] = field.contents()
-    shapes = {t.name: tuple(int(s) for s in reversed(t.shape)) for t in reader.tensors}
-    return ModelConfig.from_gguf(meta, shapes)
-
-
-def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
-    """Config and canonical (HF-named, [out, in], float32) weights of a GGUF file."""
-    import gguf
-
-    reader = _gguf_reader(path)
-    config = _gguf_config(reader)
-    weights = {}
-    for tensor in reader.tensors:
-        expected = int(np.prod(tensor.shape))
-        array = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
-        if array.size != expected:
-            raise ValueError(f"{path}: tensor {tensor.name} is truncated; the file is damaged, re-download it.")
-        name = _gguf_to_hf_name(tensor.name, config.arch)
-        if config.arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight", "q_proj.bias", "k_proj.bias")):
-            heads = config.num_heads if "q_proj" in name else config.num_kv_heads
-            array = _unpermute_rope_rows(array, heads)
-        if config.arch == "gemma3" and name.endswith("norm.weight"):
-            array = array - 1.0  # llama.cpp stores Gemma's (1 + w); HF stores w
-        weights[name] = array
-    return config, weights
-
-
-_GGUF_LAYER_NAMES = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-    "post_attention_norm": "post_attention_layernorm",
-    "post_ffw_norm": "post_feedforward_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-
-
-def _gguf_to_hf_name(name: str, arch: str) -> str:
-    top = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-           "output.weight": "lm_head.weight"}
-    if name in top:
-        return top[name]
-    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
-    if not m:
-        raise ConfigError(f"unexpected GGUF tensor {name!r}")
-    layer, part, kind = m.groups()
-    if part == "ffn_norm":  # the pre-MLP norm: Llama calls it post_attention_layernorm
-        hf_part = "pre_feedforward_layernorm" if arch == "gemma3" else "post_attention_layernorm"
-    elif part in _GGUF_LAYER_NAMES:
-        hf_part = _GGUF_LAYER_NAMES[part]
-    else:
-        raise ConfigError(f"unexpected GGUF tensor {name!r}")
-    return f"model.layers.{layer}.{hf_part}.{kind}"
-
-
-def _unpermute_rope_rows(w: np.ndarray, heads: int) -> np.ndarray:
-    """Undo llama.cpp's per-head interleaving of Q/K rows (back to rotate-half order)."""
-    rows = w.shape[0]
-    return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 def _hf_config(path: Path) -> ModelConfig:
     config_file = path / "config.json"
+    if not config_file.exists() and ((path / "metrics.jsonl").exists() or (path / "checkpoints").exists()):
+        from jaxdistill.errors import RunError
+
+        raise RunError(f"{path} is not a finished jaxdistill training run (it has no summary.json and checkpoints); "
+                       "finish or resume it with the same --config.workdir first.")
     if not config_file.exists():
         raise FileNotFoundError(f"{path} has no config.json; point at a Hugging Face model directory.")
     try:
@@ -326,12 +249,12 @@ def _check_kind(path: Path) -> None:
 def read_config(path: Path) -> ModelConfig:
     """The model config of a GGUF file or an HF directory, without reading any weights."""
     _check_kind(path)
-    return _hf_config(path) if path.is_dir() else _gguf_config(_gguf_reader(path))
+    return _hf_config(path) if path.is_dir() else gguf_lib.read_config(gguf_lib.reader(path))
 
 
 def read_weights(path: Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
     _check_kind(path)
-    return read_hf_directory(path) if path.is_dir() else read_gguf(path)
+    return read_hf_directory(path) if path.is_dir() else gguf_lib.read(path)
 
 
 def training_run(name_or_path: str | Path) -> dict | None:
@@ -357,6 +280,22 @@ def model_config(name_or_path: str | Path) -> ModelConfig:
     return model_config(run["model"]) if run is not None else read_config(resolve(name_or_path))
 
 
+def _load_run(directory: Path, config: dict, mesh) -> tuple[Decoder, Tokenizer]:
+    """The model a finished training run ends with: its base model's architecture and tokenizer
+    with the parameters of its last checkpoint (in the run's dtype and, with a mesh, shardings)."""
+    from jaxdistill import runs
+    from jaxdistill.errors import RunError
+
+    model, tokenizer = load(config["model"], dtype=config["dtype"], compute_dtype=config.get("compute_dtype") or None,
+                            mesh=mesh, attention=config.get("attention", "xla"))
+    graphdef, params = nnx.split(model)
+    with runs.Checkpoints(directory / "checkpoints", keep=config["checkpoint"]["keep"]) as checkpoints:
+        restored = checkpoints.restore_params(params)
+    if restored is None:
+        raise RunError(f"{directory / 'checkpoints'} holds no checkpoint.")
+    return nnx.merge(graphdef, restored), tokenizer
+
+
 def describe(name_or_path: str | Path) -> tuple[ModelConfig, Tokenizer]:
     """A model's config and tokenizer without its weights: enough to validate data against
     the model (lengths, vocabulary) before paying for the weights."""
@@ -365,7 +304,7 @@ def describe(name_or_path: str | Path) -> tuple[ModelConfig, Tokenizer]:
         return describe(run["model"])
     path = resolve(name_or_path)
     config = read_config(path)
-    return config, load_tokenizer(path, arch=config.arch, gguf_fields=lambda: _gguf_reader(path).fields)
+    return config, load_tokenizer(path, arch=config.arch, gguf_fields=lambda: gguf_lib.reader(path).fields)
 
 
 def load(
@@ -383,17 +322,16 @@ def load(
     file, a Hugging Face directory with config.json and safetensors, local or on an
     object store (gs://...; streamed: each process reads only the slices its devices hold,
     see `streaming.py`), or the work directory of a finished jaxdistill training run (its
-    last checkpoint, in the run's dtype; `distill.train.load_trained`). `dtype` is the
+    last checkpoint, in the run's dtype). `dtype` is the
     parameter dtype, `compute_dtype` that of activations (default: `dtype`). With a
     `mesh`, parameters are created directly in their shardings. `remat` and `attention`: see
     `Decoder`.
     """
     from jaxdistill.models.streaming import load_hf_streaming
 
-    if training_run(name_or_path) is not None:
-        from jaxdistill.distill.train import load_trained
-
-        return load_trained(name_or_path, mesh=mesh)
+    run = training_run(name_or_path)
+    if run is not None:
+        return _load_run(Path(str(name_or_path)).expanduser().absolute(), run, mesh)
     path = resolve(name_or_path)
     _check_kind(path)
     if path.is_dir():  # safetensors: read slice by slice into the shardings
@@ -401,12 +339,12 @@ def load(
                                   compute_dtype=_dtype(compute_dtype) if compute_dtype else None, mesh=mesh,
                                   remat=remat, attention=attention)
     else:  # GGUF: quantised blocks are dequantised whole
-        config, weights = read_gguf(path)
+        config, weights = gguf_lib.read(path)
         state = canonical_to_state(config, weights)
         del weights
         model = build_model(config, state, dtype=dtype, compute_dtype=compute_dtype, mesh=mesh, remat=remat,
                             attention=attention)
     config = model.config
-    tokenizer = load_tokenizer(path, arch=config.arch, gguf_fields=lambda: _gguf_reader(path).fields)
-    _gguf_reader.cache_clear()
+    tokenizer = load_tokenizer(path, arch=config.arch, gguf_fields=lambda: gguf_lib.reader(path).fields)
+    gguf_lib.reader.cache_clear()
     return model, tokenizer

@@ -18,8 +18,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxdistill import aot
 from jaxdistill import mesh as mesh_lib
 from jaxdistill.models.loading import model_config
+from jaxdistill.rl import ppo
 from jaxdistill.router import env as env_lib
-from jaxdistill.router import ppo
 from jaxdistill.router.precompute import num_nodes
 
 
@@ -36,7 +36,7 @@ def programs(config, target: aot.Target):
                       t_max=config.precompute.t_max)
     e = config.env
     train = ppo.make_train(ppo.PPOConfig.from_config(config.ppo), env,
-                           env_lib.Rewards(alpha=e.alpha, beta=e.beta, gamma=e.gamma, p0=e.p0))
+                           env_lib.Rewards(alpha=e.alpha, beta=e.beta, gamma=e.gamma, p0=e.p0), env_lib)
     keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), seeds))
     keys = jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=mesh_lib.batch_sharding(mesh, 1))
     alpha_values = aot.abstract((alphas,), jnp.float32, whole)

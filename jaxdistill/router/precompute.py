@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from jaxdistill.data import metrics
 from jaxdistill.data.qa import Question
-from jaxdistill.eval import metrics
 
 
 def num_nodes(n_experts: int, t_max: int) -> int:

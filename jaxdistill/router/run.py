@@ -20,10 +20,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxdistill import runs, settings
+from jaxdistill.data import metrics
 from jaxdistill.data.qa import load_questions
 from jaxdistill.errors import ConfigError
-from jaxdistill.eval import metrics
-from jaxdistill.router import baselines, ppo
+from jaxdistill.rl import ppo
+from jaxdistill.router import baselines
 from jaxdistill.router import env as env_lib
 from jaxdistill.router.experts import Encoder, ExpertConfig, ExpertPool
 from jaxdistill.router.precompute import Table, precompute
@@ -123,7 +124,7 @@ def frontier_auc(points: list[tuple[float, float]], max_cost: float) -> float:
 def train_policies(config, env: env_lib.Env, rewards: env_lib.Rewards, alphas: np.ndarray, seeds: int, workdir: Path):
     """All (alpha, seed) policies in one jitted call; writes metrics.jsonl and the orbax checkpoint."""
     ppo_config = ppo.PPOConfig.from_config(config.ppo)
-    train = ppo.make_train(ppo_config, env, rewards)
+    train = ppo.make_train(ppo_config, env, rewards, env_lib)
     keys = jax.random.split(jax.random.key(config.seed), seeds)
     steps = ppo_config.num_updates * ppo_config.num_envs * ppo_config.num_steps * len(alphas) * seeds
     print(f"ppo: {len(alphas)} alphas x {seeds} seeds x {ppo_config.num_updates} updates "

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from jaxdistill import runs, settings
 from jaxdistill.errors import ConfigError
-from jaxdistill.router import ppo
+from jaxdistill.rl import ppo
 from jaxdistill.teachers import aggregate as agg_lib
 from jaxdistill.teachers import run as teachers_run
 from jaxdistill.teachers import search as search_lib

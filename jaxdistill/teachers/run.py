@@ -21,10 +21,10 @@ from tqdm.auto import tqdm
 
 from jaxdistill import runs, sampling, settings
 from jaxdistill.data import qa
+from jaxdistill.data.metrics import normalize
 from jaxdistill.data.records import answer_matches
 from jaxdistill.data.synthetic import SyntheticConfig, synthetic_records
 from jaxdistill.errors import ConfigError
-from jaxdistill.eval.metrics import normalize
 from jaxdistill.teachers import aggregate as agg_lib
 from jaxdistill.teachers import search as search_lib
 from jaxdistill.teachers.stack import TeacherConfig, TeacherStack, fewshot_block, validate_teachers

@@ -23,9 +23,9 @@ from flax import nnx
 from jaxdistill import mesh as mesh_lib
 from jaxdistill import sampling
 from jaxdistill.data.records import Record
-from jaxdistill.distill.prompts import student_messages, teacher_messages
 from jaxdistill.errors import ConfigError
 from jaxdistill.models import load
+from jaxdistill.prompts import student_messages, teacher_messages
 from jaxdistill.teachers import aggregate as agg_lib
 from jaxdistill.teachers import align as align_lib
 from jaxdistill.teachers import lockstep

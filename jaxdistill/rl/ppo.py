@@ -1,6 +1,8 @@
-"""PPO for the router, PureJaxRL-style: a whole training run is one jitted function of a key.
+"""PPO, PureJaxRL-style: a whole training run is one jitted function of a key. The router
+and the branch-search pruner both train with it.
 
-`make_train(config, env, rewards)` returns `train(key, alpha, env) -> (PolicyState, metrics)`:
+`make_train(config, env, rewards, dynamics)` returns `train(key, alpha, env) -> (PolicyState,
+metrics)`:
 a scan over updates, each collecting `num_steps` transitions from `num_envs` vectorised
 environments (auto-reset), computing GAE, and running `update_epochs` epochs of
 `num_minibatches` minibatches of the clipped-surrogate + value + entropy loss with optax.
@@ -8,11 +10,10 @@ The environment is an argument (the one given to make_train fixes only its shape
 same program runs on other data, or compiles ahead of time from abstract arrays.
 `train_grid` runs it for every (alpha, seed) in one call, the seeds split over a mesh's devices.
 
-The environment is the router's (`router/env.py`) unless `dynamics` names another module
-with the same pure functions: `reset(env, key)`, `observe(env, state)`, `step(env, rewards,
-state, action)` and `outcome(env, state, action, next_state)` (what a finished episode
-reports), e.g. `teachers/pruning.py`. `env` has `obs_dim` and `n_actions`; `rewards` has
-an `alpha` field, the cost price.
+`dynamics` is the environment's module of pure functions: `reset(env, key)`, `observe(env,
+state)`, `step(env, rewards, state, action)` and `outcome(env, state, action, next_state)`
+(what a finished episode reports): `router/env.py`, `teachers/pruning_env.py`. `env` has
+`obs_dim` and `n_actions`; `rewards` has an `alpha` field, the cost price.
 """
 
 from __future__ import annotations
@@ -24,8 +25,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-
-from jaxdistill.router import env as env_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,11 +96,11 @@ class PolicyState:
     opt_state: optax.OptState
 
 
-def policy_graph(env: env_lib.Env, config: PPOConfig) -> nnx.GraphDef:
+def policy_graph(env, config: PPOConfig) -> nnx.GraphDef:
     return nnx.split(ActorCritic(env.obs_dim, env.n_actions, config.hidden, rngs=nnx.Rngs(0)))[0]
 
 
-def init_params(env: env_lib.Env, config: PPOConfig, key) -> nnx.State:
+def init_params(env, config: PPOConfig, key) -> nnx.State:
     return nnx.split(ActorCritic(env.obs_dim, env.n_actions, config.hidden, rngs=nnx.Rngs(key)))[1]
 
 
@@ -127,7 +126,7 @@ def gae(rewards, values, dones, last_value, discount: float, lam: float):
     return advantages, advantages + values
 
 
-def make_train(config: PPOConfig, env, rewards, dynamics=env_lib):
+def make_train(config: PPOConfig, env, rewards, dynamics):
     """train(key, alpha, env) -> (PolicyState, per-update metrics); jit/vmap it, or use train_grid.
     `env` here fixes the policy's input and output sizes."""
     graphdef = policy_graph(env, config)

@@ -27,14 +27,14 @@ from tqdm.auto import tqdm
 
 from jaxdistill import mesh as mesh_lib
 from jaxdistill import sampling
+from jaxdistill.data import metrics
 from jaxdistill.data.records import Record, answer_matches
-from jaxdistill.distill.prompts import PromptConfig, end_id, prompt_pair, stop_ids
 from jaxdistill.distill.step import build_batch, completion_columns, padded_widths, split_contexts
-from jaxdistill.eval import metrics
+from jaxdistill.prompts import PromptConfig, end_id, prompt_pair, stop_ids
 
 
 @functools.partial(jax.jit, static_argnames="graphdef")
-def _score(graphdef, params, tokens, mask, target_mask):
+def score_program(graphdef, params, tokens, mask, target_mask):
     """Per generated token [B, G]: log-prob under student and teacher context, KL(t||s), student entropy."""
     model = nnx.merge(graphdef, params)
     region = completion_columns({"tokens": tokens, "target_mask": target_mask})
@@ -54,7 +54,7 @@ def _score(graphdef, params, tokens, mask, target_mask):
 
 
 def score_completions(model, tokenizer, pairs, completions, mesh=None):
-    """Per-problem means of the _score quantities over each completion's tokens.
+    """Per-problem means of the score_program quantities over each completion's tokens.
 
     pairs: the (pCoT, pTeacher) token ids of each problem, as `prompt_pair` returns them.
     With a mesh, rows are split over its batch axes (in a multi-process run, these are this
@@ -73,7 +73,7 @@ def score_completions(model, tokenizer, pairs, completions, mesh=None):
     if mesh is not None:
         arrays = mesh_lib.host_to_global(arrays, mesh)
     to_host = np.asarray if mesh is None else (lambda x: mesh_lib.global_to_local(x, mesh))  # noqa: E731
-    logp_s, logp_t, kl, ent = (to_host(x)[:n] for x in _score(graphdef, params, *arrays))
+    logp_s, logp_t, kl, ent = (to_host(x)[:n] for x in score_program(graphdef, params, *arrays))
     m = batch["target_mask"][:n]
     mean = lambda x: (x * m).sum(1) / m.sum(1)  # noqa: E731
     return {"logp_student": mean(logp_s), "logp_teacher": mean(logp_t), "kl": mean(kl), "entropy": mean(ent)}
