@@ -9,7 +9,7 @@ import numpy as np
 from jaxdistill.data.synthetic import synthetic_records
 from jaxdistill.rl import ppo
 from jaxdistill.teachers import aggregate as agg
-from jaxdistill.teachers import pruning
+from jaxdistill.teachers import pruning_env
 from jaxdistill.teachers import search as search_lib
 from jaxdistill.teachers.stack import TeacherConfig, TeacherStack, fewshot_block
 
@@ -31,14 +31,14 @@ def test_replaying_a_recorded_tree_is_the_live_search(smollm2):
                                        token_budget=9 * 24, max_new_tokens=24)
     full = search_lib.search(stack, record, complete, aggregate=agg.MeanProbs())
     assert full.pruned == 0 and len(full.leaves) >= 4  # it branched on both levels
-    trees = pruning.trees_from_searches([_saved(full)], complete)
+    trees = pruning_env.trees_from_searches([_saved(full)], complete)
 
-    everything = pruning.replay(trees, pruning.constant(pruning.EXPAND))
+    everything = pruning_env.replay(trees, pruning_env.constant(pruning_env.EXPAND))
     assert everything["tokens"][0] == full.tokens
     assert everything["gold"][0] == sum(leaf["correct"] for leaf in full.leaves)
 
     greedy = stack.run([record], aggregate=agg.MeanProbs(), max_new_tokens=24)
-    consensus = pruning.replay(trees, pruning.constant(pruning.CONTINUE))
+    consensus = pruning_env.replay(trees, pruning_env.constant(pruning_env.CONTINUE))
     assert consensus["tokens"][0] == greedy.mask[0].sum()
     branch = 0  # follow child 0 down the tree: its leaf is the greedy text
     while (kids := [b.id for b in full.branches if b.parent == branch]):
@@ -46,13 +46,14 @@ def test_replaying_a_recorded_tree_is_the_live_search(smollm2):
     leaf = next(leaf for leaf in full.leaves if leaf["branch"] == branch)
     assert leaf["tokens"] == greedy.tokens[0, : greedy.mask[0].sum()].tolist()
 
-    assert pruning.replay(trees, pruning.constant(pruning.PRUNE))["tokens"][0] == full.branches[0].features["tokens"]
+    pruned = pruning_env.replay(trees, pruning_env.constant(pruning_env.PRUNE))
+    assert pruned["tokens"][0] == full.branches[0].features["tokens"]
 
     confidences = sorted(b.features["confidence"] for b in full.branches if b.features and b.features["tokens"])
     threshold = confidences[len(confidences) // 2]  # prunes some branches, keeps others
     live = search_lib.search(stack, record, dataclasses.replace(complete, min_confidence=threshold),
                              aggregate=agg.MeanProbs())
-    replayed = pruning.replay(trees, pruning.confidence_pruner(threshold))
+    replayed = pruning_env.replay(trees, pruning_env.confidence_pruner(threshold))
     assert 0 < live.pruned and live.tokens < full.tokens
     assert replayed["tokens"][0] == live.tokens
     assert replayed["gold"][0] == sum(leaf["correct"] for leaf in live.leaves)
@@ -76,18 +77,18 @@ def test_ppo_learns_to_expand_only_where_the_wrong_direction_pays():
     of 5 per 1,000 tokens the best policy expands those and prunes the rest; PPO finds it on held-out trees."""
     rng = np.random.default_rng(0)
     config = search_lib.SearchConfig(right=2, wrong=1, max_levels=1, max_live=3, max_new_tokens=96)
-    train = pruning.trees_from_searches([_toy_tree(f"t{i}", i % 2 == 0, rng) for i in range(16)], config)
-    test = pruning.trees_from_searches([_toy_tree(f"h{i}", i % 2 == 0, rng) for i in range(8)], config)
-    np.testing.assert_array_equal(pruning.replay(test, pruning.constant(pruning.EXPAND))["tokens"], 145.0)
-    np.testing.assert_array_equal(pruning.replay(test, pruning.constant(pruning.CONTINUE))["tokens"], 65.0)
+    train = pruning_env.trees_from_searches([_toy_tree(f"t{i}", i % 2 == 0, rng) for i in range(16)], config)
+    test = pruning_env.trees_from_searches([_toy_tree(f"h{i}", i % 2 == 0, rng) for i in range(8)], config)
+    np.testing.assert_array_equal(pruning_env.replay(test, pruning_env.constant(pruning_env.EXPAND))["tokens"], 145.0)
+    np.testing.assert_array_equal(pruning_env.replay(test, pruning_env.constant(pruning_env.CONTINUE))["tokens"], 65.0)
 
     ppo_config = ppo.PPOConfig(num_envs=16, num_steps=8, total_timesteps=16_384, hidden=(16,), discount=1.0,
                                 lr=1e-3)
-    train_fn = ppo.make_train(ppo_config, train, pruning.Price(), dynamics=pruning)
+    train_fn = ppo.make_train(ppo_config, train, pruning_env.Price(), dynamics=pruning_env)
     states, history = jax.jit(train_fn)(jax.random.key(0), 5.0, train)
     params = states.params
     graphdef = ppo.policy_graph(train, ppo_config)
-    out = pruning.replay(test, lambda obs: jax.numpy.argmax(ppo.apply(graphdef, params, obs)[0]))
+    out = pruning_env.replay(test, lambda obs: jax.numpy.argmax(ppo.apply(graphdef, params, obs)[0]))
     pays = np.arange(8) % 2 == 0
     np.testing.assert_array_equal(out["gold"], pays.astype(np.float32))  # expanded exactly where it pays
     np.testing.assert_array_equal(out["tokens"], np.where(pays, 145.0, 5.0))  # and pruned the rest

@@ -126,7 +126,7 @@ def test_actions_never_depend_on_test_references():
     only the reported quality changes."""
     from ml_collections import ConfigDict
 
-    from jaxdistill.router.run import evaluate_all
+    from jaxdistill.router.evaluate import evaluate_all
 
     rng = np.random.default_rng(0)
     n, t_max = 3, 2

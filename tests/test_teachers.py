@@ -288,7 +288,7 @@ def test_gold_traces_are_read_by_the_self_distillation_loader_and_negatives_pair
     import json
 
     from jaxdistill.data import read_jsonl
-    from jaxdistill.teachers.run import write_traces
+    from jaxdistill.teachers.traces import write_traces
 
     record = synthetic_records(1, 0, split="test")[0]
     good, bad = f"So the answer is\n#### {record.answer}\n", "So the answer is\n#### 999\n"

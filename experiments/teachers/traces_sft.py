@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from jaxdistill import runs
 from jaxdistill.data.synthetic import SyntheticConfig, synthetic_records
 from jaxdistill.teachers import aggregate as agg_lib
-from jaxdistill.teachers import pruning
+from jaxdistill.teachers import pruning, traces
 from jaxdistill.teachers import run as teachers_run
 from jaxdistill.teachers.stack import TeacherConfig, TeacherStack
 
@@ -66,14 +66,14 @@ def build_sets(config, problems, workdir: Path, min_confidence: float, seed: int
     bon_path = workdir / "search" / f"best-of-n-{best_name}-seed{seed}.json"
     stack = teachers_run.load_stack(config, fewshot)[0] if not all(p.exists() for p in paths) else None
     rule = agg_lib.rule_from_config(config.search.rule, threshold=config.gate_threshold)
-    found = [teachers_run.search_saved(stack, r, sc, rule, config.top_k, p)
+    found = [traces.search_saved(stack, r, sc, rule, config.top_k, p)
              for r, p in tqdm(list(zip(problems, paths, strict=True)), desc="branch search: training problems")]
 
     def alone() -> TeacherStack:
         teacher = TeacherConfig.from_config(next(t for t in config.teachers if t["name"] == best_name))
         return TeacherStack([teacher], pivot=teacher.model, loaded=stack.models if stack else None, fewshot=fewshot)
 
-    sampled = teachers_run.best_of_n(alone, problems, [max(f["tokens"], 1) for f in found], seed,
+    sampled = traces.best_of_n(alone, problems, [max(f["tokens"], 1) for f in found], seed,
                                      config.search.baseline_temperature, config.search.max_new_tokens, bon_path)
     search_sets = [[leaf["text"] for leaf in f["leaves"] if leaf["correct"]] for f in found]
     sample_sets = [row["gold_texts"] for row in sampled]

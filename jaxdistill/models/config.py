@@ -306,6 +306,33 @@ def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling) -> tuple
     return inv, float(attention_factor)
 
 
+def hf_layer_names(config: ModelConfig) -> dict[str, str]:
+    """Our per-layer parameter name -> its name inside a Hugging Face checkpoint's layer."""
+    names = {
+        "attn_norm": "input_layernorm.weight",
+        "wq": "self_attn.q_proj.weight",
+        "wk": "self_attn.k_proj.weight",
+        "wv": "self_attn.v_proj.weight",
+        "wo": "self_attn.o_proj.weight",
+        "w_gate": "mlp.gate_proj.weight",
+        "w_up": "mlp.up_proj.weight",
+        "w_down": "mlp.down_proj.weight",
+    }
+    if config.arch == "gemma3":
+        names |= {
+            "attn_post_norm": "post_attention_layernorm.weight",
+            "mlp_norm": "pre_feedforward_layernorm.weight",
+            "mlp_post_norm": "post_feedforward_layernorm.weight",
+        }
+    else:
+        names["mlp_norm"] = "post_attention_layernorm.weight"
+    if config.qk_norm:
+        names |= {"q_norm": "self_attn.q_norm.weight", "k_norm": "self_attn.k_norm.weight"}
+    if config.qkv_bias:
+        names |= {"bq": "self_attn.q_proj.bias", "bk": "self_attn.k_proj.bias", "bv": "self_attn.v_proj.bias"}
+    return names
+
+
 # Architectures by name, for compiling without weights (`python -m jaxdistill compile
 # --config.model=qwen3-8b`): the config.json fields we read, as the models publish them.
 _QWEN3 = dict(model_type="qwen3", vocab_size=151936, head_dim=128, num_key_value_heads=8, max_position_embeddings=40960,

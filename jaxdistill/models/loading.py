@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from jaxdistill.models import gguf as gguf_lib
-from jaxdistill.models.config import ConfigError, ModelConfig
+from jaxdistill.models.config import ConfigError, ModelConfig, hf_layer_names
 from jaxdistill.models.tokenizer import Tokenizer, cache_dir, load_tokenizer
 from jaxdistill.models.transformer import Decoder
 
@@ -128,32 +128,6 @@ def read_hf_directory(path: Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
 # ---------------------------------------------------------- canonical -> ours
 
 
-def _hf_layer_names(config: ModelConfig) -> dict[str, str]:
-    names = {
-        "attn_norm": "input_layernorm.weight",
-        "wq": "self_attn.q_proj.weight",
-        "wk": "self_attn.k_proj.weight",
-        "wv": "self_attn.v_proj.weight",
-        "wo": "self_attn.o_proj.weight",
-        "w_gate": "mlp.gate_proj.weight",
-        "w_up": "mlp.up_proj.weight",
-        "w_down": "mlp.down_proj.weight",
-    }
-    if config.arch == "gemma3":
-        names |= {
-            "attn_post_norm": "post_attention_layernorm.weight",
-            "mlp_norm": "pre_feedforward_layernorm.weight",
-            "mlp_post_norm": "post_feedforward_layernorm.weight",
-        }
-    else:
-        names["mlp_norm"] = "post_attention_layernorm.weight"
-    if config.qk_norm:
-        names |= {"q_norm": "self_attn.q_norm.weight", "k_norm": "self_attn.k_norm.weight"}
-    if config.qkv_bias:
-        names |= {"bq": "self_attn.q_proj.bias", "bk": "self_attn.k_proj.bias", "bv": "self_attn.v_proj.bias"}
-    return names
-
-
 def _to_our_layout(name: str, w: np.ndarray, c: ModelConfig) -> np.ndarray:
     """One layer's HF tensor ([out, in]) -> our per-layer shape."""
     d, h, k, dh = c.d_model, c.num_heads, c.num_kv_heads, c.head_dim
@@ -188,7 +162,7 @@ def canonical_to_state(config: ModelConfig, weights: Mapping[str, np.ndarray]) -
         state[("lm_head",)] = take("lm_head.weight").T
     elif "lm_head.weight" in remaining and np.array_equal(remaining["lm_head.weight"], state[("embed",)]):
         remaining.pop("lm_head.weight")
-    for ours, theirs in _hf_layer_names(config).items():
+    for ours, theirs in hf_layer_names(config).items():
         per_layer = [_to_our_layout(ours, take(f"model.layers.{i}.{theirs}"), config) for i in range(config.num_layers)]
         state[("layers", ours)] = np.stack(per_layer)
     if remaining:

@@ -34,7 +34,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from jaxdistill.models.config import ConfigError, ModelConfig
+from jaxdistill.models.config import ConfigError, ModelConfig, hf_layer_names
 
 FILE_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
 
@@ -223,13 +223,11 @@ def _tensor_index(path: Path) -> dict[str, TensorEntry]:
 
 def _sources(config: ModelConfig) -> dict[tuple, str | list[str]]:
     """Our state path -> the canonical tensor name (a list of per-layer names for stacked ones)."""
-    from jaxdistill.models.loading import _hf_layer_names
-
     sources: dict[tuple, str | list[str]] = {("embed",): "model.embed_tokens.weight",
                                             ("final_norm",): "model.norm.weight"}
     if not config.tie_embeddings:
         sources[("lm_head",)] = "lm_head.weight"
-    for ours, theirs in _hf_layer_names(config).items():
+    for ours, theirs in hf_layer_names(config).items():
         sources[("layers", ours)] = [f"model.layers.{i}.{theirs}" for i in range(config.num_layers)]
     return sources
 

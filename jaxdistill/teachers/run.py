@@ -7,16 +7,11 @@ Diversity is measured by scoring the reference solutions under every teacher at 
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import json
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from tqdm.auto import tqdm
 
 from jaxdistill import runs, sampling, settings
@@ -26,8 +21,9 @@ from jaxdistill.data.records import answer_matches
 from jaxdistill.data.synthetic import SyntheticConfig, synthetic_records
 from jaxdistill.errors import ConfigError
 from jaxdistill.teachers import aggregate as agg_lib
-from jaxdistill.teachers import search as search_lib
+from jaxdistill.teachers.evaluate import format_summary, measure_diversity, nll_per_byte, plot_diversity
 from jaxdistill.teachers.stack import TeacherConfig, TeacherStack, fewshot_block, validate_teachers
+from jaxdistill.teachers.traces import format_search, run_search, search_config
 
 RULES = ("mean_probs", "mean_logprobs", "gated", "perplexity", "online")
 
@@ -93,32 +89,6 @@ def load_stack(config, fewshot: str) -> tuple[TeacherStack, dict]:
           f"{stack.pivot.vocab_size}, {int(stack.allowed.sum())} candidate tokens (pivot tokens needing more than "
           f"{config.width} tokens in: {excluded})")
     return stack, excluded
-
-
-def search_config(config) -> search_lib.SearchConfig:
-    s = config.search
-    return search_lib.SearchConfig(right=s.right, wrong=s.wrong, branch_entropy=s.branch_entropy, gap=s.gap,
-                                   max_levels=s.max_levels, max_live=s.max_live, min_confidence=s.min_confidence,
-                                   token_budget=s.token_budget, max_new_tokens=s.max_new_tokens)
-
-
-@functools.partial(jax.jit, static_argnames="graphdef")
-def _token_logprobs(graphdef, state, tokens, mask):
-    logp = jax.nn.log_softmax(nnx.merge(graphdef, state)(tokens, mask=mask)[:, :-1], axis=-1)
-    return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0] * mask[:, 1:]
-
-
-def nll_per_byte(model, tokenizer, texts) -> np.ndarray:
-    """Each text's negative log-likelihood per UTF-8 byte (comparable across vocabularies)."""
-    ids = [tokenizer.encode(t) for t in texts]
-    length = sampling.bucket(max(len(i) for i in ids))
-    tokens = np.full((len(ids), length), tokenizer.pad_id, np.int32)
-    mask = np.zeros((len(ids), length), bool)
-    for r, i in enumerate(ids):
-        tokens[r, : len(i)], mask[r, : len(i)] = i, True
-    graphdef, state = nnx.split(model)
-    logp = np.asarray(_token_logprobs(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask)))
-    return -logp.sum(axis=1) / np.asarray([max(len(t.encode()), 1) for t in texts])
 
 
 def run(config) -> dict:
@@ -219,224 +189,3 @@ def _run(config, workdir: Path) -> dict:
     return out
 
 
-def measure_diversity(stack: TeacherStack, records, batch_size: int) -> dict:
-    """Per-position averages over the reference solutions scored under every teacher's prompt."""
-    totals = None
-    for start in range(0, len(records), batch_size):
-        batch = records[start:start + batch_size]
-        forced = [stack.pivot.encode(r.solution, add_special_tokens=False) for r in batch]
-        stats = stack.score(batch, forced, top_k=0, diversity=True).stats
-        totals = stats if totals is None else {k: totals[k] + stats[k] for k in stats}
-    n = float(totals["positions"])
-    return {"positions": n, "js": totals["js"] / n, "agree": totals["agree"] / n,
-            "entropy_gain": float(totals["entropy_gain"]) / n, "differs": totals["differs"] / n}
-
-
-def plot_diversity(diversity: dict, names: list[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(4 + 2.2 * len(names), 3 + 0.4 * len(names)))
-    for ax, key, title, cmap in ((axes[0], "js", "Jensen-Shannon divergence (nats)", "magma_r"),
-                                 (axes[1], "agree", "top-1 agreement", "viridis")):
-        m = np.asarray(diversity[key])
-        image = ax.imshow(m, cmap=cmap, vmin=0, vmax=np.log(2) if key == "js" else 1)
-        ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
-        ax.set_yticks(range(len(names)), names)
-        for (r, c), v in np.ndenumerate(m):
-            ax.text(c, r, f"{v:.2f}", ha="center", va="center", color="white" if (v > 0.5) == (key == "js") else
-                    "black", fontsize=8)
-        ax.set_title(title)
-        fig.colorbar(image, ax=ax, shrink=0.8)
-    fig.suptitle(f"Teacher diversity on reference solutions ({int(diversity['positions'])} positions)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def format_summary(config, pivot, results, diversity, names, best, excluded, seconds) -> str:
-    lines = [f"# Teacher stack on {config.data.eval_size} held-out synthetic problems", "",
-             f"teachers: {', '.join(names)}; pivot vocabulary of {pivot}; "
-             f"top-{config.top_k} candidates; width {config.width} (pivot tokens excluded per teacher: {excluded}); "
-             f"{'greedy' if config.temperature == 0 else f'temperature {config.temperature}'}; "
-             f"{len(next(iter(results.values())))} seed(s)", "",
-             "| arm | accuracy | tokens generated | seconds |", "|---|---|---|---|"]
-    for arm, rows in results.items():
-        acc = [r["accuracy"] for r in rows]
-        spread = f" ± {np.std(acc):.3f}" if len(acc) > 1 else ""
-        lines.append(f"| {arm} | {np.mean(acc):.3f}{spread} | {np.mean([r['tokens'] for r in rows]):.0f} | "
-                     f"{np.mean([r['seconds'] for r in rows]):.0f} |")
-    best_acc = np.mean([r["accuracy"] for r in results[f"alone: {names[best]}"]])
-    stack_best = max((a for a in results if a.startswith("stack")), default=None,
-                     key=lambda a: np.mean([r["accuracy"] for r in results[a]]))
-    if stack_best:
-        gap = np.mean([r["accuracy"] for r in results[stack_best]]) - best_acc
-        lines += ["", f"Best single teacher: {names[best]} ({best_acc:.3f}). Best rule: {stack_best} "
-                      f"({gap:+.3f} against it)."]
-    js = np.asarray(diversity["js"])
-    agree = np.asarray(diversity["agree"])
-    pairs = [(i, j) for i in range(len(names)) for j in range(i + 1, len(names))]
-    lines += ["", f"Diversity on the reference solutions ({int(diversity['positions'])} positions):", ""]
-    lines += [f"- {names[i]} vs {names[j]}: JS {js[i, j]:.3f} nats, top-1 agreement {agree[i, j]:.2f}"
-              for i, j in pairs]
-    lines += [f"- mixture entropy minus mean member entropy: {diversity['entropy_gain']:.3f} nats",
-              f"- positions where the mixture's top token differs from the best single teacher's: "
-              f"{diversity['consensus_differs_from_best']:.2f}", "", f"Total time {seconds:.0f}s."]
-    return "\n".join(lines)
-
-
-def run_search(config, stack, problems, workdir: Path, singles, teachers, fewshot) -> dict | None:
-    """Branch search per problem (saved as it finishes), then best-of-N sampling from the best single
-    teacher with the same number of generated tokens, over `seeds` seeds."""
-    if not problems:
-        return None
-    sc = search_config(config)
-    rule = agg_lib.rule_from_config(config.search.rule, threshold=config.gate_threshold)
-    (workdir / "search").mkdir(exist_ok=True)
-    found = []
-    for record in tqdm(problems, desc="branch search: problems", unit="problem"):
-        found.append(search_saved(stack, record, sc, rule, config.top_k, workdir / "search" / f"{record.uid}.json"))
-
-    best = max(range(len(teachers)), key=lambda i: np.mean([r["accuracy"] for r in singles[i]]))
-    alone = TeacherStack([teachers[best]], pivot=teachers[best].model, loaded=stack.models, fewshot=fewshot)
-    baseline = [best_of_n(lambda: alone, problems, [r["tokens"] for r in found], seed,
-                          config.search.baseline_temperature, sc.max_new_tokens,
-                          workdir / "search" / f"best-of-n-seed{seed}.json")
-                for seed in range(config.seeds)]  # per seed: gold traces and tokens per problem
-
-    write_traces(problems, found, stack, workdir, rule, config.top_k, config.search.get("trace_top", 0))
-    plot_tree(found[0], problems[0], workdir / "search_tree.png")
-    search_tokens = sum(r["tokens"] for r in found)
-    search_gold = sum(sum(leaf["correct"] for leaf in r["leaves"]) for r in found)
-    return {
-        "problems": len(problems), "rule": config.search.rule, "teacher_for_best_of_n": teachers[best].name,
-        "search": {"tokens": search_tokens, "gold": search_gold, "gold_per_1k": 1000 * search_gold / search_tokens,
-                   "solved": sum(any(leaf["correct"] for leaf in r["leaves"]) for r in found),
-                   "leaves": sum(len(r["leaves"]) for r in found), "pruned": sum(r["pruned"] for r in found),
-                   "seconds": sum(r["seconds"] for r in found)},
-        "best_of_n": [{"tokens": sum(r["tokens"] for r in rows), "gold": sum(r["gold"] for r in rows),
-                       "gold_per_1k": 1000 * sum(r["gold"] for r in rows) / max(sum(r["tokens"] for r in rows), 1),
-                       "solved": sum(r["gold"] > 0 for r in rows), "draws": sum(r["draws"] for r in rows)}
-                      for rows in baseline],
-    }
-
-
-def best_of_n(teacher, problems, budgets: list[int], seed: int, temperature: float, max_new_tokens: int,
-              path: Path) -> list[dict]:
-    """Independent samples (4 per call) from one teacher until each problem has used its token budget;
-    per problem the gold traces (count and texts), tokens and draws. Saved to `path`; read back if it holds
-    these problems. `teacher()` returns the one-teacher stack; it is called only when sampling is needed,
-    so a rerun with every file saved loads no model."""
-    if not path.exists() or [r["uid"] for r in json.loads(path.read_text())] != [r.uid for r in problems]:
-        alone = teacher()
-        sample, rows = sampling.Sample(temperature=temperature), []
-        for record, budget in zip(problems, budgets, strict=True):
-            gold, tokens, draws, k = [], 0, 0, 0
-            while tokens < budget:
-                out = alone.run([record] * 4, rule=sample, max_new_tokens=max_new_tokens, seed=seed * 1000 + k)
-                k += 1
-                for text, mask in zip(out.texts, out.mask, strict=True):
-                    if tokens >= budget:
-                        break
-                    tokens += int(mask.sum())
-                    draws += 1
-                    if answer_matches(text, record.answer):
-                        gold.append(text)
-            rows.append({"uid": record.uid, "gold": len(gold), "gold_texts": gold, "tokens": tokens, "draws": draws})
-        runs.atomic_write_text(path, json.dumps(rows))
-    return json.loads(path.read_text())
-
-
-def search_saved(stack, record, sc: search_lib.SearchConfig, rule, top_k: int, path: Path) -> dict:
-    """One problem's branch search as saved JSON (leaves and branches); read back if already saved."""
-    if not path.exists():
-        t0 = time.perf_counter()
-        result = search_lib.search(stack, record, sc, aggregate=rule, top_k=top_k)
-        runs.atomic_write_text(path, json.dumps({
-            "uid": record.uid, "tokens": result.tokens, "pruned": result.pruned,
-            "seconds": time.perf_counter() - t0, "leaves": result.leaves,
-            "branches": [dataclasses.asdict(b) for b in result.branches]}))
-    return json.loads(path.read_text())
-
-
-def write_traces(problems, found, stack, workdir: Path, rule=None, top_k: int = 10, trace_top: int = 0) -> None:
-    """traces.jsonl: gold traces in the generic record form the self-distillation loader reads
-    (prompt, solution, answer); negatives.jsonl: preference pairs with the located mistake.
-
-    With trace_top > 0, each gold trace also carries the stack's aggregated distribution at each
-    of its tokens (the top `trace_top` pivot ids and log-probs, scored by forcing the trace):
-    a sparse multi-teacher target."""
-    gold_lines, negative_lines = [], []
-    for record, result in zip(problems, found, strict=True):
-        by_branch = {leaf["branch"]: leaf for leaf in result["leaves"]}
-        gold = [leaf for leaf in result["leaves"] if leaf["correct"]]
-        scored = (stack.score([record] * len(gold), [g["tokens"] for g in gold], aggregate=rule, top_k=top_k,
-                              record_top=trace_top) if gold and trace_top else None)
-        for leaf in result["leaves"]:
-            meta = {"uid": record.uid, "branch": leaf["branch"], "path": leaf["path"],
-                    "confidence": leaf["confidence"]}
-            if leaf["correct"]:
-                line = {"prompt": record.problem, "solution": leaf["text"], "answer": record.answer, "kind": "gold",
-                        **meta}
-                if scored is not None:
-                    row, n = gold.index(leaf), len(leaf["tokens"])
-                    line |= {"pivot_tokens": leaf["tokens"], "top_ids": scored.top_ids[row, :n].tolist(),
-                             "top_logprobs": np.round(scored.top_logprobs[row, :n], 4).tolist()}
-                gold_lines.append(line)
-            elif "wrong_at" in leaf:
-                negative_lines.append({
-                    "prompt": record.problem, "chosen": by_branch[leaf["gold_branch"]]["text"],
-                    "rejected": leaf["text"], "answer": record.answer, "kind": "negative",
-                    "wrong_at_token": leaf["wrong_at"], "wrong_token": leaf["wrong_token"],
-                    "gold_token": leaf["gold_token"], "proposals": leaf.get("proposals"), **meta})
-    for name, lines in (("traces.jsonl", gold_lines), ("negatives.jsonl", negative_lines)):
-        runs.atomic_write_text(workdir / name, "".join(json.dumps(line) + "\n" for line in lines))
-
-
-def plot_tree(result: dict, record, path: Path) -> None:
-    """One problem's search tree: branches by the token where they left their parent, coloured by
-    direction, leaves by outcome."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    branches = result["branches"]
-    ends = {leaf["branch"]: leaf for leaf in result["leaves"]}
-    lane = {}
-    fig, ax = plt.subplots(figsize=(9, 0.35 * len(branches) + 1.5))
-    for b in branches:
-        lane[b["id"]] = len(lane)
-        y = lane[b["id"]]
-        end = len(ends[b["id"]]["tokens"]) if b["id"] in ends else b["position"] + 1
-        colour = {"root": "black", "right": "tab:blue", "wrong": "tab:red"}[b["kind"]]
-        if b["parent"] >= 0:
-            ax.plot([b["position"], b["position"]], [lane[b["parent"]], y], color="lightgray", lw=0.8, zorder=1)
-        ax.plot([b["position"], end], [y, y], color=colour, lw=2, zorder=2)
-        if b["id"] in ends:
-            ax.scatter([end], [y], color="tab:green" if ends[b["id"]]["correct"] else "gray", s=30, zorder=3)
-    ax.invert_yaxis()
-    ax.set_yticks([])
-    ax.set_xlabel("token position")
-    ax.set_title(f"search tree for {record.uid}: blue right direction, red wrong direction; "
-                 "green leaf verified, gray wrong", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def format_search(searched: dict) -> str:
-    s, runs_ = searched["search"], searched["best_of_n"]
-    per_1k = [r["gold_per_1k"] for r in runs_]
-    solved = [r["solved"] for r in runs_]
-    return "\n".join([
-        "", f"Branch search ({searched['rule']}) on {searched['problems']} problems vs best-of-N sampling from "
-        f"{searched['teacher_for_best_of_n']} at the same generated tokens ({len(runs_)} seeds):", "",
-        "| method | generated tokens | gold traces | gold per 1k tokens | problems with a gold trace |",
-        "|---|---:|---:|---:|---:|",
-        f"| branch search | {s['tokens']} | {s['gold']} | {s['gold_per_1k']:.2f} | {s['solved']} |",
-        f"| best-of-N | {np.mean([r['tokens'] for r in runs_]):.0f} | {np.mean([r['gold'] for r in runs_]):.1f} | "
-        f"{np.mean(per_1k):.2f} ± {np.std(per_1k):.2f} | {np.mean(solved):.1f} |",
-        "", f"Search: {s['leaves']} leaves, {s['pruned']} branches pruned, {s['seconds']:.0f}s."])

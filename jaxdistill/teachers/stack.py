@@ -277,7 +277,7 @@ class TeacherStack:
 def _stack(models, mesh):
     """Stack same-architecture models' parameters on a teacher axis (sharded over the `teacher`
     mesh axis when there is a mesh): after the layers axis of per-layer weights, leading elsewhere
-    (`lockstep.teacher_axes`)."""
+    (`decode_state.teacher_axes`)."""
     graphdef, first = nnx.split(models[0])
     states = [first] + [nnx.split(m)[1] for m in models[1:]]
     flats = [dict(nnx.to_flat_state(s)) for s in states]
