@@ -67,7 +67,7 @@ def run(preset: str, context: int | str, python: str) -> None:
 
 def table() -> str:
     rows = ["| preset | target | context | train step | rollout decode | eval score | largest program "
-            "(args + out + temp + code) | device | fits (≥10% free) | compile time |",
+            "(args + new outputs + temp + code) | device | fits (≥10% free) | compile time |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     gib = lambda n: f"{n / 2**30:.1f}"  # noqa: E731
     for preset in PRESETS:
@@ -79,7 +79,8 @@ def table() -> str:
             programs = {p["program"]: p for p in r["programs"]}
             peak = {name: gib(p["peak_bytes"]) for name, p in programs.items()}
             worst = max(r["programs"], key=lambda p: p["peak_bytes"])
-            parts = "+".join(gib(worst[k]) for k in ("argument_bytes", "output_bytes", "temp_bytes", "code_bytes"))
+            fresh = worst["output_bytes"] - worst["alias_bytes"]  # outputs that do not reuse donated arguments
+            parts = "+".join(gib(v) for v in (worst["argument_bytes"], fresh, worst["temp_bytes"], worst["code_bytes"]))
             shown = f"{PROMPT + config(preset).sample.max_new_tokens} (shipped)" if context == "shipped" else context
             fits = "yes" if all(p["fits"] for p in r["programs"]) else "NO"
             cells = [preset, r["target"], shown, *(peak.get(n, "–") for n in ("train_step", "rollout_decode",
@@ -92,9 +93,9 @@ def table() -> str:
 
 def write_doc() -> None:
     text = DOC.read_text()
-    body = (f"{BEGIN}\nGiB per device; context = {PROMPT} prompt tokens + generated tokens (rollout and evaluation). "
-            f"Each row: `{command('PRESET', 0, 'python', Path('OUT'))[0]} ...` as in its record "
-            f"(docs/scale/compile/).\n\n{table()}\n{END}")
+    body = (f"{BEGIN}\nGiB per device (peak: arguments + outputs + temporaries + code); context = {PROMPT} prompt "
+            "tokens + generated tokens (rollout and evaluation). Each row's command is in its record "
+            f"(docs/scale/compile/<preset>-<context>.json).\n\n{table()}\n{END}")
     if BEGIN in text:
         text = text[: text.index(BEGIN)] + body + text[text.index(END) + len(END):]
     else:

@@ -178,3 +178,21 @@ def test_ppo_runs_split_over_the_mesh_keep_every_state_leaf_with_their_seeds():
         assert per_device_bytes(leaf) == leaf.nbytes // 4
         np.testing.assert_allclose(np.asarray(leaf), np.asarray(reference), rtol=1e-5, atol=1e-6)
     assert jax.tree.leaves(states.opt_state) and metrics["episode_return"].sharding.spec[:2] == (None, "data")
+
+
+def test_route_and_teachers_jobs_compile_for_a_tpu(tmp_path, capsys, v5e):
+    """`compile` knows the other systems' programs: the router's whole PPO run (seeds split over
+    the chips) and the teacher stack's lockstep prefill and decode loop (abstract weights, the
+    teachers' real tokenizers)."""
+    route = ["jaxdistill", "compile", "--config=experiments/router/default.py", "--target=v5e:2x2",
+             "--config.seeds=4", "--config.ppo.total_timesteps=1024", "--config.ppo.hidden=(16,)",
+             f"--out={tmp_path / 'route.json'}"]
+    assert main_lib.main(route) == 0
+    (program,) = json.loads((tmp_path / "route.json").read_text())["programs"]
+    assert program["program"] == "ppo_train" and program["fits"]
+    _, config = main_lib._load_config_file("experiments/teachers/default.py")
+    config.teachers = [dict(name="chat", model="smollm2-135m-instruct", style="chat")]  # lists: not a flag
+    config.batch_size, config.max_new_tokens = 2, 8
+    main_lib.compile_job(config, "v5e:2x2", str(tmp_path / "teachers.json"))
+    names = [p["program"] for p in json.loads((tmp_path / "teachers.json").read_text())["programs"]]
+    assert names == ["lockstep_start", "lockstep_advance"]

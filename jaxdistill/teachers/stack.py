@@ -277,17 +277,23 @@ class TeacherStack:
 def _stack(models, mesh):
     """Stack same-architecture models' parameters on a teacher axis (sharded over the `teacher`
     mesh axis when there is a mesh): after the layers axis of per-layer weights, leading elsewhere
-    (`decode_state.teacher_axes`)."""
+    (`decode_state.teacher_axes`). Abstract models (ahead-of-time compiles) stack abstractly."""
     graphdef, first = nnx.split(models[0])
     states = [first] + [nnx.split(m)[1] for m in models[1:]]
     flats = [dict(nnx.to_flat_state(s)) for s in states]
     stacked = []
     for path, variable in nnx.to_flat_state(first):
         at = 1 if path[0] == "layers" else 0
-        value = jnp.stack([jnp.asarray(f[path].get_value()) for f in flats], axis=at)
+        values = [f[path].get_value() for f in flats]
+        axes = list(variable.get_metadata().get("axes") or (None,) * values[0].ndim)
+        axes.insert(at, "teacher")
+        if isinstance(values[0], jax.ShapeDtypeStruct):
+            shape = (*values[0].shape[:at], len(values), *values[0].shape[at:])
+            sharding = None if mesh is None else mesh_lib.param_sharding(mesh, axes, shape)
+            stacked.append((path, variable.replace(jax.ShapeDtypeStruct(shape, values[0].dtype, sharding=sharding))))
+            continue
+        value = jnp.stack([jnp.asarray(v) for v in values], axis=at)
         if mesh is not None:
-            axes = list(variable.get_metadata().get("axes") or (None,) * (value.ndim - 1))
-            axes.insert(at, "teacher")
             value = mesh_lib.put_global(np.asarray(value), mesh_lib.param_sharding(mesh, axes, value.shape))
         stacked.append((path, variable.replace(value)))
     return graphdef, nnx.from_flat_state(stacked)
