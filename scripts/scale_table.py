@@ -30,24 +30,26 @@ PROMPT = 512  # prompt tokens (with the hint) every row assumes
 PRESETS = {"qwen3_1p7b_gpu1": "qwen3-1.7b", "qwen3_8b_gpu8": "qwen3-8b", "qwen3_8b_v5p64": "qwen3-8b",
            "qwen3_8b_8k_v5p64": "qwen3-8b", "qwen3_32b_v5p128": "qwen3-32b", "qwen3_32b_h200x8": "qwen3-32b"}
 CONTEXTS = ("shipped", 2048, 8192, 16384)  # prompt + generated tokens; "shipped": the preset's own lengths
+# the largest model each big target takes: a preset's mesh and sizes with a larger model
+PROBES = (("qwen3_32b_v5p128", "llama3-70b", 2048), ("qwen3_32b_h200x8", "llama3-70b", 2048))
 
 
-def record_path(preset: str, context: int | str) -> Path:
-    return RECORDS / f"{preset}-{context}.json"
+def record_path(preset: str, context: int | str, model: str = "") -> Path:
+    return RECORDS / f"{preset}{'-' + model if model else ''}-{context}.json"
 
 
-def command(preset: str, context: int | str, python: str, out: Path) -> list[str]:
+def command(preset: str, context: int | str, python: str, out: Path, model: str = "") -> list[str]:
     lengths = [] if context == "shipped" else [f"--config.sample.max_new_tokens={context - PROMPT}",
                                                f"--config.eval.max_new_tokens={context - PROMPT}"]
     return [python, "-m", "jaxdistill", "compile", f"--config=experiments/self_distill/{preset}.py",
-            f"--config.model={PRESETS[preset]}", f"--config.compile.prompt_tokens={PROMPT}", *lengths,
+            f"--config.model={model or PRESETS[preset]}", f"--config.compile.prompt_tokens={PROMPT}", *lengths,
             f"--out={out}"]
 
 
-def run(preset: str, context: int | str, python: str) -> None:
-    out = record_path(preset, context)
+def run(preset: str, context: int | str, python: str, model: str = "") -> None:
+    out = record_path(preset, context, model)
     out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = command(preset, context, python, out)
+    cmd = command(preset, context, python, out, model)
     shown = " ".join(["python", *cmd[1:-1]])
     print(f"$ {shown}", flush=True)
     start = time.perf_counter()
@@ -58,7 +60,8 @@ def run(preset: str, context: int | str, python: str) -> None:
         return
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
-    record = json.loads(out.read_text()) | {"preset": preset, "context": context, "command": shown,
+    record = json.loads(out.read_text()) | {"preset": preset, "model": model or PRESETS[preset],
+                                            "context": context, "command": shown,
                                             "commit": commit, "seconds": round(seconds, 1),
                                             "error": done.stderr.strip().splitlines()[-1] if done.returncode else ""}
     out.write_text(json.dumps(record, indent=1))
@@ -66,15 +69,14 @@ def run(preset: str, context: int | str, python: str) -> None:
 
 
 def table() -> str:
-    rows = ["| preset | target | context | train step | rollout decode | eval score | largest program "
+    rows = ["| preset | model | target | context | train step | rollout decode | eval score | largest program "
             "(args + new outputs + temp + code) | device | fits (≥10% free) | compile time |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     gib = lambda n: f"{n / 2**30:.1f}"  # noqa: E731
-    for preset in PRESETS:
-        for context in CONTEXTS:
-            path = record_path(preset, context)
-            if not path.exists():
-                continue
+    cases = [(p, c, "") for p in PRESETS for c in CONTEXTS] + list((p, c, m) for p, m, c in PROBES)
+    for preset, context, model in cases:
+        path = record_path(preset, context, model)
+        if path.exists():
             r = json.loads(path.read_text())
             programs = {p["program"]: p for p in r["programs"]}
             peak = {name: gib(p["peak_bytes"]) for name, p in programs.items()}
@@ -83,8 +85,8 @@ def table() -> str:
             parts = "+".join(gib(v) for v in (worst["argument_bytes"], fresh, worst["temp_bytes"], worst["code_bytes"]))
             shown = f"{PROMPT + config(preset).sample.max_new_tokens} (shipped)" if context == "shipped" else context
             fits = "yes" if all(p["fits"] for p in r["programs"]) else "NO"
-            cells = [preset, r["target"], shown, *(peak.get(n, "–") for n in ("train_step", "rollout_decode",
-                                                                             "eval_score")),
+            programs_shown = (peak.get(n, "–") for n in ("train_step", "rollout_decode", "eval_score"))
+            cells = [preset, model or PRESETS[preset], r["target"], shown, *programs_shown,
                      f"{worst['program']} {gib(worst['peak_bytes'])} ({parts})", gib(worst["device_memory"]), fits,
                      f"{r['seconds']:.0f}s"]
             rows.append("| " + " | ".join(map(str, cells)) + " |")
@@ -95,7 +97,7 @@ def write_doc() -> None:
     text = DOC.read_text()
     body = (f"{BEGIN}\nGiB per device (peak: arguments + outputs + temporaries + code); context = {PROMPT} prompt "
             "tokens + generated tokens (rollout and evaluation). Each row's command is in its record "
-            f"(docs/scale/compile/<preset>-<context>.json).\n\n{table()}\n{END}")
+            f"(docs/scale/compile/<preset>[-<model>]-<context>.json).\n\n{table()}\n{END}")
     if BEGIN in text:
         text = text[: text.index(BEGIN)] + body + text[text.index(END) + len(END):]
     else:
@@ -119,6 +121,10 @@ def main() -> None:
             for context in CONTEXTS:
                 if args.force or not record_path(preset, context).exists():
                     run(preset, context, python)
+        for preset, model, context in PROBES:
+            python = args.gpu_python if config(preset).compile.target.startswith("h") else sys.executable
+            if python and (args.force or not record_path(preset, context, model).exists()):
+                run(preset, context, python, model)
     write_doc()
     print(f"table written to {DOC}")
 

@@ -88,7 +88,15 @@ def test_ppo_learns_to_expand_only_where_the_wrong_direction_pays():
     states, history = jax.jit(train_fn)(jax.random.key(0), 5.0, train)
     params = states.params
     graphdef = ppo.policy_graph(train, ppo_config)
-    out = pruning_env.replay(test, lambda obs: jax.numpy.argmax(ppo.apply(graphdef, params, obs)[0]))
+    learned = lambda obs: jax.numpy.argmax(ppo.apply(graphdef, params, obs)[0])  # noqa: E731
+    out = pruning_env.replay(test, learned)
+    # held-out references replaced by garbage: the same decisions (the policy never sees a label),
+    # while what the decisions earn (gold traces) changes
+    garbage = test.replace(gold=jax.numpy.asarray(rng.random(test.gold.shape) < 0.5))
+    fooled = pruning_env.replay(garbage, learned)
+    np.testing.assert_array_equal(fooled["actions"], out["actions"])
+    np.testing.assert_array_equal(fooled["tokens"], out["tokens"])
+    assert not np.array_equal(fooled["gold"], out["gold"]) and (out["actions"] >= 0).any()
     pays = np.arange(8) % 2 == 0
     np.testing.assert_array_equal(out["gold"], pays.astype(np.float32))  # expanded exactly where it pays
     np.testing.assert_array_equal(out["tokens"], np.where(pays, 145.0, 5.0))  # and pruned the rest

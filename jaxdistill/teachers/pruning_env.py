@@ -41,7 +41,7 @@ class Trees:
 
     @property
     def obs_dim(self) -> int:
-        return self.features.shape[-1] + 2  # + tokens spent and gold found so far
+        return self.features.shape[-1] + 1  # + tokens spent so far
 
     @property
     def n_problems(self) -> int:
@@ -126,9 +126,10 @@ def reset(trees: Trees, key) -> State:
 
 
 def observe(trees: Trees, state: State) -> jax.Array:
+    """The pause's features and the tokens spent so far. Never the gold found so far: that comes from
+    checking leaves against the reference, which a search on a new problem does not have."""
     i = jnp.minimum(state.cursor, trees.n_branches - 1)
-    progress = jnp.stack([state.tokens / 1000, state.gold / 10])
-    return jnp.concatenate([trees.features[state.problem, i], progress]).astype(jnp.float32)
+    return jnp.concatenate([trees.features[state.problem, i], (state.tokens / 1000)[None]]).astype(jnp.float32)
 
 
 def step(trees: Trees, price: Price, state: State, action) -> tuple[State, jax.Array, jax.Array]:
@@ -153,16 +154,18 @@ def outcome(trees: Trees, state: State, action, next_state: State) -> dict[str, 
 
 
 def replay(trees: Trees, policy) -> dict[str, np.ndarray]:
-    """Every problem once under `policy(obs) -> action` (deterministic): gold traces and tokens per problem."""
+    """Every problem once under `policy(obs) -> action` (deterministic): gold traces and tokens per problem,
+    and the decisions [problems, branches] in the order they were made (-1 once the search is over)."""
 
     def episode(problem):
         def body(state, _):
             over = state.cursor >= trees.n_branches
-            nxt, _, _ = step(trees, Price(), state, policy(observe(trees, state)))
-            return jax.tree.map(lambda a, b: jnp.where(over, a, b), state, nxt), None
+            action = policy(observe(trees, state))
+            nxt, _, _ = step(trees, Price(), state, action)
+            return jax.tree.map(lambda a, b: jnp.where(over, a, b), state, nxt), jnp.where(over, -1, action)
 
-        state, _ = jax.lax.scan(body, start(trees, problem), None, trees.n_branches)
-        return {"gold": state.gold, "tokens": state.tokens}
+        state, actions = jax.lax.scan(body, start(trees, problem), None, trees.n_branches)
+        return {"gold": state.gold, "tokens": state.tokens, "actions": actions}
 
     out = jax.jit(jax.vmap(episode))(jnp.arange(trees.n_problems))
     return {k: np.asarray(v) for k, v in out.items()}
