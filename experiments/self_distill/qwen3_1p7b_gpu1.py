@@ -21,15 +21,11 @@ over 3 seeds. At 135M the method loses to SFT (docs/results.md); whether the sig
 135M and 1.7B is the open question this config answers.
 """
 
-import importlib.util
-from pathlib import Path
+from jaxdistill import settings
 
 
 def get_config():
-    spec = importlib.util.spec_from_file_location("gpu8", Path(__file__).with_name("qwen3_8b_gpu8.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
+    c = settings.sibling_config(__file__, "qwen3_8b_gpu8.py")
     c.model = ""  # required: a Hugging Face directory with Qwen3-1.7B (config.json + *.safetensors)
     c.workdir = "runs/self_distill/qwen3_1p7b_gpu1"
     c.batch_size = 8

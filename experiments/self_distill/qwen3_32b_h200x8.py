@@ -10,15 +10,11 @@ fsdp=8, before activations, rollouts and evaluation. Per-GPU memory of every pro
 for h200:8 on a CPU host: see docs/scale.md.
 """
 
-import importlib.util
-from pathlib import Path
+from jaxdistill import settings
 
 
 def get_config():
-    spec = importlib.util.spec_from_file_location("gpu8", Path(__file__).with_name("qwen3_8b_gpu8.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
+    c = settings.sibling_config(__file__, "qwen3_8b_gpu8.py")
     c.workdir = "runs/self_distill/qwen3_32b_h200x8"
     c.batch_size = 16
     c.eval.batch_size = 32

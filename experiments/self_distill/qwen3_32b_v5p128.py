@@ -11,15 +11,11 @@ Pallas splash. Per-chip memory of every program, compiled for v5p:4x4x4 on a CPU
 docs/scale.md (the numbers come from the compiled programs, not from an estimate).
 """
 
-import importlib.util
-from pathlib import Path
+from jaxdistill import settings
 
 
 def get_config():
-    spec = importlib.util.spec_from_file_location("v5p64", Path(__file__).with_name("qwen3_8b_v5p64.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
+    c = settings.sibling_config(__file__, "qwen3_8b_v5p64.py")
     c.workdir = "runs/self_distill/qwen3_32b_v5p128"
     c.batch_size = 64  # a multiple of the 64 data-parallel chips
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 64, 1

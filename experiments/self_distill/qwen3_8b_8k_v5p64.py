@@ -11,15 +11,11 @@ memory linear in length, and remat keeps one block's activations. Per-chip memor
 program, compiled for v5p:4x4x2 on a CPU host: see docs/scale.md.
 """
 
-import importlib.util
-from pathlib import Path
+from jaxdistill import settings
 
 
 def get_config():
-    spec = importlib.util.spec_from_file_location("v5p64", Path(__file__).with_name("qwen3_8b_v5p64.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
+    c = settings.sibling_config(__file__, "qwen3_8b_v5p64.py")
     c.workdir = "runs/self_distill/qwen3_8b_8k_v5p64"
     c.sample.max_new_tokens = 8192
     c.eval.max_new_tokens = 8192

@@ -22,19 +22,11 @@ strong (~90%), so the method's effect is best read on held-out accuracy per gene
 and on mean@k. At 135M the method loses to SFT (docs/results.md).
 """
 
-import importlib.util
-from pathlib import Path
-
-
-def _default():
-    spec = importlib.util.spec_from_file_location("default", Path(__file__).with_name("default.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from jaxdistill import settings
 
 
 def get_config():
-    c = _default()
+    c = settings.sibling_config(__file__, "default.py")
     c.model = ""  # required: a Hugging Face directory with Qwen3-8B (config.json + *.safetensors)
     c.dtype = "bfloat16"
     c.remat = True

@@ -16,15 +16,11 @@ docs/scale.md has the numbers (from docs/scale/compile/, which tests/test_launch
 What to expect: see qwen3_8b_gpu8.py.
 """
 
-import importlib.util
-from pathlib import Path
+from jaxdistill import settings
 
 
 def get_config():
-    spec = importlib.util.spec_from_file_location("gpu8", Path(__file__).with_name("qwen3_8b_gpu8.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
+    c = settings.sibling_config(__file__, "qwen3_8b_gpu8.py")
     c.workdir = "runs/self_distill/qwen3_8b_v5p64"
     c.batch_size = 32  # a multiple of the 32 data-parallel chips
     c.sample.max_new_tokens = 2048
