@@ -5,10 +5,10 @@ and a work directory is never continued under settings that change its results.
   source, arm or kind does not read is an error naming it and what would read it. Each system
   lists its `Unused` rules beside its `validate`.
 - `check_resume(workdir, config)`: the first start stores the resolved config in
-  `workdir/config.json`; a later start compares with it and refuses, listing each differing
-  key (old -> new), unless every difference is in `HARMLESS` or the user passes
-  `--config.resume=ignore_config_changes` (the deliberate case, e.g. more steps), which the
-  caller records in its summary.
+  `workdir/config.json`; a later start on a work directory holding results compares with it
+  and refuses, listing each differing key (old -> new), unless every difference is in
+  `HARMLESS` or the user passes `--config.resume=ignore_config_changes` (the deliberate case,
+  e.g. more steps), which `run_in_workdir` records in summary.md.
 """
 
 from __future__ import annotations
@@ -104,7 +104,9 @@ def check_resume(workdir, config) -> list[str]:
         raise ConfigError(f"resume must be one of {RESUME_CHOICES}, got {choice!r}.")
     path = workdir / "config.json"
     new = _plain(config)
-    if not path.exists():
+    # a start that left nothing behind (refused data, say) made no run to protect: start afresh
+    results = [p for p in workdir.iterdir() if p.name != "config.json" and not p.name.startswith(".")]
+    if not path.exists() or not results:
         if runs.is_writer():
             runs.atomic_write_text(path, json.dumps(new, indent=1))
         return []

@@ -97,7 +97,7 @@ def test_a_damaged_latest_checkpoint_names_itself_and_the_intact_one(tmp_path):
     for path in (workdir / "checkpoints" / "2").rglob("*"):
         if path.is_file():
             path.write_bytes(b"\x00garbage")
-    config.steps = 3
+    config.steps, config.resume = 3, "ignore_config_changes"  # continue it, deliberately, one step further
     with pytest.raises(RunError, match=r"checkpoints/2 is damaged.*step 1, is intact.*checkpoint.resume_from=1"):
         train_lib.run(config)
     config.checkpoint.resume_from = 1
