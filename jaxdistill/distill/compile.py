@@ -15,6 +15,8 @@ longest prompt with its hint). No weights are read: `config.model` may be a shap
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -39,13 +41,18 @@ def abstract_model(config, mesh) -> Decoder:
     return mesh_lib.shard_model(model, mesh)
 
 
+def split_rows(mesh, shape, dtype) -> jax.ShapeDtypeStruct:
+    """An abstract batch array, its rows split over the mesh's batch axes as the job places them."""
+    return aot.abstract(shape, dtype, mesh_lib.batch_sharding(mesh, len(shape)))
+
+
 def train_batch(config, mesh, prompt: int, gen: int) -> dict:
     """The abstract training batch of `config.arm` (see `step.build_batch`)."""
     problems = config.batch_size * config.get("samples_per_problem", 1)
     mode = step_lib.mode_for(config.arm)
     rows = problems * (2 if mode == "distill" else 1)
     width = step_lib.round_up(prompt, 32) + gen
-    on_rows = lambda shape, dtype: aot.abstract(shape, dtype, mesh_lib.batch_sharding(mesh, len(shape)))  # noqa: E731
+    on_rows = functools.partial(split_rows, mesh)
     batch = {"tokens": on_rows((rows, width), jnp.int32), "mask": on_rows((rows, width), bool),
              "target_mask": on_rows((problems, gen), bool), "end_mask": on_rows((problems, gen), bool)}
     if mode == "sparse":
@@ -64,7 +71,7 @@ def sampler_programs(prefix: str, model: Decoder, mesh, rows: int, prompt: int, 
     ways = mesh_lib.batch_rows_per_process(mesh) * jax.process_count()
     rows = -(-sampling.bucket(rows, minimum=1) // ways) * ways
     width, slots = sampling.bucket(prompt), sampling.bucket(new_tokens)
-    on_rows = lambda shape, dtype: aot.abstract(shape, dtype, mesh_lib.batch_sharding(mesh, len(shape)))  # noqa: E731
+    on_rows = functools.partial(split_rows, mesh)
     tokens, mask = on_rows((rows, width), jnp.int32), on_rows((rows, width), bool)
     settings = dict(new_slots=slots, pad_id=0, mesh=mesh)
     compiled = yield aot.Program(f"{prefix}_prefill", sampling._prefill_jit, (graphdef, params, tokens, mask, None),
@@ -109,7 +116,7 @@ def programs(config, target: aot.Target):
     yield from sampler_programs("eval", model, mesh, e.batch_size, prompt, e.max_new_tokens, sampling.Greedy())
     rows = -(-e.batch_size // mesh_lib.batch_rows_per_process(mesh)) * mesh_lib.batch_rows_per_process(mesh)
     width = step_lib.round_up(prompt, 32) + step_lib.round_up(e.max_new_tokens, 32)
-    on_rows = lambda shape, dtype: aot.abstract(shape, dtype, mesh_lib.batch_sharding(mesh, len(shape)))  # noqa: E731
+    on_rows = functools.partial(split_rows, mesh)
     scored = (on_rows((2 * rows, width), jnp.int32), on_rows((2 * rows, width), bool),
               on_rows((rows, step_lib.round_up(e.max_new_tokens, 32)), bool))
     yield aot.Program("eval_score", evaluate.score_program, (graphdef, state.params, *scored))
