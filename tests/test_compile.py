@@ -153,6 +153,9 @@ def test_compile_command_reports_every_program_and_refuses_what_does_not_fit(tmp
         aot.compile_all((p for p in [program]), small)
     assert main_lib.main(["jaxdistill", "compile", "--config=experiments/self_distill/default.py"]) == 2
     assert "compile needs --target" in capsys.readouterr().err
+    assert main_lib.main(["jaxdistill", "compile", "--config=experiments/self_distill/default.py",
+                          "--target=v9z:3x3"]) == 2
+    assert "'v9z:3x3' is not a TPU topology libtpu knows" in capsys.readouterr().err
 
 
 def test_ppo_runs_split_over_the_mesh_keep_every_state_leaf_with_their_seeds():
