@@ -189,3 +189,11 @@ def compile_all(programs: Iterator[Program], target_: Target, *, out: Path | Non
 
 def abstract(shape: Sequence[int], dtype, sharding=None) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(tuple(int(s) for s in shape), np.dtype(dtype), sharding=sharding)
+
+
+def outputs_of(program: Program, compiled: jax.stages.Compiled):
+    """A compiled program's outputs as abstract arrays in the shardings the compiler gave them:
+    the arguments of a program that takes them (a decode loop after its prefill)."""
+    shapes = jax.eval_shape(program.function, *program.args, **program.kwargs)  # the jit keeps its static args
+    return jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes,
+                        compiled.output_shardings)  # not `abstract`: the state may hold PRNG keys

@@ -73,12 +73,9 @@ def sampler_programs(prefix: str, model: Decoder, mesh, rows: int, prompt: int, 
     width, slots = sampling.bucket(prompt), sampling.bucket(new_tokens)
     on_rows = functools.partial(split_rows, mesh)
     tokens, mask = on_rows((rows, width), jnp.int32), on_rows((rows, width), bool)
-    settings = dict(new_slots=slots, pad_id=0, mesh=mesh)
-    compiled = yield aot.Program(f"{prefix}_prefill", sampling._prefill_jit, (graphdef, params, tokens, mask, None),
-                                 settings)
-    shapes = jax.eval_shape(lambda *a: sampling._prefill_jit(*a, **settings), graphdef, params, tokens, mask, None)
-    decoding, outputs = jax.tree.map(lambda s, sharding: aot.abstract(s.shape, s.dtype, sharding), shapes,
-                                     compiled.output_shardings)
+    prefill = aot.Program(f"{prefix}_prefill", sampling._prefill_jit, (graphdef, params, tokens, mask, None),
+                          dict(new_slots=slots, pad_id=0, mesh=mesh))
+    decoding, outputs = aot.outputs_of(prefill, (yield prefill))
     key = jax.eval_shape(lambda: jax.random.key(0))
     yield aot.Program(f"{prefix}_decode", sampling._decode_jit,
                       (graphdef, params, decoding, outputs, key, aot.abstract((), jnp.int32)),

@@ -65,10 +65,8 @@ def programs(config, target: aot.Target):
                               new_slots=slots, cache_steps=slots)
     key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
                                sharding=NamedSharding(mesh, PartitionSpec()))
-    compiled = yield aot.Program("lockstep_start", lockstep.start, (settings, groups, key))
-    shapes = jax.eval_shape(lambda g, k: lockstep.start(settings, g, k), groups, key)
-    state = jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes,
-                         compiled.output_shardings)
+    start = aot.Program("lockstep_start", lockstep.start, (settings, groups, key))
+    state = aot.outputs_of(start, (yield start))
     weights = stack.weights(rows)[:, stack.order]
     forced = (np.zeros((rows, slots), np.int32), np.zeros(rows, np.int32))
     rest = placed((jnp.asarray(weights), jnp.asarray(stack.allowed), stack.stops, jnp.int32(config.max_new_tokens),
