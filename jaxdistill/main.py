@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import difflib
 import importlib
-import importlib.util
 import sys
 import time
 import traceback
@@ -72,9 +71,9 @@ def _load_config_file(spec: str):
         raise CommandLineError(f"config file {path!r} does not exist; the shipped configs are "
                                f"{', '.join(default for *_, default in COMMANDS.values())} (and their neighbours "
                                "under experiments/).")
-    module_spec = importlib.util.spec_from_file_location("jaxdistill_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    from jaxdistill.settings import config_module  # imports jax: not before a command needs it
+
+    module = config_module(path)
     if not hasattr(module, "get_config"):
         raise CommandLineError(f"{path} has no get_config() function.")
     return module, (module.get_config(argument) if argument else module.get_config())

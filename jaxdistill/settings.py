@@ -47,17 +47,22 @@ def get(config, key: str):
     return value
 
 
+def config_module(path):
+    """The config file at `path`, executed as a module (its `get_config()` and docstring)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("jaxdistill_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def sibling_config(here: str, name: str):
     """`get_config()` of the config file `name` beside `here` (a config file's `__file__`): how
     presets build on each other without being importable modules."""
-    import importlib.util
     from pathlib import Path
 
-    path = Path(here).with_name(name)
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return config_module(Path(here).with_name(name)).get_config()
 
 
 def check_unused(config, rules: Sequence[Unused]) -> None:
