@@ -4,48 +4,141 @@ names, [out, in] layout, float32), llama.cpp's Q/K row permutation and Gemma's n
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
+import struct
 from pathlib import Path
 
 import numpy as np
 
 from jaxdistill.models.config import ConfigError, ModelConfig
 
+# GGUF metadata value types -> struct formats, which numpy reads as dtypes too (8 is a string, 9 an array)
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+_LONG = 1024  # string arrays longer than this (the tokenizer's) are left out of Header.meta
 
-@functools.lru_cache(maxsize=2)
-def reader(path: Path):
-    """The parsed file (memory-mapped), kept so weights and tokenizer parse it once."""
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # numpy order (GGUF lists dimensions innermost first)
+    qtype: int  # a gguf.GGMLQuantizationType
+    offset: int  # of its first byte, from the start of the file
+
+
+class Header:
+    """A GGUF file's metadata and tensor directory, read with struct from a memory map.
+
+    The gguf package's reader builds a Python object per vocabulary entry (4 s for SmolLM2's
+    49k tokens, 16 s for Gemma 3's 262k, on every load); here arrays of strings are stepped
+    over (those longer than _LONG, which only the tokenizer needs, are None in `meta`) and numeric
+    arrays are numpy views.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.buffer = np.memmap(path, dtype=np.uint8, mode="r")
+            if bytes(self.buffer[:4]) != b"GGUF":
+                raise ValueError("no GGUF magic number")
+            self.pos = 8  # magic, version
+            tensor_count, kv_count = self._unpack("<QQ")
+            self.meta = {}
+            for _ in range(kv_count):
+                key = self._string()
+                self.meta[key] = self._value(*self._unpack("<I"))
+            infos = []
+            for _ in range(tensor_count):
+                name = self._string()
+                (ndim,) = self._unpack("<I")
+                dims = self._unpack(f"<{ndim}Q")
+                qtype, offset = self._unpack("<IQ")
+                infos.append((name, tuple(int(d) for d in reversed(dims)), qtype, offset))
+            alignment = int(self.meta.get("general.alignment", 32))
+            start = -(-self.pos // alignment) * alignment
+            self.tensors = [TensorInfo(n, shape, q, start + o) for n, shape, q, o in infos]
+        except (ValueError, struct.error, IndexError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path} is not a readable GGUF file ({e}); re-download or re-assemble it.") from None
+
+    def _unpack(self, fmt: str) -> tuple:
+        out = struct.unpack_from(fmt, self.buffer, self.pos)
+        self.pos += struct.calcsize(fmt)
+        return out
+
+    def _string(self) -> str:
+        (n,) = self._unpack("<Q")
+        self.pos += n
+        return bytes(self.buffer[self.pos - n:self.pos]).decode()
+
+    def _value(self, kind: int):
+        if kind == _STRING:
+            return self._string()
+        if kind in _SCALARS:
+            return self._unpack(_SCALARS[kind])[0]
+        if kind != _ARRAY:
+            raise ValueError(f"unknown metadata value type {kind}")
+        kind, count = self._unpack("<IQ")
+        if kind in _SCALARS:
+            size = np.dtype(_SCALARS[kind]).itemsize * count
+            self.pos += size
+            return np.frombuffer(self.buffer, _SCALARS[kind], count, self.pos - size)
+        if kind == _STRING and count > _LONG:  # vocabularies, merges: step over them
+            for _ in range(count):
+                (n,) = self._unpack("<Q")
+                self.pos += n
+            return None
+        return [self._value(kind) for _ in range(count)]
+
+    def data(self, tensor: TensorInfo) -> np.ndarray:
+        """The tensor's stored bytes, as gguf.quants.dequantize takes them (rows of blocks)."""
+        import gguf
+
+        block, block_bytes = gguf.constants.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(tensor.qtype)]
+        row_bytes = tensor.shape[-1] // block * block_bytes
+        rows = int(np.prod(tensor.shape[:-1]))
+        if tensor.offset + rows * row_bytes > self.buffer.size:
+            raise ValueError(f"{self.path}: tensor {tensor.name} is truncated; the file is damaged, re-download it.")
+        return self.buffer[tensor.offset:tensor.offset + rows * row_bytes].reshape(*tensor.shape[:-1], row_bytes)
+
+
+def header(path: Path) -> Header:
+    """The parsed file, kept while it is unchanged (a training run reads it for the config, the
+    weights and the tokenizer)."""
+    stat = Path(path).stat()
+    return _header(Path(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _header(path: Path, mtime_ns: int, size: int) -> Header:
+    return Header(path)
+
+
+def tokenizer_fields(path: Path):
+    """Every metadata field as the gguf package gives it, vocabulary included (slow: only for
+    building a tokenizer, which is then cached)."""
     import gguf
 
-    try:
-        return gguf.GGUFReader(path)
-    except Exception as e:  # the gguf package raises assorted errors on damaged files
-        raise ValueError(f"{path} is not a readable GGUF file ({e}); re-download or re-assemble it.") from e
+    return gguf.GGUFReader(path).fields
 
 
-def read_config(parsed) -> ModelConfig:
-    """The model config of a parsed GGUF file (`reader`), from its metadata and tensor shapes."""
-    meta = {}
-    for key, field in parsed.fields.items():
-        if not key.startswith("tokenizer.ggml.") or key.endswith("_id"):  # skip the big vocab arrays
-            meta[key] = field.contents()
-    shapes = {t.name: tuple(int(s) for s in reversed(t.shape)) for t in parsed.tensors}
-    return ModelConfig.from_gguf(meta, shapes)
+def read_config(parsed: Header) -> ModelConfig:
+    """The model config of a parsed GGUF file, from its metadata and tensor shapes."""
+    shapes = {t.name: t.shape for t in parsed.tensors}
+    return ModelConfig.from_gguf(parsed.meta, shapes)
 
 
 def read(path: Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
     """Config and canonical (HF-named, [out, in], float32) weights of a GGUF file."""
     import gguf
 
-    parsed = reader(path)
+    parsed = header(path)
     config = read_config(parsed)
     weights = {}
     for tensor in parsed.tensors:
-        expected = int(np.prod(tensor.shape))
-        array = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
-        if array.size != expected:
-            raise ValueError(f"{path}: tensor {tensor.name} is truncated; the file is damaged, re-download it.")
+        array = gguf.quants.dequantize(parsed.data(tensor), gguf.GGMLQuantizationType(tensor.qtype))
+        array = array.astype(np.float32).reshape(tensor.shape)
         name = _gguf_to_hf_name(tensor.name, config.arch)
         if config.arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight", "q_proj.bias", "k_proj.bias")):
             heads = config.num_heads if "q_proj" in name else config.num_kv_heads

@@ -223,7 +223,7 @@ def _check_kind(path: Path) -> None:
 def read_config(path: Path) -> ModelConfig:
     """The model config of a GGUF file or an HF directory, without reading any weights."""
     _check_kind(path)
-    return _hf_config(path) if path.is_dir() else gguf_lib.read_config(gguf_lib.reader(path))
+    return _hf_config(path) if path.is_dir() else gguf_lib.read_config(gguf_lib.header(path))
 
 
 def read_weights(path: Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
@@ -278,7 +278,7 @@ def describe(name_or_path: str | Path) -> tuple[ModelConfig, Tokenizer]:
         return describe(run["model"])
     path = resolve(name_or_path)
     config = read_config(path)
-    return config, load_tokenizer(path, arch=config.arch, gguf_fields=lambda: gguf_lib.reader(path).fields)
+    return config, load_tokenizer(path, arch=config.arch, gguf_fields=lambda: gguf_lib.tokenizer_fields(path))
 
 
 def load(
@@ -319,6 +319,5 @@ def load(
         model = build_model(config, state, dtype=dtype, compute_dtype=compute_dtype, mesh=mesh, remat=remat,
                             attention=attention)
     config = model.config
-    tokenizer = load_tokenizer(path, arch=config.arch, gguf_fields=lambda: gguf_lib.reader(path).fields)
-    gguf_lib.reader.cache_clear()
+    tokenizer = load_tokenizer(path, arch=config.arch, gguf_fields=lambda: gguf_lib.tokenizer_fields(path))
     return model, tokenizer
