@@ -30,6 +30,8 @@ COMMANDS = {
               "experiments/teachers/pruning.py"),
     "sample": ("jaxdistill.main:sample", "chat with, or complete from, any loadable model",
                "experiments/sample/default.py"),
+    "export": ("jaxdistill.models.export:export", "write any loadable model or finished run as a Hugging Face "
+               "directory (safetensors, config, tokenizer)", None),
     "compile": ("jaxdistill.main:compile_job", "compile a job's programs for a TPU topology or GPUs (--target=...) "
                 "without weights or devices, and report per-device memory", "experiments/self_distill/default.py"),
 }
@@ -44,9 +46,11 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config fil
 def usage() -> str:
     lines = ["usage: python -m jaxdistill <command> --config=experiments/<system>/<name>.py [--config.key=value ...]",
              "       python -m jaxdistill compile --config=... --target=v5p:4x4x2|h100:8|... [--out=compile.json]",
+             "       python -m jaxdistill export SOURCE OUT_DIR [--dtype=bfloat16]",
              "       python -m jaxdistill <command> --help     (the command's config fields and defaults)",
              "", "commands:"]
-    lines += [f"  {name:<10} {help_}  (default config: {default})" for name, (_, help_, default) in COMMANDS.items()]
+    lines += [f"  {name:<10} {help_}" + (f"  (default config: {default})" if default else "")
+              for name, (_, help_, default) in COMMANDS.items()]
     lines += ["", "Each config file's docstring shows the command that runs it. --verbose shows tracebacks."]
     return "\n".join(lines)
 
@@ -69,8 +73,8 @@ def _load_config_file(spec: str):
     path, _, argument = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
     if not Path(path).is_file():
         raise CommandLineError(f"config file {path!r} does not exist; the shipped configs are "
-                               f"{', '.join(default for *_, default in COMMANDS.values())} (and their neighbours "
-                               "under experiments/).")
+                               f"{', '.join(default for *_, default in COMMANDS.values() if default)} (and their "
+                               "neighbours under experiments/).")
     from jaxdistill.settings import config_module  # imports jax: not before a command needs it
 
     module = config_module(path)
@@ -132,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
             close = difflib.get_close_matches(command, COMMANDS, n=1)
             raise CommandLineError(f"unknown command {command!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
                                    + f". Commands: {', '.join(COMMANDS)}.")
+        if command == "export":
+            return export_command(args)
         spec = _config_argument(args)
         if any(a in HELP_FLAGS for a in args):
             print(command_help(command, spec))
@@ -165,6 +171,26 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"error: {e}" + ("" if verbose else "  (--verbose shows the traceback)"), file=sys.stderr)
         return 2
+
+
+def export_command(args: list[str]) -> int:
+    """`export SOURCE OUT_DIR [--dtype=D]`: positional arguments, no config file."""
+    from jaxdistill.models.export import EXPORT_DTYPES, export
+
+    if any(a in HELP_FLAGS for a in args):
+        print(f"python -m jaxdistill export SOURCE OUT_DIR [--dtype={'|'.join(EXPORT_DTYPES)}]\n\n"
+              "SOURCE: a built-in model name, a .gguf file, a Hugging Face directory or a finished training run's "
+              "work directory. OUT_DIR (new, local or gs://...) becomes a Hugging Face model directory; the dtype "
+              "defaults to the source's (a run's config.dtype, float32 otherwise).")
+        return 0
+    options = {a.split("=", 1)[0]: a.split("=", 1)[1] if "=" in a else "" for a in args if a.startswith("--")}
+    positional = [a for a in args if not a.startswith("--")]
+    unknown = sorted(set(options) - {"--dtype"})
+    if len(positional) != 2 or unknown:
+        raise CommandLineError("usage: python -m jaxdistill export SOURCE OUT_DIR [--dtype=float32|bfloat16|float16]"
+                               + (f" (unknown option {unknown[0]})" if unknown else ""))
+    export(*positional, dtype=options.get("--dtype") or None)
+    return 0
 
 
 def compile_job(config, target_name: str, out: str | None = None) -> list:

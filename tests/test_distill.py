@@ -326,11 +326,16 @@ def test_a_run_with_sft_weight_logs_the_reference_cross_entropy_inside_its_loss(
         assert m["loss"] >= 0.5 * m["sft_loss"]  # plus the (non-negative) forward KL
 
 
-def test_a_finished_run_loads_by_its_workdir_as_its_final_model(tmp_path, monkeypatch):
-    """models.load(workdir) gives the parameters the run ended with (as a teacher, or to sample)."""
+def test_a_finished_run_loads_by_its_workdir_as_its_final_model_and_exports(tmp_path, monkeypatch):
+    """models.load(workdir) gives the parameters the run ended with (as a teacher, or to sample);
+    `python -m jaxdistill export workdir OUT` writes them as a directory transformers loads alone."""
+    import torch
     from flax import nnx
+    from test_parity import assert_logits_match, reference_logits
+    from transformers import AutoModelForCausalLM
 
     from jaxdistill.errors import RunError
+    from jaxdistill.main import main
     from jaxdistill.models import load
 
     def params(model):
@@ -354,6 +359,14 @@ def test_a_finished_run_loads_by_its_workdir_as_its_final_model(tmp_path, monkey
         np.testing.assert_array_equal(ours, theirs)
         moved += not np.array_equal(ours, before)
     assert moved > 0 and tokenizer.eos_ids
+
+    assert main(["jaxdistill", "export", str(tmp_path / "run"), str(tmp_path / "hf")]) == 0
+    exported, _ = load(tmp_path / "hf")
+    for ours, theirs in zip(params(exported), params(trained), strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    ids = tokenizer.chat([{"role": "user", "content": "What is 2 + 3?"}])
+    assert_logits_match(trained(jnp.asarray([ids]))[0], reference_logits(reference, ids))
 
 
 def test_samples_per_problem_samples_each_problem_that_many_times(tmp_path, monkeypatch):

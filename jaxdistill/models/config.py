@@ -333,6 +333,18 @@ def hf_layer_names(config: ModelConfig) -> dict[str, str]:
     return names
 
 
+def hf_tensor_names(config: ModelConfig) -> dict[tuple, str | list[str]]:
+    """Our state path -> its tensor name in a Hugging Face checkpoint (a list of per-layer names
+    for the stacked layer parameters)."""
+    names: dict[tuple, str | list[str]] = {("embed",): "model.embed_tokens.weight",
+                                           ("final_norm",): "model.norm.weight"}
+    if not config.tie_embeddings:
+        names[("lm_head",)] = "lm_head.weight"
+    for ours, theirs in hf_layer_names(config).items():
+        names[("layers", ours)] = [f"model.layers.{i}.{theirs}" for i in range(config.num_layers)]
+    return names
+
+
 # Architectures by name, for compiling without weights (`python -m jaxdistill compile
 # --config.model=qwen3-8b`): the config.json fields we read, as the models publish them.
 _QWEN3 = dict(model_type="qwen3", vocab_size=151936, head_dim=128, num_key_value_heads=8, max_position_embeddings=40960,

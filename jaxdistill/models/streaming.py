@@ -34,7 +34,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from jaxdistill.models.config import ConfigError, ModelConfig, hf_layer_names
+from jaxdistill.models.config import ConfigError, ModelConfig, hf_tensor_names
 
 FILE_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
 
@@ -184,6 +184,11 @@ class Layout:
         block = read_rows(entry, ranges[0])[(slice(None), *ranges[1:])]
         return block.transpose(self.perm).reshape(local)[tuple(inner)]
 
+    def to_file(self, ours: np.ndarray) -> np.ndarray:
+        """A whole tensor in our layout -> the file's layout (the inverse of `read`)."""
+        transposed = ours.reshape([math.prod(ours.shape[a] for a in group) for group in self.groups])
+        return transposed.transpose(np.argsort(self.perm))
+
 
 SAME, T = Layout((0,), ((0,),)), Layout((1, 0), ((0,), (1,)))
 LAYOUTS = {  # parameters that are not vectors stored as they are
@@ -221,17 +226,6 @@ def _tensor_index(path: Path) -> dict[str, TensorEntry]:
     return entries
 
 
-def _sources(config: ModelConfig) -> dict[tuple, str | list[str]]:
-    """Our state path -> the canonical tensor name (a list of per-layer names for stacked ones)."""
-    sources: dict[tuple, str | list[str]] = {("embed",): "model.embed_tokens.weight",
-                                            ("final_norm",): "model.norm.weight"}
-    if not config.tie_embeddings:
-        sources[("lm_head",)] = "lm_head.weight"
-    for ours, theirs in hf_layer_names(config).items():
-        sources[("layers", ours)] = [f"model.layers.{i}.{theirs}" for i in range(config.num_layers)]
-    return sources
-
-
 def load_hf_streaming(path: Path, config: ModelConfig, *, dtype=np.float32, compute_dtype=None, mesh=None,
                       remat: bool | str = False, attention: str = "xla"):
     """A Decoder whose parameters are read from the directory's safetensors slice by slice,
@@ -240,7 +234,7 @@ def load_hf_streaming(path: Path, config: ModelConfig, *, dtype=np.float32, comp
     from jaxdistill.models.transformer import Decoder
 
     entries = _tensor_index(path)
-    sources = _sources(config)
+    sources = hf_tensor_names(config)
     used = {name for names in sources.values() for name in ([names] if isinstance(names, str) else names)}
     unused = sorted(set(entries) - used - ({"lm_head.weight"} if config.tie_embeddings else set()))
     if config.tie_embeddings and "lm_head.weight" in entries:  # a copy of the embedding: check its ends, cheaply
