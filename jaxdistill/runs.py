@@ -10,13 +10,18 @@
 - `Checkpoints`: orbax checkpoints that finish saving even when the run dies right after
   a save, and a damaged latest checkpoint that names itself and the intact one to resume from.
 
-Only process 0 writes metrics, summaries and the lock; orbax coordinates the checkpoint
-writes of all processes itself.
+- `Board`: the same metrics as TensorBoard event files (workdir/tensorboard/), with the
+  summary as text and the plots as images; and a Weights & Biases run with `log.wandb`.
+
+Only process 0 writes metrics, summaries, boards and the lock; orbax coordinates the
+checkpoint writes of all processes itself.
 """
 
 from __future__ import annotations
 
 import contextlib
+import html
+import importlib.util
 import json
 import os
 import socket
@@ -24,6 +29,7 @@ import time
 import uuid
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -138,8 +144,8 @@ class MetricsLog:
     later steps are dropped first: they were written after the checkpoint the run resumes from.
     """
 
-    def __init__(self, path: epath.Path, resume_step: int):
-        self.path = path
+    def __init__(self, path: epath.Path, resume_step: int, board: Board | None = None):
+        self.path, self.board = path, board
         if not is_writer():
             return
         if path.exists():
@@ -151,6 +157,8 @@ class MetricsLog:
         if is_writer():
             with self.path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
+        if self.board is not None:
+            self.board.scalars(row, step=int(row["step"]))
 
     def rows(self) -> list[dict]:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
@@ -243,3 +251,105 @@ class Checkpoints:
             except Exception:  # noqa: BLE001 - damaged as well; try the one before
                 continue
         return None
+
+
+class Board:
+    """TensorBoard event files in `workdir/tensorboard/`: numeric metrics as scalars by step,
+    summary.md as text, every plot (*.png) of the work directory as an image. With
+    `wandb_project` the same go to a Weights & Biases run (its files under workdir/wandb/;
+    WANDB_MODE=offline keeps them local). Process 0 writes; elsewhere every call does nothing.
+
+    `resume(step)` before the first event: events of later steps from an earlier, interrupted
+    run are hidden, as MetricsLog drops their lines. The writers open at the first event.
+    """
+
+    def __init__(self, workdir, *, wandb_project: str = "", config: dict | None = None):
+        self.workdir, self.wandb_project, self.config = epath.Path(workdir), wandb_project, config
+        self.purge_step, self._writer, self._wandb = None, None, None
+        if wandb_project and is_writer() and importlib.util.find_spec("wandb") is None:
+            raise RunError(f"log.wandb={wandb_project!r} needs wandb: pip install wandb (or leave log.wandb "
+                           "empty; TensorBoard files are written either way).")
+
+    def resume(self, step: int) -> None:
+        self.purge_step = step + 1 if step else None
+
+    def _writers(self) -> tuple:
+        """(TensorBoard writer, W&B run or None), opened on first use; (None, None) off process 0."""
+        if self._writer is None and is_writer():
+            from tensorboardX import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.workdir / "tensorboard"), purge_step=self.purge_step)
+            if self.wandb_project:
+                import wandb
+
+                run_id = uuid.uuid5(uuid.NAMESPACE_URL, str(self.workdir)).hex[:16]  # one run per work directory
+                self._wandb = wandb.init(project=self.wandb_project, dir=str(self.workdir), config=self.config,
+                                         name=self.workdir.name, id=run_id, resume="allow")
+        return self._writer, self._wandb
+
+    def __enter__(self) -> Board:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def scalars(self, row: dict, *, step: int, prefix: str = "") -> None:
+        """Every number of `row` (a metrics line) at `step`; lists and text are left to metrics.jsonl."""
+        numbers = {prefix + k: float(v) for k, v in row.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+        writer, wandb_run = self._writers()
+        if writer is not None:
+            for tag, value in numbers.items():
+                writer.add_scalar(tag, value, step)
+        if wandb_run is not None:
+            wandb_run.log(numbers, step=step)
+
+    def curves(self, history: dict, alphas) -> None:
+        """PPO training curves, `history[name]` shaped [alphas, seeds, updates]: one scalar
+        series per (name, alpha, seed), by update."""
+        for name, values in history.items():
+            values = np.asarray(values)
+            for a, alpha in enumerate(alphas):
+                for seed in range(values.shape[1]):
+                    for update, value in enumerate(values[a, seed]):
+                        self.scalars({f"{name}/alpha {float(alpha):g} seed {seed}": value}, step=update + 1)
+
+    def publish(self, *, step: int) -> None:
+        """The finished work directory's summary.md as text and its plots as images, at `step`."""
+        writer, wandb_run = self._writers()
+        if writer is None:
+            return
+        summary = self.workdir / "summary.md"
+        text = summary.read_text() if summary.exists() else ""
+        plots = sorted(self.workdir.glob("*.png"))
+        if text:
+            writer.add_text("summary", text, step)
+        for plot in plots:
+            writer.add_image(plot.stem, _read_png(plot), step, dataformats="HWC")
+        if wandb_run is not None:
+            import wandb
+
+            media = {plot.stem: wandb.Image(str(plot)) for plot in plots}
+            if text:
+                media["summary"] = wandb.Html(f"<pre>{html.escape(text)}</pre>")
+            wandb_run.log(media, step=step)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+        self._writer = self._wandb = None
+
+
+def board(config, workdir) -> Board:
+    """The Board a command's config asks for (`log.wandb`, empty for TensorBoard alone)."""
+    log = config.get("log") or {}
+    return Board(workdir, wandb_project=log.get("wandb", ""), config=config.to_dict())
+
+
+def _read_png(path) -> np.ndarray:
+    import matplotlib.image
+
+    image = matplotlib.image.imread(str(path))  # float in [0, 1], RGB or RGBA
+    return (image[..., :3] * 255).round().astype(np.uint8)

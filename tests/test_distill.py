@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import tiny_model
+from helpers import read_board, tiny_model
 from ml_collections import config_dict
 
 from jaxdistill import mesh as mesh_lib
@@ -347,6 +347,9 @@ def test_a_finished_run_loads_by_its_workdir_as_its_final_model_and_exports(tmp_
                         or real_evaluate(model, *a, **k))
     config = tiny_run_config(tmp_path / "run", steps=2)
     config.eval.after = True
+    config.log = {"wandb": "jaxdistill-tests"}  # and TensorBoard, always
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "metrics.jsonl").write_text("")  # a run that has started, not finished
     with pytest.raises(RunError, match="not a finished jaxdistill training run"):
@@ -359,6 +362,15 @@ def test_a_finished_run_loads_by_its_workdir_as_its_final_model_and_exports(tmp_
         np.testing.assert_array_equal(ours, theirs)
         moved += not np.array_equal(ours, before)
     assert moved > 0 and tokenizer.eos_ids
+
+    losses = {row["step"]: row["loss"] for row in _metrics(tmp_path / "run")}
+    board = read_board(tmp_path / "run")
+    assert board["scalars"]["loss"] == pytest.approx(losses)
+    after = json.loads((tmp_path / "run" / "summary.json").read_text())["eval"]["after"]
+    assert board["scalars"]["eval/accuracy"] == pytest.approx({2: after["accuracy"]})
+    assert "| after |" in board["text"]["summary/text_summary"]
+    wandb_log = b"".join(p.read_bytes() for p in (tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert b"loss" in wandb_log and b"eval/accuracy" in wandb_log  # the same scalars, for W&B to sync
 
     assert main(["jaxdistill", "export", str(tmp_path / "run"), str(tmp_path / "hf")]) == 0
     exported, _ = load(tmp_path / "hf")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import tiny_model
+from helpers import read_board, tiny_model
 from test_distill import tiny_run_config
 
 from jaxdistill import runs, sampling
@@ -86,6 +86,9 @@ def test_metrics_lines_past_the_restored_checkpoint_are_dropped_on_resume(tmp_pa
     train_lib.run(config)
     assert metric_steps(workdir) == [1, 2, 3]
     assert checkpoint_steps(workdir) == [2, 3]
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    # TensorBoard likewise: the rerun's step 3 replaces the first one (the writer purges from step 3)
+    assert read_board(workdir)["scalars"]["loss"] == pytest.approx({r["step"]: r["loss"] for r in rows})
 
 
 def test_a_damaged_latest_checkpoint_names_itself_and_the_intact_one(tmp_path):

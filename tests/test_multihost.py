@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import read_board
 
 ARGS = ["--config.steps=2", "--config.optim.warmup_steps=1", "--config.batch_size=4", "--config.data.eval_size=6",
         "--config.sample.max_new_tokens=12", "--config.eval.max_new_tokens=8", "--config.eval.before=False",
@@ -80,6 +81,9 @@ def test_two_processes_train_exactly_like_one(tiny_chat_model, tmp_path, arm):
     _train(tiny_chat_model, two, arm, processes=2)
     rows = [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (one, two)]
     assert [r["step"] for r in rows[1]] == [1, 2]  # one metrics file, one line per step: process 0 writes
+    board = read_board(two)
+    assert board["files"] == 1 and board["scalars"]["loss"] == pytest.approx({1: rows[1][0]["loss"],
+                                                                              2: rows[1][1]["loss"]})
     for a, b in zip(*rows, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6)
         assert b["generated_tokens"] == a["generated_tokens"]  # the same samples: each process decoded its rows

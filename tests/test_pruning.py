@@ -5,6 +5,8 @@ import json
 
 import jax
 import numpy as np
+import pytest
+from helpers import read_board
 
 from jaxdistill.data.synthetic import synthetic_records
 from jaxdistill.rl import ppo
@@ -128,6 +130,12 @@ def test_prune_command_records_trees_trains_and_resumes_without_searching_again(
     assert result["heuristic"][0]["tokens"] == full["tokens"] and result["heuristic"][0]["gold"] == full["gold"]
     assert "| PPO, alpha 5, seed 1 |" in (tmp_path / "summary.md").read_text()
     assert (tmp_path / "pruning.png").stat().st_size > 10_000
+    board = read_board(tmp_path)  # PPO curves per (price, seed), the summary and the plot
+    updates = 2048 // (8 * 8)
+    assert board["scalars"]["episode_return/alpha 5 seed 1"].keys() == set(range(1, updates + 1))
+    assert board["scalars"]["episode_return/alpha 5 seed 1"][updates] == pytest.approx(
+        result["history"]["episode_return"][1][1][-1])
+    assert set(board["images"]) == {"pruning"} and "PPO, alpha 5" in board["text"]["summary/text_summary"]
     saved = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "trees").iterdir()}
     assert len(saved) == 3 + 2  # three trees, best-of-N for two seeds
     again = subprocess.run(args, capture_output=True, text=True, timeout=900, cwd=root, env=env)

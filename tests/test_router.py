@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from helpers import read_board
 
 from jaxdistill.data.qa import Question
 from jaxdistill.errors import RunError
@@ -362,6 +363,13 @@ def test_route_runs_end_to_end(tmp_path, tiny_pool):
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 3 * 3 * 10  # alphas {0, 0.1 (the default), 0.5} x seeds x updates
     assert set(json.loads(lines[0])) >= {"alpha", "seed", "update", "episode_return", "entropy"}
+    board = read_board(out)  # the same curves, the summary and both plots in TensorBoard
+    first = json.loads(lines[0])
+    assert board["scalars"][f"episode_return/alpha {first['alpha']:g} seed 0"][1] == pytest.approx(
+        first["episode_return"])
+    assert len(board["scalars"]["episode_return/alpha 0.5 seed 2"]) == 10
+    assert "Router vs the strongest baselines" in board["text"]["summary/text_summary"]
+    assert set(board["images"]) == {"cost_quality", "training_curves"}
     for alpha, rows in zip(results["alphas"], results["per_alpha"], strict=True):
         # the oracle bounds every method's quality at the alpha's price, and each CI holds its mean
         score = lambda row, a=alpha: row["quality"] - a * row["cost"]  # noqa: E731

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import tiny_model
+from helpers import read_board, tiny_model
 
 from jaxdistill import mesh as mesh_lib
 from jaxdistill import sampling
@@ -276,6 +276,11 @@ def test_teachers_command_runs_every_arm_and_resumes_without_redoing_them(tmp_pa
     for trace in gold:  # the stack's top-20 distribution at each token of the trace
         assert len(trace["top_ids"]) == len(trace["pivot_tokens"]) and len(trace["top_ids"][0]) == 20
     assert (tmp_path / "search_tree.png").stat().st_size > 5_000
+    board = read_board(tmp_path)
+    assert board["scalars"]["stack: online/accuracy"][0] == pytest.approx(np.mean(
+        results["arms"]["stack: online"]["accuracy"]))
+    assert set(board["images"]) == {"diversity", "search_tree"} and "| stack: online |" in board["text"][
+        "summary/text_summary"]
     saved = {p.name: p.stat().st_mtime_ns for d in ("arms", "search") for p in (tmp_path / d).iterdir()}
     assert len(saved) == 6 + 1 + 2
     again = subprocess.run(args, capture_output=True, text=True, timeout=900, cwd=root, env=env)

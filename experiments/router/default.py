@@ -27,6 +27,8 @@ def get_config():
     # "": a rerun continues this workdir only under the same results-changing settings (config.json holds them);
     # "ignore_config_changes": continue it anyway (more steps, say), recorded in the summary
     c.resume = ""
+    # TensorBoard event files go to workdir/tensorboard/ always; wandb=PROJECT also logs to Weights & Biases
+    c.log = dict(wandb="")
     c.seeds = 5  # PPO seeds per alpha, trained at once with vmap
 
     c.data = ml_collections.ConfigDict()

@@ -32,6 +32,8 @@ def get_config():
     # "": a rerun continues this workdir only under the same results-changing settings (config.json holds them);
     # "ignore_config_changes": continue it anyway (more steps, say), recorded in the summary
     c.resume = ""
+    # TensorBoard event files go to workdir/tensorboard/ always; wandb=PROJECT also logs to Weights & Biases
+    c.log = dict(wandb="")
     c.arm = "blend"  # blend | fixed_k | teacher | sft | rejection_sft | stack
     c.hint = "reference"  # what pTeacher shows: reference | wrong (another problem's solution) | none
     c.rollout = "student"  # which context samples genCoT: student (on-policy) | teacher (pTeacher, off-policy)

@@ -52,6 +52,8 @@ def get_config(finetuned: str = ""):
     # "": a rerun continues this workdir only under the same results-changing settings (config.json holds them);
     # "ignore_config_changes": continue it anyway (more steps, say), recorded in the summary
     c.resume = ""
+    # TensorBoard event files go to workdir/tensorboard/ always; wandb=PROJECT also logs to Weights & Biases
+    c.log = dict(wandb="")
     c.width = 2  # teacher tokens fed per pivot token; pivot tokens needing more are not candidates (counted)
     # True: a few-shot teacher's end of reply (a blank line; a line break after '#### N') counts as the end of
     # turn. Off in the measured runs: there the final-answer line stops a branch anyway (docs/teachers.md).

@@ -108,7 +108,8 @@ def _train(config, workdir) -> dict:
     summary = {"config": config.to_dict(), "eval": {}}
 
     with runs.Checkpoints(workdir / "checkpoints", keep=config.checkpoint.keep,
-                          resume_from=config.checkpoint.get("resume_from", 0)) as checkpoints:
+                          resume_from=config.checkpoint.get("resume_from", 0)) as checkpoints, \
+            runs.board(config, workdir) as board:
         restored = checkpoints.restore(state)
         start = 0
         if restored is not None:
@@ -118,7 +119,8 @@ def _train(config, workdir) -> dict:
             print(f"resumed from step {start} in {workdir}")
         elif config.eval.before:
             summary["eval"]["before"] = evaluate(model, tokenizer, eval_records, **eval_kwargs)
-        metrics_log = runs.MetricsLog(workdir / "metrics.jsonl", resume_step=start)
+        board.resume(start)
+        metrics_log = runs.MetricsLog(workdir / "metrics.jsonl", resume_step=start, board=board)
 
         bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=f"{config.arm}",
                    unit="step", dynamic_ncols=True)
@@ -188,14 +190,19 @@ def _train(config, workdir) -> dict:
             if done % config.checkpoint.every == 0 or done == config.steps:
                 checkpoints.save(done, state, {"data": iterator.get_state(), "summary": summary})
 
-    if config.eval.after:
-        model = nnx.merge(graphdef, state.params)
-        summary["eval"]["after"] = evaluate(model, tokenizer, eval_records, **eval_kwargs)
-    if runs.is_writer():
-        runs.atomic_write_text(summary_path, json.dumps(summary, indent=1))
-        if summary["eval"]:
-            table = format_table(summary["eval"])
-            runs.atomic_write_text(workdir / "summary.md", f"# {config.arm} on {config.model}\n\n{table}\n")
-            print(f"\nheld-out evaluation ({len(eval_records)} problems), {config.arm} arm:\n{table}")
-            print(f"\nmetrics: {workdir / 'metrics.jsonl'}\nsummary: {workdir / 'summary.md'}")
+        if config.eval.after:
+            model = nnx.merge(graphdef, state.params)
+            summary["eval"]["after"] = evaluate(model, tokenizer, eval_records, **eval_kwargs)
+        if runs.is_writer():
+            runs.atomic_write_text(summary_path, json.dumps(summary, indent=1))
+            if summary["eval"]:
+                table = format_table(summary["eval"])
+                runs.atomic_write_text(workdir / "summary.md", f"# {config.arm} on {config.model}\n\n{table}\n")
+                print(f"\nheld-out evaluation ({len(eval_records)} problems), {config.arm} arm:\n{table}")
+                print(f"\nmetrics: {workdir / 'metrics.jsonl'}, summary: {workdir / 'summary.md'}, "
+                      f"tensorboard: {workdir / 'tensorboard'}")
+        for when, row in summary["eval"].items():  # held-out metrics at the step they were measured
+            board.scalars(row, step={"before": 0, "after": config.steps}.get(when) or int(when.split()[-1]),
+                          prefix="eval/")
+        board.publish(step=config.steps)
     return summary

@@ -124,7 +124,7 @@ def train_policies(config, env: env_lib.Env, rewards: env_lib.Rewards, alphas: n
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(workdir / "policy", params, force=True)
     checkpointer.wait_until_finished()
-    return ppo.policy_graph(env, ppo_config), params, {"ppo_seconds": seconds, "ppo_steps": steps}
+    return ppo.policy_graph(env, ppo_config), params, {"ppo_seconds": seconds, "ppo_steps": steps}, history
 
 
 def plot_training(history: dict[str, np.ndarray], alphas: np.ndarray, ppo_config: ppo.PPOConfig, path: Path) -> None:
@@ -165,7 +165,7 @@ def _route(config, workdir: Path) -> dict:
     rewards = env_lib.Rewards(alpha=e.alpha, beta=e.beta, gamma=e.gamma, p0=e.p0)
     alphas = np.array(sorted(set(config.alphas) | {e.alpha}), np.float32)
     seeds = config.seeds
-    graphdef, params, timing = train_policies(config, train_env, rewards, alphas, seeds, workdir)
+    graphdef, params, timing, history = train_policies(config, train_env, rewards, alphas, seeds, workdir)
     per_alpha = evaluate_all(config, train_env, test_env, train_table, test_table, rewards, alphas, graphdef,
                              params, seeds)
     default = per_alpha[int(np.argmin(np.abs(alphas - e.alpha)))]
@@ -200,9 +200,13 @@ def _route(config, workdir: Path) -> dict:
                       "quality": {m: [x["quality"].tolist() for x in o] for m, o in default.items()}},
     }
     runs.atomic_write_text(workdir / "results.json", json.dumps(results, indent=1))
+    with runs.board(config, workdir) as board:
+        board.curves(history, alphas)
+        board.scalars({f"frontier auc/{m}": auc for m, auc in aucs.items()}, step=config.ppo.num_updates)
+        board.publish(step=config.ppo.num_updates)
     print("\n" + summary)
     print(f"\n(written to {workdir}: summary.md, results.json, metrics.jsonl, cost_quality.png, "
-          "training_curves.png, policy/)")
+          "training_curves.png, policy/, tensorboard/)")
     return results
 
 

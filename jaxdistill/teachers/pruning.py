@@ -186,6 +186,9 @@ def _run(config, workdir: Path) -> dict:
     summary = format_summary(result, config, time.perf_counter() - begin)
     runs.atomic_write_text(workdir / "results.json", json.dumps(result, indent=1))
     runs.atomic_write_text(workdir / "summary.md", summary)
+    with runs.board(config, workdir) as board:
+        board.curves(result["history"], alphas)
+        board.publish(step=c.ppo.num_updates)
     print(summary)
     return result
 

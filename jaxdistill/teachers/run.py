@@ -183,8 +183,12 @@ def _run(config, workdir: Path) -> dict:
            "diversity": {k: np.asarray(v).tolist() for k, v in diversity.items()},
            "search": searched}
     runs.atomic_write_text(workdir / "results.json", json.dumps(out, indent=1))
+    with runs.board(config, workdir) as board:  # one point per arm: the mean over seeds
+        board.scalars({f"{arm}/{field}": np.mean(values) for arm, row in out["arms"].items()
+                       for field, values in row.items()}, step=0)
+        board.publish(step=0)
     print("\n" + summary)
-    print(f"\n(written to {workdir}: summary.md, results.json, diversity.png, arms/"
+    print(f"\n(written to {workdir}: summary.md, results.json, diversity.png, tensorboard/, arms/"
           + (", search/, traces.jsonl, negatives.jsonl, search_tree.png)" if searched else ")"))
     return out
 
