@@ -335,10 +335,70 @@ def test_the_qa_task_gives_exact_answers_that_replies_are_matched_against():
     from jaxdistill.data.records import answer_matches
     from jaxdistill.teachers import run as run_lib
 
-    config = ml_collections.ConfigDict({"data": dict(task="qa", seed=0, eval_size=8, fewshot_examples=4)})
-    test, fewshot = run_lib.held_out(config)
+    config = ml_collections.ConfigDict({"data": dict(task="qa", seed=0, eval_size=8, fewshot_examples=4),
+                                        "online_problems": 6})
+    test, fit, search, fewshot = run_lib.problems(config, search=5)
     assert [r.answer for r in test[:4]] == ["54", "no", "Cairo", "positive"]  # one question per family
     assert all(answer_matches(r.solution, r.answer) for r in test)
     assert fewshot.count("\n#### ") == 4 and not any(r.problem in fewshot for r in test)
+    assert len(fit) == 6 and len(search) == 5 and not {r.problem for r in fit + search} & {r.problem for r in test}
     assert answer_matches("Noah lives there.\n#### cairo.", "Cairo") and not answer_matches("#### Lima", "Cairo")
     assert not answer_matches("#### Cairo", None)  # no exact answer: never verified
+
+
+def test_teachers_search_and_fit_on_training_problems_and_refuse_held_out_ones(monkeypatch):
+    """Math problems repeat across splits by chance (3 in 400 at the default sizes): the training
+    split skips the held-out ones, and a search set that still overlaps is refused."""
+    import ml_collections
+
+    from jaxdistill.data.synthetic import SyntheticConfig, synthetic_records
+    from jaxdistill.teachers import run as run_lib
+
+    config = ml_collections.ConfigDict({"data": dict(task="math", seed=0, eval_size=256, fewshot_examples=2, steps=1,
+                                                     max_start=20, max_operand=12), "online_problems": 16})
+    test, fit, search, _ = run_lib.problems(config, search=400)
+    assert len(search) == 400 and not {r.problem for r in fit + search} & {r.problem for r in test}
+    small = SyntheticConfig(steps=1, max_start=20, max_operand=12)
+    unfiltered = synthetic_records(400, 0, small, "train", held_out=0)
+    assert {r.problem for r in unfiltered} & {r.problem for r in test}  # what the filter removes exists
+    monkeypatch.setattr(run_lib, "synthetic_records", lambda n, seed, cfg, split, **kw: synthetic_records(
+        n, seed, cfg, "test"))  # as if the training split were the held-out one
+    with pytest.raises(ConfigError, match="search problems are also held-out problems"):
+        run_lib.problems(config, search=3)
+
+
+def test_online_weights_and_the_best_of_n_teacher_never_read_held_out_answers(tmp_path, monkeypatch):
+    """The same run with every held-out answer and solution replaced by garbage: the online rule's
+    answers, its weights and the chosen teacher stay the same; only the held-out scores move."""
+    import dataclasses
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from jaxdistill.teachers import run as run_lib
+
+    spec = importlib.util.spec_from_file_location("teachers_default",
+                                                  Path(__file__).parent.parent / "experiments/teachers/default.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.teachers = config.teachers[:2]  # SmolLM2 in chat and few-shot styles: one model, loaded once
+    config.rules, config.online_problems, config.max_new_tokens, config.batch_size = ("online",), 3, 8, 4
+    config.data.eval_size, config.search.problems = 3, 0
+    real = run_lib.problems
+
+    def garbage(config, search=0):
+        p = real(config, search)
+        return p._replace(test=[dataclasses.replace(r, answer="-12345", solution="x\n#### -12345") for r in p.test])
+
+    runs = []
+    for name, problems in (("real", real), ("garbage", garbage)):
+        monkeypatch.setattr(run_lib, "problems", problems)
+        (tmp_path / name).mkdir()
+        runs.append(run_lib._run(config, tmp_path / name))
+        monkeypatch.undo()
+    online = [json.loads((tmp_path / name / "arms" / "stack-online-seed0.json").read_text()) for name in ("real",
+                                                                                                      "garbage")]
+    assert online[0]["texts"] == online[1]["texts"]
+    assert runs[0]["train_accuracy"] == runs[1]["train_accuracy"] and runs[0]["best_single"] == runs[1]["best_single"]
+    assert runs[1]["arms"]["stack: online"]["accuracy"] == [0.0]  # no reply says -12345

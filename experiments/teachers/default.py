@@ -10,8 +10,8 @@ synthetic word problems in lockstep, in the pivot vocabulary (default SmolLM2's;
 is the ablation, see docs/teachers.md). Arms: each teacher
 alone (in its own vocabulary), the weighted mixture, the product of experts, the confidence
 gate on the lead teacher, per-prompt perplexity weights and online weights from verified
-accuracy. Diversity (pairwise Jensen-Shannon, top-1 agreement, mixture entropy gain) is
-measured on the reference solutions. Branch search runs on the first `search.problems`
+accuracy on training problems. Diversity (pairwise Jensen-Shannon, top-1 agreement, mixture entropy
+gain) is measured on the reference solutions. Branch search runs on `search.problems` training
 problems and writes gold traces (traces.jsonl, readable by the self-distillation loader)
 and located negatives (negatives.jsonl, preference pairs), against best-of-N sampling from
 the best single teacher at equal generated tokens over `seeds` seeds. Decoding is greedy by
@@ -61,15 +61,18 @@ def get_config(finetuned: str = ""):
     c.rules = ("mean_probs", "mean_logprobs", "gated", "perplexity", "online")
     c.gate_threshold = 0.5  # gated: the lead (first) teacher alone while its top probability is >= this
     c.perplexity_temperature = 1.0  # perplexity: w ∝ exp(-nll per byte of the problem / temperature)
-    c.online_temperature = 0.1  # online: w ∝ exp(verified accuracy so far / temperature)
+    c.online_temperature = 0.1  # online: w ∝ exp(verified accuracy on the fitting problems / temperature)
+    # training problems (never held-out ones) whose verified answers fit the online weights and pick the
+    # teacher best-of-N samples from
+    c.online_problems = 16
     c.top_k = 10  # candidates: union of each teacher's top-k (0: every token)
     c.temperature = 0.0  # 0: greedy
     c.seeds = 3  # used when temperature > 0
     c.max_new_tokens = 96
     c.batch_size = 16
     c.dtype = "float32"
-    # Branch search on the first `problems` held-out problems, against best-of-N sampling from the best
-    # single teacher at the same number of generated tokens (seeds x).
+    # Branch search on `problems` training problems (its traces are training data), against best-of-N
+    # sampling from the best single teacher (on the fitting problems) at the same generated tokens (seeds x).
     c.search = ml_collections.ConfigDict(dict(
         problems=2, rule="mean_probs", right=2, wrong=2, branch_entropy=1.0, gap=6, max_levels=3, max_live=16,
         min_confidence=0.0, token_budget=768, max_new_tokens=96, baseline_temperature=0.7,

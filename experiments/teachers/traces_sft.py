@@ -60,7 +60,7 @@ def build_sets(config, problems, workdir: Path, min_confidence: float, seed: int
     """Search and best-of-N on `problems`; writes search.jsonl and best_of_n.jsonl of equal length."""
     sc = dataclasses.replace(pruning.complete_search_config(config), min_confidence=min_confidence)
     (workdir / "search").mkdir(parents=True, exist_ok=True)
-    fewshot = teachers_run.held_out(config)[1]
+    fewshot = teachers_run.problems(config).fewshot
     best_name = config.pruning.best_of_n_teacher
     paths = [workdir / "search" / f"{r.uid}.json" for r in problems]
     bon_path = workdir / "search" / f"best-of-n-{best_name}-seed{seed}.json"

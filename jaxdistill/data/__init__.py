@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from jaxdistill.data.conversations import conversation_records
 from jaxdistill.data.records import DataError, Record, extract_answer, iter_tfds, parse_record, read_jsonl
-from jaxdistill.data.synthetic import SyntheticConfig, synthetic_records
+from jaxdistill.data.synthetic import TEST_WINDOW, SyntheticConfig, synthetic_records
 from jaxdistill.errors import ConfigError
 
 __all__ = ["DataError", "Record", "SyntheticConfig", "conversation_records", "extract_answer", "load_records",
@@ -29,7 +29,8 @@ def load_records(config) -> tuple[list[Record], list[Record]]:
     source = config.source
     if source == "synthetic":
         task = SyntheticConfig(steps=config.steps, max_start=config.max_start, max_operand=config.max_operand)
-        return (synthetic_records(config.train_size, config.seed, task, "train"),
+        return (synthetic_records(config.train_size, config.seed, task, "train",
+                                  held_out=max(config.eval_size, TEST_WINDOW)),
                 synthetic_records(config.eval_size, config.seed, task, "test"))
     if source == "conversations":
         return (conversation_records(config.train_size, config.seed, "train"),

@@ -3,11 +3,16 @@
 Each problem starts from a count and applies `steps` operations (buy/find: +, give/eat: -,
 doubling/tripling: x). Knobs: number of steps, size of the numbers, which operations.
 Everything is drawn from a seeded generator, so a (seed, index) pair names one problem.
+
+Train and test splits draw from separate random streams, and the train split also skips every
+problem whose text is among the first `held_out` (default TEST_WINDOW) problems of the test split:
+small problem spaces repeat, and an evaluation set must share no problem with training data.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 
@@ -15,6 +20,7 @@ from jaxdistill.data.records import Record
 
 NAMES = ("Mia", "Liam", "Ava", "Noah", "Zoe", "Omar", "Lena", "Ravi", "Iris", "Tom", "Sara", "Kai")
 ITEMS = ("apples", "marbles", "stickers", "books", "coins", "shells", "pencils", "cards")
+TEST_WINDOW = 1024  # the train split avoids the first this many test problems (any evaluation set up to it)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +71,24 @@ def make_problem(rng: np.random.Generator, config: SyntheticConfig, uid: str) ->
 
 
 def synthetic_records(count: int, seed: int, config: SyntheticConfig = SyntheticConfig(),
-                      split: str = "train") -> list[Record]:
-    """`count` problems; train and test splits use disjoint random streams."""
+                      split: str = "train", held_out: int = TEST_WINDOW) -> list[Record]:
+    """`count` problems of a split. Test: the first `count` draws of its stream. Train: draws of its
+    own stream, skipping any problem among the first `held_out` test problems (uids keep the draw index)."""
     rng = np.random.default_rng([seed, {"train": 0, "test": 1}[split]])
-    return [make_problem(rng, config, f"synthetic-{split}-{seed}-{i}") for i in range(count)]
+    if split == "test":
+        return [make_problem(rng, config, f"synthetic-test-{seed}-{i}") for i in range(count)]
+    exclude, records, draws = _test_problems(seed, config, held_out), [], 0
+    while len(records) < count:
+        if draws > 10 * count + 10_000:
+            raise ValueError(f"cannot draw {count} training problems outside the first {held_out} test problems: the "
+                             "problem space is too small; raise max_start, max_operand or steps.")
+        record = make_problem(rng, config, f"synthetic-train-{seed}-{draws}")
+        draws += 1
+        if record.problem not in exclude:
+            records.append(record)
+    return records
+
+
+@functools.lru_cache(maxsize=8)
+def _test_problems(seed: int, config: SyntheticConfig, count: int) -> frozenset[str]:
+    return frozenset(r.problem for r in synthetic_records(count, seed, config, "test"))

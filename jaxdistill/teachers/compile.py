@@ -22,7 +22,7 @@ from jaxdistill.models.loading import DTYPES, describe
 from jaxdistill.models.transformer import Decoder
 from jaxdistill.teachers import aggregate as agg_lib
 from jaxdistill.teachers import lockstep
-from jaxdistill.teachers.run import held_out, validate
+from jaxdistill.teachers.run import problems, validate
 from jaxdistill.teachers.stack import TeacherConfig, TeacherStack
 
 
@@ -37,7 +37,7 @@ def abstract_stack(config, mesh) -> TeacherStack:
             loaded[teacher["model"]] = (mesh_lib.shard_model(model, mesh), tokenizer)
     return TeacherStack([TeacherConfig.from_config(t) for t in config.teachers], pivot=config.pivot or None,
                         width=config.width, dtype=config.dtype, mesh=mesh, loaded=loaded,
-                        fewshot=held_out(config)[1], fewshot_ends_turn=config.get("fewshot_ends_turn", False))
+                        fewshot=problems(config).fewshot, fewshot_ends_turn=config.get("fewshot_ends_turn", False))
 
 
 def placed(tree, mesh):
@@ -56,7 +56,7 @@ def programs(config, target: aot.Target):
     validate(config)
     mesh = mesh_lib.make_mesh({"data": 1}, devices=target.devices[:1])
     stack = abstract_stack(config, mesh)
-    records = held_out(config)[0][: config.batch_size]
+    records = problems(config).test[: config.batch_size]
     rows = sampling.bucket(len(records), minimum=1)
     groups = placed(stack.inputs(records, rows=rows, new=config.max_new_tokens), mesh)
     slots = sampling.bucket(config.max_new_tokens)

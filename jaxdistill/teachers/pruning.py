@@ -90,9 +90,9 @@ def run(config) -> dict:
 
 
 def record(config, workdir: Path) -> tuple[list, list[dict]]:
-    """The complete search tree of each problem, saved as it finishes (a rerun reads them back)."""
-    test, fewshot = teachers_run.held_out(config)
-    problems = test[: config.pruning.problems]
+    """The complete search tree of each problem (training problems: never the held-out ones the
+    teachers are evaluated on), saved as it finishes (a rerun reads them back)."""
+    _, _, problems, fewshot = teachers_run.problems(config, search=config.pruning.problems)
     trees_dir = workdir / "trees"
     trees_dir.mkdir(exist_ok=True)
     if all((trees_dir / f"{r.uid}.json").exists() for r in problems):
@@ -115,7 +115,7 @@ def best_of_n_baseline(config, workdir: Path, problems, held_out: list[dict]) ->
     @functools.cache
     def alone() -> TeacherStack:
         one = TeacherConfig.from_config(teacher)
-        return TeacherStack([one], pivot=one.model, fewshot=teachers_run.held_out(config)[1])
+        return TeacherStack([one], pivot=one.model, fewshot=teachers_run.problems(config).fewshot)
 
     rows = [traces.best_of_n(alone, [by_uid[f["uid"]] for f in held_out], [f["tokens"] for f in held_out], s,
                                    config.search.baseline_temperature, config.search.max_new_tokens,

@@ -3,6 +3,10 @@
 Each arm (a single teacher, or the stack under one rule) answers the held-out problems; its
 answers are saved under workdir/arms/ as soon as it finishes, so a rerun skips finished arms.
 Diversity is measured by scoring the reference solutions under every teacher at once.
+
+No held-out answer reaches a decision: the online rule's weights and the teacher that
+best-of-N samples from are chosen by each teacher's verified accuracy on `online_problems`
+training problems (after the few-shot examples in the training split), never on held-out ones.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -18,7 +23,7 @@ from jaxdistill import runs, sampling, settings
 from jaxdistill.data import qa
 from jaxdistill.data.metrics import normalize
 from jaxdistill.data.records import answer_matches
-from jaxdistill.data.synthetic import SyntheticConfig, synthetic_records
+from jaxdistill.data.synthetic import TEST_WINDOW, SyntheticConfig, synthetic_records
 from jaxdistill.errors import ConfigError
 from jaxdistill.teachers import aggregate as agg_lib
 from jaxdistill.teachers.evaluate import format_summary, measure_diversity, nll_per_byte, plot_diversity
@@ -50,6 +55,7 @@ def validate(config) -> None:
         (0 < config.gate_threshold <= 1, f"gate_threshold must be in (0, 1], got {config.gate_threshold}."),
         (config.perplexity_temperature > 0, "perplexity_temperature must be > 0."),
         (config.online_temperature > 0, "online_temperature must be > 0."),
+        (config.online_problems >= 1, f"online_problems must be >= 1, got {config.online_problems}."),
     ]
     for ok, message in checks:
         if not ok:
@@ -64,18 +70,37 @@ def validate(config) -> None:
         raise ConfigError("search.problems must be >= 0 and search.baseline_temperature > 0.")
 
 
-def held_out(config):
-    """The held-out problems and the few-shot block (built from training problems). `data.task`: "math", the
-    synthetic word problems, or "qa", the synthetic questions of four families (multiplication, comparison,
-    extraction, sentiment: `data/qa.py`) answered on a '####' line and matched exactly."""
+class Problems(NamedTuple):
+    test: list  # held-out: every arm is scored on these
+    fit: list  # training problems that choose the online weights and the best-of-N teacher
+    search: list  # training problems the branch search writes traces for
+    fewshot: str  # the few-shot block, from the first training problems
+
+
+def problems(config, search: int = 0) -> Problems:
+    """The problems of a teachers or prune run. The training split holds, in order, the few-shot
+    examples, `online_problems` for fitting and `search` for the branch search; none is held out
+    (a search problem that is also a held-out one is refused).
+    `data.task`: "math", the synthetic word problems, or "qa", the synthetic questions of four
+    families (multiplication, comparison, extraction, sentiment: `data/qa.py`) answered on a '####'
+    line and matched exactly."""
     d = config.data
+    shots, fit = d.fewshot_examples, config.get("online_problems", 16)
+    train_count = shots + fit + search
     if d.get("task", "math") == "qa":
         test = qa.synthetic_questions(d.eval_size, d.seed, "test")
-        train = qa.synthetic_questions(d.fewshot_examples, d.seed, "train", exclude={normalize(q.text) for q in test})
-        return qa.as_records(test), fewshot_block(qa.as_records(train))
-    synthetic = SyntheticConfig(steps=d.steps, max_start=d.max_start, max_operand=d.max_operand)
-    test = synthetic_records(d.eval_size, d.seed, synthetic, split="test")
-    return test, fewshot_block(synthetic_records(d.fewshot_examples, d.seed, synthetic, split="train"))
+        train = qa.synthetic_questions(train_count, d.seed, "train", exclude={normalize(q.text) for q in test})
+        test, train = qa.as_records(test), qa.as_records(train)
+    else:
+        synthetic = SyntheticConfig(steps=d.steps, max_start=d.max_start, max_operand=d.max_operand)
+        test = synthetic_records(d.eval_size, d.seed, synthetic, split="test")
+        train = synthetic_records(train_count, d.seed, synthetic, split="train", held_out=max(len(test), TEST_WINDOW))
+    searched = train[shots + fit:]
+    overlap = {normalize(r.problem) for r in searched} & {normalize(r.problem) for r in test}
+    if overlap:  # traces are training data: never from a problem the evaluation holds out
+        raise ConfigError(f"{len(overlap)} search problems are also held-out problems (first: "
+                          f"{sorted(overlap)[0][:60]!r}); search only training problems.")
+    return Problems(test=test, fit=train[shots:shots + fit], search=searched, fewshot=fewshot_block(train[:shots]))
 
 
 def load_stack(config, fewshot: str) -> tuple[TeacherStack, dict]:
@@ -98,43 +123,46 @@ def run(config) -> dict:
 
 def _run(config, workdir: Path) -> dict:
     start = time.perf_counter()
-    test, fewshot = held_out(config)
+    test, train, search_problems, fewshot = problems(config, search=config.search.problems)
     stack, excluded = load_stack(config, fewshot)
     teachers = stack.teachers
 
     seeds = config.seeds if config.temperature > 0 else 1
     rule = sampling.rule_from_config(config.temperature)
-    batches = [test[i:i + config.batch_size] for i in range(0, len(test), config.batch_size)]
     arms = [f"alone: {t.name}" for t in teachers] + [f"stack: {r}" for r in config.rules]
-    bar = tqdm(total=len(arms) * seeds * len(test), desc="teachers: problems", unit="problem")
+    bar = tqdm(total=len(teachers) * seeds * len(train) + len(arms) * seeds * len(test), desc="teachers: problems",
+               unit="problem")
     (workdir / "arms").mkdir(exist_ok=True)
     results = {}
 
-    def run_arm(arm: str, seed: int, solve) -> dict:
+    def run_arm(arm: str, seed: int, solve, problems=test) -> dict:
         path = workdir / "arms" / f"{arm.replace(': ', '-')}-seed{seed}.json"
         if path.exists():
-            bar.update(len(test))
+            bar.update(len(problems))
             return json.loads(path.read_text())
         t0, texts, tokens = time.perf_counter(), [], 0
-        for b, batch in enumerate(batches):
+        for b, start_row in enumerate(range(0, len(problems), config.batch_size)):
+            batch = problems[start_row:start_row + config.batch_size]
             out = solve(b, batch, seed)
             texts += out.texts
             tokens += int(out.mask.sum())
             bar.update(len(batch))
             bar.set_postfix(arm=arm, seed=seed)
-        correct = [answer_matches(t, r.answer) for t, r in zip(texts, test, strict=True)]
+        correct = [answer_matches(t, r.answer) for t, r in zip(texts, problems, strict=True)]
         row = {"arm": arm, "seed": seed, "accuracy": float(np.mean(correct)), "correct": correct, "texts": texts,
                "tokens": tokens, "seconds": time.perf_counter() - t0}
         runs.atomic_write_text(path, json.dumps(row))
         return row
 
     run_kw = dict(rule=rule, max_new_tokens=config.max_new_tokens, top_k=config.top_k)
-    singles = {}
+    singles, fitted = {}, {}  # per teacher: its held-out rows; its training rows (for choices), per seed
     for i, t in enumerate(teachers):
         alone = TeacherStack([t], pivot=t.model, width=config.width, loaded=stack.models, fewshot=fewshot)
-        singles[i] = [run_arm(arms[i], s, lambda b, batch, s, alone=alone: alone.run(batch, seed=s, **run_kw))
-                      for s in range(seeds)]
+        solve = lambda b, batch, s, alone=alone: alone.run(batch, seed=s, **run_kw)  # noqa: E731
+        fitted[i] = [run_arm(f"train: {t.name}", s, solve, problems=train) for s in range(seeds)]
+        singles[i] = [run_arm(arms[i], s, solve) for s in range(seeds)]
         results[arms[i]] = singles[i]
+    train_accuracy = np.asarray([[row["accuracy"] for row in fitted[i]] for i in range(len(teachers))])  # [N, S]
 
     nll = None
     if "perplexity" in config.rules:
@@ -144,18 +172,16 @@ def _run(config, workdir: Path) -> dict:
     def solver(name: str):
         rule_fn = agg_lib.rule_from_config(name if name in agg_lib.RULES else "mean_probs",
                                            threshold=config.gate_threshold)
-        offsets = np.cumsum([0] + [len(b) for b in batches])
+        offsets = np.cumsum([0] + [len(test[i:i + config.batch_size]) for i in range(0, len(test), config.batch_size)])
 
         def solve(b, batch, seed):
             weights = None
             if name == "perplexity":
                 w = agg_lib.perplexity_weights(nll[offsets[b]:offsets[b + 1]], config.perplexity_temperature)
                 weights = w * np.asarray([t.weight for t in teachers])
-            elif name == "online":  # verified accuracy of each teacher on the earlier batches only
+            elif name == "online":  # each teacher's verified accuracy on the training problems
                 online = agg_lib.OnlineWeights(len(teachers), config.online_temperature)
-                for earlier in range(b):
-                    online.update(np.stack([singles[i][seed]["correct"][offsets[earlier]:offsets[earlier + 1]]
-                                            for i in range(len(teachers))], axis=1))
+                online.update(np.stack([fitted[i][seed]["correct"] for i in range(len(teachers))], axis=1))
                 weights = online() * np.asarray([t.weight for t in teachers])
             return stack.run(batch, aggregate=rule_fn, weights=weights, seed=seed, **run_kw)
 
@@ -166,9 +192,9 @@ def _run(config, workdir: Path) -> dict:
         results[arm] = [run_arm(arm, s, solver(name)) for s in range(seeds)]
     bar.close()
 
-    searched = run_search(config, stack, test[: config.search.problems], workdir, singles, teachers, fewshot)
+    best = int(np.argmax(train_accuracy.mean(axis=1)))  # chosen on training problems
+    searched = run_search(config, stack, search_problems, workdir, teachers[best], fewshot)
     diversity = measure_diversity(stack, test, config.batch_size)
-    best = max(range(len(teachers)), key=lambda i: np.mean([r["accuracy"] for r in singles[i]]))
     diversity["consensus_differs_from_best"] = diversity["differs"][best]
     plot_diversity(diversity, stack.names, workdir / "diversity.png")
 
@@ -180,6 +206,7 @@ def _run(config, workdir: Path) -> dict:
     out = {"arms": {a: {"accuracy": [r["accuracy"] for r in rows], "tokens": [r["tokens"] for r in rows],
                         "seconds": [r["seconds"] for r in rows]} for a, rows in results.items()},
            "teachers": stack.names, "best_single": stack.names[best], "excluded_pivot_tokens": excluded,
+           "train_accuracy": {stack.names[i]: train_accuracy[i].tolist() for i in range(len(teachers))},
            "diversity": {k: np.asarray(v).tolist() for k, v in diversity.items()},
            "search": searched}
     runs.atomic_write_text(workdir / "results.json", json.dumps(out, indent=1))

@@ -26,9 +26,9 @@ def search_config(config) -> search_lib.SearchConfig:
                                    token_budget=s.token_budget, max_new_tokens=s.max_new_tokens)
 
 
-def run_search(config, stack, problems, workdir: Path, singles, teachers, fewshot) -> dict | None:
-    """Branch search per problem (saved as it finishes), then best-of-N sampling from the best single
-    teacher with the same number of generated tokens, over `seeds` seeds."""
+def run_search(config, stack, problems, workdir: Path, teacher, fewshot) -> dict | None:
+    """Branch search per problem (saved as it finishes), then best-of-N sampling from `teacher` (the
+    best single teacher on training problems) with the same number of generated tokens, over `seeds` seeds."""
     if not problems:
         return None
     sc = search_config(config)
@@ -38,8 +38,7 @@ def run_search(config, stack, problems, workdir: Path, singles, teachers, fewsho
     for record in tqdm(problems, desc="branch search: problems", unit="problem"):
         found.append(search_saved(stack, record, sc, rule, config.top_k, workdir / "search" / f"{record.uid}.json"))
 
-    best = max(range(len(teachers)), key=lambda i: np.mean([r["accuracy"] for r in singles[i]]))
-    alone = TeacherStack([teachers[best]], pivot=teachers[best].model, loaded=stack.models, fewshot=fewshot)
+    alone = TeacherStack([teacher], pivot=teacher.model, loaded=stack.models, fewshot=fewshot)
     baseline = [best_of_n(lambda: alone, problems, [r["tokens"] for r in found], seed,
                           config.search.baseline_temperature, sc.max_new_tokens,
                           workdir / "search" / f"best-of-n-seed{seed}.json")
@@ -50,7 +49,7 @@ def run_search(config, stack, problems, workdir: Path, singles, teachers, fewsho
     search_tokens = sum(r["tokens"] for r in found)
     search_gold = sum(sum(leaf["correct"] for leaf in r["leaves"]) for r in found)
     return {
-        "problems": len(problems), "rule": config.search.rule, "teacher_for_best_of_n": teachers[best].name,
+        "problems": len(problems), "rule": config.search.rule, "teacher_for_best_of_n": teacher.name,
         "search": {"tokens": search_tokens, "gold": search_gold, "gold_per_1k": 1000 * search_gold / search_tokens,
                    "solved": sum(any(leaf["correct"] for leaf in r["leaves"]) for r in found),
                    "leaves": sum(len(r["leaves"]) for r in found), "pruned": sum(r["pruned"] for r in found),
