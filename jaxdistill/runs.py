@@ -24,6 +24,7 @@ import html
 import importlib.util
 import json
 import os
+import re
 import socket
 import time
 import uuid
@@ -295,8 +296,8 @@ class Board:
 
     def scalars(self, row: dict, *, step: int, prefix: str = "") -> None:
         """Every number of `row` (a metrics line) at `step`; lists and text are left to metrics.jsonl."""
-        numbers = {prefix + k: float(v) for k, v in row.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+        numbers = {board_tag(prefix + k): float(v) for k, v in row.items()
+                   if isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and k != "step"}
         writer, wandb_run = self._writers()
         if writer is not None:
             for tag, value in numbers.items():
@@ -312,7 +313,7 @@ class Board:
             for a, alpha in enumerate(alphas):
                 for seed in range(values.shape[1]):
                     for update, value in enumerate(values[a, seed]):
-                        self.scalars({f"{name}/alpha {float(alpha):g} seed {seed}": value}, step=update + 1)
+                        self.scalars({f"{name}/alpha_{float(alpha):g}/seed_{seed}": value}, step=update + 1)
 
     def publish(self, *, step: int) -> None:
         """The finished work directory's summary.md as text and its plots as images, at `step`."""
@@ -340,6 +341,11 @@ class Board:
         if self._wandb is not None:
             self._wandb.finish()
         self._writer = self._wandb = None
+
+
+def board_tag(name: str) -> str:
+    """A metric's name as TensorBoard stores it (it replaces what is not a letter, digit, -, _, / or .)."""
+    return re.sub(r"[^-/\w.]", "_", name)
 
 
 def board(config, workdir) -> Board:

@@ -68,3 +68,29 @@ def hf_reference():
         return cache[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def route_run(tmp_path_factory):
+    """A small finished `route` run on two SmolLM2 experts: (config, results). The end-to-end
+    test checks it; the router notebook reads it instead of making its own."""
+    import importlib.util
+    from pathlib import Path
+
+    from jaxdistill.router.run import run
+
+    spec = importlib.util.spec_from_file_location("router_default",
+                                                  Path(__file__).parent.parent / "experiments/router/default.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    c.workdir = str(tmp_path_factory.mktemp("route-run") / "route")
+    c.data.train_size, c.data.test_size = 8, 4
+    c.experts = [dict(name="chat", model="smollm2-135m-instruct", style="chat", max_new_tokens=4),
+                 dict(name="fewshot", model="smollm2-135m-instruct", style="fewshot", max_new_tokens=4)]
+    c.precompute.t_max = 2
+    c.alphas = [0.0, 0.5]
+    c.seeds = 3
+    c.knn_k = 3
+    c.ppo.update(num_envs=16, num_steps=8, total_timesteps=16 * 8 * 10, hidden=(16,))
+    return c, run(c)

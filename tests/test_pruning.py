@@ -132,8 +132,8 @@ def test_prune_command_records_trees_trains_and_resumes_without_searching_again(
     assert (tmp_path / "pruning.png").stat().st_size > 10_000
     board = read_board(tmp_path)  # PPO curves per (price, seed), the summary and the plot
     updates = 2048 // (8 * 8)
-    assert board["scalars"]["episode_return/alpha 5 seed 1"].keys() == set(range(1, updates + 1))
-    assert board["scalars"]["episode_return/alpha 5 seed 1"][updates] == pytest.approx(
+    assert board["scalars"]["episode_return/alpha_5/seed_1"].keys() == set(range(1, updates + 1))
+    assert board["scalars"]["episode_return/alpha_5/seed_1"][updates] == pytest.approx(
         result["history"]["episode_return"][1][1][-1])
     assert set(board["images"]) == {"pruning"} and "PPO, alpha 5" in board["text"]["summary/text_summary"]
     saved = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "trees").iterdir()}

@@ -3,6 +3,7 @@ independent NumPy rollout, precompute resume on a real model, and the route comm
 
 import dataclasses
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -331,28 +332,11 @@ def test_expert_flops_count_prompt_ktp_and_generated_tokens(tiny_pool):
         pool.prompt(0, QUESTIONS[0].text, "The answer is 6."))
 
 
-def test_route_runs_end_to_end(tmp_path, tiny_pool):
-    import importlib.util
-    import pathlib
-
+def test_route_runs_end_to_end(tmp_path, route_run):
     from jaxdistill.router.run import run
 
-    path = pathlib.Path(__file__).parent.parent / "experiments" / "router" / "default.py"
-    spec = importlib.util.spec_from_file_location("router_default", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
-    c.workdir = str(tmp_path / "route")
-    c.data.train_size, c.data.test_size = 8, 4
-    c.experts = [dict(name="chat", model="smollm2-135m-instruct", style="chat", max_new_tokens=4),
-                 dict(name="fewshot", model="smollm2-135m-instruct", style="fewshot", max_new_tokens=4)]
-    c.precompute.t_max = 2
-    c.alphas = [0.0, 0.5]
-    c.seeds = 3
-    c.knn_k = 3
-    c.ppo.update(num_envs=16, num_steps=8, total_timesteps=16 * 8 * 10, hidden=(16,))
-    results = run(c)
-    out = tmp_path / "route"
+    c, results = route_run
+    c, out = c.copy_and_resolve_references(), Path(c.workdir)  # the notebook test reads the same run
     summary = (out / "summary.md").read_text()
     for method in ("router (PPO)", "single: chat", "round-robin x2 (best order on train)",
                    "round-robin x2 (mean over orders)", "self-correction: fewshot x2", "random (router's mean calls)",
@@ -365,9 +349,10 @@ def test_route_runs_end_to_end(tmp_path, tiny_pool):
     assert set(json.loads(lines[0])) >= {"alpha", "seed", "update", "episode_return", "entropy"}
     board = read_board(out)  # the same curves, the summary and both plots in TensorBoard
     first = json.loads(lines[0])
-    assert board["scalars"][f"episode_return/alpha {first['alpha']:g} seed 0"][1] == pytest.approx(
+    assert board["scalars"][f"episode_return/alpha_{first['alpha']:g}/seed_0"][1] == pytest.approx(
         first["episode_return"])
-    assert len(board["scalars"]["episode_return/alpha 0.5 seed 2"]) == 10
+    assert len(board["scalars"]["episode_return/alpha_0.5/seed_2"]) == 10
+    assert board["scalars"]["frontier_auc/router__PPO_"][10] == pytest.approx(results["auc"]["router (PPO)"])
     assert "Router vs the strongest baselines" in board["text"]["summary/text_summary"]
     assert set(board["images"]) == {"cost_quality", "training_curves"}
     for alpha, rows in zip(results["alphas"], results["per_alpha"], strict=True):

@@ -277,7 +277,7 @@ def test_teachers_command_runs_every_arm_and_resumes_without_redoing_them(tmp_pa
         assert len(trace["top_ids"]) == len(trace["pivot_tokens"]) and len(trace["top_ids"][0]) == 20
     assert (tmp_path / "search_tree.png").stat().st_size > 5_000
     board = read_board(tmp_path)
-    assert board["scalars"]["stack: online/accuracy"][0] == pytest.approx(np.mean(
+    assert board["scalars"]["stack__online/accuracy"][0] == pytest.approx(np.mean(
         results["arms"]["stack: online"]["accuracy"]))
     assert set(board["images"]) == {"diversity", "search_tree"} and "| stack: online |" in board["text"][
         "summary/text_summary"]

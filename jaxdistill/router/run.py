@@ -200,10 +200,11 @@ def _route(config, workdir: Path) -> dict:
                       "quality": {m: [x["quality"].tolist() for x in o] for m, o in default.items()}},
     }
     runs.atomic_write_text(workdir / "results.json", json.dumps(results, indent=1))
+    updates = next(iter(history.values())).shape[-1]
     with runs.board(config, workdir) as board:
         board.curves(history, alphas)
-        board.scalars({f"frontier auc/{m}": auc for m, auc in aucs.items()}, step=config.ppo.num_updates)
-        board.publish(step=config.ppo.num_updates)
+        board.scalars({f"frontier auc/{m}": auc for m, auc in aucs.items()}, step=updates)
+        board.publish(step=updates)
     print("\n" + summary)
     print(f"\n(written to {workdir}: summary.md, results.json, metrics.jsonl, cost_quality.png, "
           "training_curves.png, policy/, tensorboard/)")

@@ -188,7 +188,7 @@ def _run(config, workdir: Path) -> dict:
     runs.atomic_write_text(workdir / "summary.md", summary)
     with runs.board(config, workdir) as board:
         board.curves(result["history"], alphas)
-        board.publish(step=c.ppo.num_updates)
+        board.publish(step=ppo_config.num_updates)
     print(summary)
     return result
 
