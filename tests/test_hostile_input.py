@@ -45,9 +45,9 @@ def cli(*args, env=None):
 # ----------------------------------------------------------------------------- checkpoints and metrics
 
 
-def test_a_crash_right_after_a_checkpoint_save_keeps_that_checkpoint(tmp_path):
+def test_a_crash_right_after_a_checkpoint_save_keeps_that_checkpoint(tiny_chat_model, tmp_path):
     """The process dies (an error propagates to exit) while the step-1 save is still being written."""
-    config = tiny_run_config(tmp_path / "run", steps=3)
+    config = tiny_run_config(tmp_path / "run", steps=3, model=tiny_chat_model)
     config.checkpoint.every = 1
     driver = tmp_path / "driver.py"
     driver.write_text(textwrap.dedent(f"""
@@ -74,10 +74,10 @@ def test_a_crash_right_after_a_checkpoint_save_keeps_that_checkpoint(tmp_path):
     assert metric_steps(tmp_path / "run") == [1, 2, 3]
 
 
-def test_metrics_lines_past_the_restored_checkpoint_are_dropped_on_resume(tmp_path):
+def test_metrics_lines_past_the_restored_checkpoint_are_dropped_on_resume(tiny_chat_model, tmp_path):
     """kill -9 after step 3 wrote its metrics line but before its checkpoint: no step appears twice."""
     workdir = tmp_path / "run"
-    config = tiny_run_config(workdir, steps=3)
+    config = tiny_run_config(workdir, steps=3, model=tiny_chat_model)
     train_lib.run(config)  # checkpoints at 2 and 3
     assert metric_steps(workdir) == [1, 2, 3]
     import shutil
@@ -91,9 +91,9 @@ def test_metrics_lines_past_the_restored_checkpoint_are_dropped_on_resume(tmp_pa
     assert read_board(workdir)["scalars"]["loss"] == pytest.approx({r["step"]: r["loss"] for r in rows})
 
 
-def test_a_damaged_latest_checkpoint_names_itself_and_the_intact_one(tmp_path):
+def test_a_damaged_latest_checkpoint_names_itself_and_the_intact_one(tiny_chat_model, tmp_path):
     workdir = tmp_path / "run"
-    config = tiny_run_config(workdir, steps=2)
+    config = tiny_run_config(workdir, steps=2, model=tiny_chat_model)
     config.checkpoint.every = 1
     train_lib.run(config)
     assert checkpoint_steps(workdir) == [1, 2]
@@ -109,9 +109,9 @@ def test_a_damaged_latest_checkpoint_names_itself_and_the_intact_one(tmp_path):
     assert checkpoint_steps(workdir) == [2, 3]
 
 
-def test_a_second_run_on_a_busy_workdir_is_refused_and_a_stale_lock_is_taken_over(tmp_path):
+def test_a_second_run_on_a_busy_workdir_is_refused_and_a_stale_lock_is_taken_over(tiny_chat_model, tmp_path):
     workdir = tmp_path / "run"
-    config = tiny_run_config(workdir, steps=1)
+    config = tiny_run_config(workdir, steps=1, model=tiny_chat_model)
     with runs.WorkdirLock(runs.open_workdir(workdir)):  # a live run: this very process
         with pytest.raises(RunError, match=f"in use by process {os.getpid()} on {socket.gethostname()}"):
             train_lib.run(config)
@@ -134,16 +134,17 @@ def test_an_unwritable_workdir_fails_before_the_model_loads(tmp_path, monkeypatc
 # ----------------------------------------------------------------------------- data
 
 
-def test_an_overlong_record_is_refused_before_the_model_loads_or_skipped_when_asked(tmp_path, monkeypatch):
+def test_an_overlong_record_is_refused_before_the_model_loads_or_skipped_when_asked(tiny_chat_model, tmp_path,
+                                                                                    monkeypatch):
     data = tmp_path / "data.jsonl"
     normal = [{"prompt": f"What is {i} + 1?", "solution": f"{i} + 1 = {i + 1}.\n#### {i + 1}"} for i in range(8)]
     huge = {"prompt": "Summarise: " + "word " * 53_000, "solution": "#### 1"}
     data.write_text("".join(json.dumps(r) + "\n" for r in normal[:2] + [huge] + normal[2:]))
-    config = tiny_run_config(tmp_path / "run", steps=1)
+    config = tiny_run_config(tmp_path / "run", steps=1, model=tiny_chat_model)
     config.data = {"source": "jsonl", "train_path": str(data), "eval_path": "", "eval_size": 2}
     real_load = train_lib.load
     monkeypatch.setattr(train_lib, "load", lambda *a, **k: pytest.fail("the model was loaded"))
-    with pytest.raises(DataError, match=r"1 of 7 training records do not fit in 8192 tokens.*overlong=skip"):
+    with pytest.raises(DataError, match=r"1 of 7 training records do not fit in 2048 tokens.*overlong=skip"):
         train_lib.run(config)
     monkeypatch.setattr(train_lib, "load", real_load)
     config.data.overlong = "skip"

@@ -16,26 +16,6 @@ ARGS = ["--config.steps=2", "--config.optim.warmup_steps=1", "--config.batch_siz
         "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2", "--config.checkpoint.every=2"]
 
 
-@pytest.fixture(scope="module")
-def tiny_chat_model(tmp_path_factory):
-    """A tiny random Llama with SmolLM2's tokenizer and chat template, as a Hugging Face directory."""
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from jaxdistill.models.loading import describe
-
-    path = tmp_path_factory.mktemp("tiny-chat")
-    _, tokenizer = describe("smollm2-135m-instruct")
-    config = LlamaConfig(vocab_size=tokenizer.hf.vocab_size, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=2048, tie_word_embeddings=True,
-                         bos_token_id=tokenizer.hf.bos_token_id, eos_token_id=tokenizer.turn_end_id)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    tokenizer.hf.save_pretrained(path)
-    return path
-
-
 def _port():
     with socket.socket() as s:
         s.bind(("localhost", 0))

@@ -257,7 +257,8 @@ def test_teachers_command_runs_every_arm_and_resumes_without_redoing_them(tmp_pa
             f"--config.workdir={tmp_path}", "--config.data.eval_size=3", "--config.batch_size=2",
             "--config.max_new_tokens=12", "--config.rules=('mean_probs','perplexity','online')",
             "--config.search.problems=1", "--config.search.max_new_tokens=16", "--config.search.token_budget=64",
-            "--config.search.max_levels=1", "--config.search.branch_entropy=0.5", "--config.seeds=2"]
+            "--config.search.max_levels=1", "--config.search.branch_entropy=0.5", "--config.seeds=2",
+            "--config.online_problems=2"]
     env = {**__import__("os").environ, "XLA_FLAGS": ""}
     first = subprocess.run(args, capture_output=True, text=True, timeout=900, cwd=root, env=env)
     assert first.returncode == 0, first.stderr[-3000:]
