@@ -283,7 +283,7 @@ def test_teachers_command_runs_every_arm_and_resumes_without_redoing_them(tmp_pa
     assert set(board["images"]) == {"diversity", "search_tree"} and "| stack: online |" in board["text"][
         "summary/text_summary"]
     saved = {p.name: p.stat().st_mtime_ns for d in ("arms", "search") for p in (tmp_path / d).iterdir()}
-    assert len(saved) == 6 + 1 + 2
+    assert len(saved) == 6 + 3 + 1 + 2  # arms, each teacher on the fitting problems, one search, best-of-N x 2
     again = subprocess.run(args, capture_output=True, text=True, timeout=900, cwd=root, env=env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert {p.name: p.stat().st_mtime_ns for d in ("arms", "search") for p in (tmp_path / d).iterdir()} == saved
