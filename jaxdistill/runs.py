@@ -295,9 +295,11 @@ class Board:
         self.close()
 
     def scalars(self, row: dict, *, step: int, prefix: str = "") -> None:
-        """Every number of `row` (a metrics line) at `step`; lists and text are left to metrics.jsonl."""
+        """Every finite number of `row` (a metrics line) at `step`. NaN marks a metric with no value
+        at that step (no row had one): TensorBoard leaves a gap; lists and text stay in metrics.jsonl."""
         numbers = {board_tag(prefix + k): float(v) for k, v in row.items()
-                   if isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and k != "step"}
+                   if isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and k != "step"
+                   and np.isfinite(v)}
         writer, wandb_run = self._writers()
         if writer is not None:
             for tag, value in numbers.items():

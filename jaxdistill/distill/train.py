@@ -202,7 +202,7 @@ def _train(config, workdir) -> dict:
                 print(f"\nmetrics: {workdir / 'metrics.jsonl'}, summary: {workdir / 'summary.md'}, "
                       f"tensorboard: {workdir / 'tensorboard'}")
         for when, row in summary["eval"].items():  # held-out metrics at the step they were measured
-            board.scalars(row, step={"before": 0, "after": config.steps}.get(when) or int(when.split()[-1]),
-                          prefix="eval/")
+            at = {"before": 0, "after": config.steps}.get(when)
+            board.scalars(row, step=int(when.split()[-1]) if at is None else at, prefix="eval/")
         board.publish(step=config.steps)
     return summary
