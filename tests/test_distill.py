@@ -351,7 +351,7 @@ def test_a_finished_run_loads_by_its_workdir_as_its_final_model_and_exports(tmp_
     monkeypatch.setattr(train_lib, "evaluate", lambda model, *a, **k: final.append(params(model))
                         or real_evaluate(model, *a, **k))
     config = tiny_run_config(tmp_path / "run", steps=2, model=tiny_chat_model)
-    config.eval.after = True
+    config.eval.before = config.eval.after = True
     config.log = {"wandb": "jaxdistill-tests"}  # and TensorBoard, always
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -371,8 +371,9 @@ def test_a_finished_run_loads_by_its_workdir_as_its_final_model_and_exports(tmp_
     losses = {row["step"]: row["loss"] for row in _metrics(tmp_path / "run")}
     board = read_board(tmp_path / "run")
     assert board["scalars"]["loss"] == pytest.approx(losses)
-    after = json.loads((tmp_path / "run" / "summary.json").read_text())["eval"]["after"]
-    assert board["scalars"]["eval/accuracy"] == pytest.approx({2: after["accuracy"]})
+    held_out = json.loads((tmp_path / "run" / "summary.json").read_text())["eval"]
+    assert board["scalars"]["eval/accuracy"] == pytest.approx({0: held_out["before"]["accuracy"],
+                                                               2: held_out["after"]["accuracy"]})
     assert "| after |" in board["text"]["summary/text_summary"]
     wandb_log = b"".join(p.read_bytes() for p in (tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert b"loss" in wandb_log and b"eval/accuracy" in wandb_log  # the same scalars, for W&B to sync
