@@ -17,6 +17,7 @@ whole, so there the host also holds one file (one shard) at a time.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -104,6 +105,12 @@ def hf_config(config: ModelConfig, *, dtype: str, tokenizer=None) -> dict:
     return out
 
 
+@jax.jit
+def _layer(stacked: jax.Array, index) -> jax.Array:
+    """One layer's slice of a stacked parameter, on its devices (one program for every index)."""
+    return jax.lax.dynamic_index_in_dim(stacked, index, keepdims=False)
+
+
 def _to_host(x: jax.Array) -> np.ndarray:
     if x.is_fully_addressable:
         return np.asarray(jax.device_get(x))
@@ -128,7 +135,7 @@ def hf_tensors(model, dtype) -> Iterator[tuple[str, tuple[int, ...], Callable[[]
         per_layer = value.shape[1:] if isinstance(name, list) else value.shape
 
         def read(value=value, index=None, layout=layout, shift=shift):
-            ours = _to_host(value if index is None else value[index]).astype(np.float32)
+            ours = _to_host(value if index is None else _layer(value, index)).astype(np.float32)
             return layout.to_file(ours - shift if shift else ours).astype(dtype)
 
         file_shape = layout.to_file(np.empty(per_layer, np.bool_)).shape
@@ -209,7 +216,8 @@ def save_hf(model, tokenizer, out_dir: str | Path, *, dtype: str = "float32",
              [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])
     for file, group in zip(files, groups, strict=True):
         header = _header([entries[i] for i in group], itemsize, file_dtype)
-        destination.write(file, [header, *(np.ascontiguousarray(tensors[i][2]()).tobytes() for i in group)])
+        chunks = itertools.chain([header], (np.ascontiguousarray(tensors[i][2]()).tobytes() for i in group))
+        destination.write(file, chunks)  # a generator: one tensor on the host at a time
     if len(groups) > 1:
         weight_map = {entries[i][0]: file for file, group in zip(files, groups, strict=True) for i in group}
         total = sum(math.prod(shape) * itemsize for _, shape in entries)
