@@ -90,3 +90,15 @@ def test_export_refuses_a_directory_that_is_not_empty_and_an_unknown_dtype(smoll
     with pytest.raises(ValueError, match="'int8' is not supported"):
         save_hf(*smollm2, tmp_path / "new", dtype="int8")
     assert main(["jaxdistill", "export", "smollm2-135m-instruct"]) == 2  # no OUT_DIR: usage, exit 2
+
+
+def test_export_to_an_object_store_url_loads_back_from_it(tiny_chat_model, tmp_path, monkeypatch):
+    """An OUT_DIR URL goes through tensorstore (file:// standing in for gs://, no network here)."""
+    monkeypatch.setenv("JAXDISTILL_CACHE", str(tmp_path / "cache"))  # the remote mirror of small files
+    model, tok = load(tiny_chat_model)
+    url = f"file://{tmp_path}/bucket/model/"
+    save_hf(model, tok, url, max_shard_bytes=2**20)  # several files and an index
+    assert (tmp_path / "bucket" / "model" / "model.safetensors.index.json").exists()
+    back, back_tok = load(url)
+    assert_same_params(model, back)
+    assert back_tok.encode("Hello there") == tok.encode("Hello there")
