@@ -135,20 +135,20 @@ def _run(config, workdir: Path) -> dict:
     (workdir / "arms").mkdir(exist_ok=True)
     results = {}
 
-    def run_arm(arm: str, seed: int, solve, problems=test) -> dict:
+    def run_arm(arm: str, seed: int, solve, records=test) -> dict:
         path = workdir / "arms" / f"{arm.replace(': ', '-')}-seed{seed}.json"
         if path.exists():
-            bar.update(len(problems))
+            bar.update(len(records))
             return json.loads(path.read_text())
         t0, texts, tokens = time.perf_counter(), [], 0
-        for b, start_row in enumerate(range(0, len(problems), config.batch_size)):
-            batch = problems[start_row:start_row + config.batch_size]
+        for b, first in enumerate(range(0, len(records), config.batch_size)):
+            batch = records[first:first + config.batch_size]
             out = solve(b, batch, seed)
             texts += out.texts
             tokens += int(out.mask.sum())
             bar.update(len(batch))
             bar.set_postfix(arm=arm, seed=seed)
-        correct = [answer_matches(t, r.answer) for t, r in zip(texts, problems, strict=True)]
+        correct = [answer_matches(t, r.answer) for t, r in zip(texts, records, strict=True)]
         row = {"arm": arm, "seed": seed, "accuracy": float(np.mean(correct)), "correct": correct, "texts": texts,
                "tokens": tokens, "seconds": time.perf_counter() - t0}
         runs.atomic_write_text(path, json.dumps(row))
@@ -159,7 +159,7 @@ def _run(config, workdir: Path) -> dict:
     for i, t in enumerate(teachers):
         alone = TeacherStack([t], pivot=t.model, width=config.width, loaded=stack.models, fewshot=fewshot)
         solve = lambda b, batch, s, alone=alone: alone.run(batch, seed=s, **run_kw)  # noqa: E731
-        fitted[i] = [run_arm(f"train: {t.name}", s, solve, problems=train) for s in range(seeds)]
+        fitted[i] = [run_arm(f"train: {t.name}", s, solve, records=train) for s in range(seeds)]
         singles[i] = [run_arm(arms[i], s, solve) for s in range(seeds)]
         results[arms[i]] = singles[i]
     train_accuracy = np.asarray([[row["accuracy"] for row in fitted[i]] for i in range(len(teachers))])  # [N, S]
@@ -172,7 +172,7 @@ def _run(config, workdir: Path) -> dict:
     def solver(name: str):
         rule_fn = agg_lib.rule_from_config(name if name in agg_lib.RULES else "mean_probs",
                                            threshold=config.gate_threshold)
-        offsets = np.cumsum([0] + [len(test[i:i + config.batch_size]) for i in range(0, len(test), config.batch_size)])
+        offsets = [*range(0, len(test), config.batch_size), len(test)]  # batch b is test[offsets[b]:offsets[b + 1]]
 
         def solve(b, batch, seed):
             weights = None
