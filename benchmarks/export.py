@@ -21,9 +21,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from loading import write_checkpoint
+from loading import MEMORY_PROBE, write_checkpoint
 
-WORKER = r"""
+WORKER = MEMORY_PROBE + r"""
 import json, sys, time
 from pathlib import Path
 import jax, jax.numpy as jnp
@@ -34,12 +34,7 @@ path, how, on_mesh, out = Path(sys.argv[1]), sys.argv[2], sys.argv[3] == "mesh",
 mesh = mesh_lib.make_mesh({"fsdp": -1}) if on_mesh else None
 model = streaming.load_hf_streaming(path, loading.read_config(path), dtype=jnp.bfloat16, mesh=mesh)
 jax.block_until_ready(jax.tree.leaves(model))
-def rss(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field):
-            return int(line.split()[1]) * 1024
-Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current level
-base = rss("VmRSS")
+base = reset_peak()
 tick = time.perf_counter()
 if how == "streaming":
     export.save_hf(model, None, out, dtype="bfloat16")

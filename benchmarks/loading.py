@@ -24,7 +24,18 @@ import sys
 import tempfile
 from pathlib import Path
 
-WORKER = r"""
+# Prepended to each benchmark's worker script: the process's memory, from /proc.
+MEMORY_PROBE = r"""
+def rss(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+def reset_peak():
+    open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) starts again from the current level
+    return rss("VmRSS")
+"""
+
+WORKER = MEMORY_PROBE + r"""
 import json, sys, time
 from pathlib import Path
 import jax, jax.numpy as jnp
@@ -34,12 +45,7 @@ from jaxdistill.models import loading, streaming
 mesh_lib.initialize_distributed(f"localhost:{port}", processes, pid)
 mesh = mesh_lib.make_mesh({"fsdp": -1}) if how == "mesh" else None
 jnp.zeros(1).block_until_ready()
-def rss(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field):
-            return int(line.split()[1]) * 1024
-Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current level
-base = rss("VmRSS")
+base = reset_peak()
 tick = time.perf_counter()
 if how in ("streaming", "mesh"):
     model = streaming.load_hf_streaming(path, loading.read_config(path), dtype=jnp.bfloat16, mesh=mesh)
