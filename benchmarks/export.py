@@ -13,7 +13,6 @@ memory above the level after loading while exporting it in bfloat16:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -21,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from loading import MEMORY_PROBE, write_checkpoint
+from loading import MEMORY_PROBE, shape_arguments, write_checkpoint
 
 WORKER = MEMORY_PROBE + r"""
 import json, sys, time
@@ -60,11 +59,7 @@ def measure(path: Path, how: str, where: str, out: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=16)
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--vocab", type=int, default=32000)
-    args = parser.parse_args()
+    args = shape_arguments(__doc__)
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "checkpoint"

@@ -89,12 +89,17 @@ def load(path: Path, how: str, processes: int, devices: int) -> list[dict]:
     return [json.loads(out.strip().splitlines()[-1]) for out in outs]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def shape_arguments(description: str) -> argparse.Namespace:
+    """The checkpoint shape both benchmarks take (default: a 317M-parameter Llama)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--vocab", type=int, default=32000)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = shape_arguments(__doc__)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "checkpoint"
         write_checkpoint(path, args)
