@@ -1,6 +1,6 @@
 """A model out of jaxdistill: a Hugging Face directory that transformers, vLLM and lm-eval load.
 
-    python -m jaxdistill export SOURCE OUT_DIR [--dtype=bfloat16] [--adapter]
+    python -m jaxdistill export SOURCE OUT_DIR [--dtype=bfloat16]
 
 SOURCE is anything `models.load` takes (a built-in name, a GGUF file, an HF directory, the work
 directory of a finished training run). OUT_DIR gets config.json, generation_config.json, the
@@ -31,6 +31,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from jaxdistill import runs
 from jaxdistill.models.config import ConfigError, ModelConfig, hf_tensor_names
 from jaxdistill.models.streaming import LAYOUTS, SAME, _store, is_url
 
@@ -127,8 +128,8 @@ def hf_tensors(model, dtype) -> Iterator[tuple[str, tuple[int, ...], Callable[[]
     gemma_norm = config.arch == "gemma3"  # Gemma's norms scale by (1 + w); ours by the stored value
     for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         if path not in names:
-            raise ConfigError(f"parameter {'.'.join(map(str, path))} has no place in a Hugging Face checkpoint; "
-                              "merge adapters before exporting (export does this for a LoRA run).")
+            raise ConfigError(f"parameter {'.'.join(map(str, path))} has no place in a Hugging Face checkpoint "
+                              f"of a {config.arch} model.")
         value, name = variable.get_value(), names[path]
         layout = LAYOUTS.get(path[-1], SAME)
         shift = 1.0 if gemma_norm and path[-1].endswith("norm") else 0.0
@@ -177,7 +178,7 @@ class _Destination:
     def __init__(self, out_dir: str):
         self.url = out_dir.rstrip("/") + "/" if is_url(out_dir) else None
         self.local = None if self.url else Path(out_dir).expanduser()
-        self.writes = jax.process_index() == 0
+        self.writes = runs.is_writer()
         if self.local is not None and self.writes:
             if self.local.exists() and any(self.local.iterdir()):
                 raise FileExistsError(f"{self.local} exists and is not empty; export into a new directory.")

@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from jaxdistill.models import gguf as gguf_lib
-from jaxdistill.models.config import ConfigError, ModelConfig, hf_layer_names
+from jaxdistill.models.config import ConfigError, ModelConfig, hf_tensor_names
 from jaxdistill.models.tokenizer import Tokenizer, cache_dir, load_tokenizer
 from jaxdistill.models.transformer import Decoder
 
@@ -129,7 +129,7 @@ def read_hf_directory(path: Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
 
 
 def _to_our_layout(name: str, w: np.ndarray, c: ModelConfig) -> np.ndarray:
-    """One layer's HF tensor ([out, in]) -> our per-layer shape."""
+    """One HF tensor ([out, in]) -> our shape (per layer for the stacked ones)."""
     d, h, k, dh = c.d_model, c.num_heads, c.num_kv_heads, c.head_dim
     if name == "wq":
         return w.T.reshape(d, h, dh)
@@ -137,7 +137,7 @@ def _to_our_layout(name: str, w: np.ndarray, c: ModelConfig) -> np.ndarray:
         return w.T.reshape(d, k, dh)
     if name == "wo":
         return w.T.reshape(h, dh, d)
-    if name in ("w_gate", "w_up", "w_down"):
+    if name in ("w_gate", "w_up", "w_down", "lm_head"):
         return w.T
     if name == "bq":
         return w.reshape(h, dh)
@@ -157,14 +157,15 @@ def canonical_to_state(config: ModelConfig, weights: Mapping[str, np.ndarray]) -
             raise ConfigError(f"the weights have no tensor {name!r} that the config requires.")
         return remaining.pop(name)
 
-    state = {("embed",): take("model.embed_tokens.weight"), ("final_norm",): take("model.norm.weight")}
-    if not config.tie_embeddings:
-        state[("lm_head",)] = take("lm_head.weight").T
-    elif "lm_head.weight" in remaining and np.array_equal(remaining["lm_head.weight"], state[("embed",)]):
+    state = {}
+    for path, names in hf_tensor_names(config).items():
+        if isinstance(names, list):  # one tensor per layer, stacked
+            state[path] = np.stack([_to_our_layout(path[-1], take(name), config) for name in names])
+        else:
+            state[path] = _to_our_layout(path[-1], take(names), config)
+    tied_copy = remaining.get("lm_head.weight")  # a tied head saved as a copy of the embedding
+    if config.tie_embeddings and tied_copy is not None and np.array_equal(tied_copy, state[("embed",)]):
         remaining.pop("lm_head.weight")
-    for ours, theirs in hf_layer_names(config).items():
-        per_layer = [_to_our_layout(ours, take(f"model.layers.{i}.{theirs}"), config) for i in range(config.num_layers)]
-        state[("layers", ours)] = np.stack(per_layer)
     if remaining:
         extra = sorted(remaining)[:5]
         raise ConfigError(f"the weights hold tensors the config does not use (first: {extra}); is the config right?")
