@@ -69,6 +69,14 @@ def atomic_write_text(path: epath.Path, text: str) -> None:
     tmp.replace(path)
 
 
+def json_once(path: epath.Path, compute):
+    """`compute()`'s result saved as JSON at `path` the first time, read back every time after: a
+    resumed run redoes none of the work (and needs none of its models) that it finished before."""
+    if not path.exists():
+        atomic_write_text(path, json.dumps(compute()))
+    return json.loads(path.read_text())
+
+
 class WorkdirLock:
     """`with WorkdirLock(workdir):` one run per work directory.
 

@@ -254,7 +254,7 @@ def test_teachers_command_runs_every_arm_and_resumes_without_redoing_them(tmp_pa
 
     root = Path(__file__).parent.parent
     args = [sys.executable, "-m", "jaxdistill", "teachers", "--config=experiments/teachers/default.py",
-            f"--config.workdir={tmp_path}", "--config.data.eval_size=3", "--config.batch_size=2",
+            f"--config.workdir={tmp_path}", "--config.data.eval_size=2", "--config.batch_size=2",
             "--config.max_new_tokens=12", "--config.rules=('mean_probs','perplexity','online')",
             "--config.search.problems=1", "--config.search.max_new_tokens=16", "--config.search.token_budget=64",
             "--config.search.max_levels=1", "--config.search.branch_entropy=0.5", "--config.seeds=2",
@@ -283,9 +283,11 @@ def test_teachers_command_runs_every_arm_and_resumes_without_redoing_them(tmp_pa
     assert set(board["images"]) == {"diversity", "search_tree"} and "| stack: online |" in board["text"][
         "summary/text_summary"]
     saved = {p.name: p.stat().st_mtime_ns for d in ("arms", "search") for p in (tmp_path / d).iterdir()}
-    assert len(saved) == 6 + 3 + 1 + 2  # arms, each teacher on the fitting problems, one search, best-of-N x 2
+    # arms, each teacher on the fitting problems, diversity; one search, its gold traces' top-20, best-of-N x 2
+    assert len(saved) == 6 + 3 + 1 + 1 + (search["search"]["gold"] > 0) + 2
     again = subprocess.run(args, capture_output=True, text=True, timeout=900, cwd=root, env=env)
     assert again.returncode == 0, again.stderr[-3000:]
+    assert "teacher stack:" in first.stdout and "teacher stack:" not in again.stdout  # everything saved: no model
     assert {p.name: p.stat().st_mtime_ns for d in ("arms", "search") for p in (tmp_path / d).iterdir()} == saved
     assert json.loads((tmp_path / "results.json").read_text())["arms"] == results["arms"]
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import subprocess
 import sys
@@ -64,14 +65,14 @@ def build_sets(config, problems, workdir: Path, min_confidence: float, seed: int
     best_name = config.pruning.best_of_n_teacher
     paths = [workdir / "search" / f"{r.uid}.json" for r in problems]
     bon_path = workdir / "search" / f"best-of-n-{best_name}-seed{seed}.json"
-    stack = teachers_run.load_stack(config, fewshot)[0] if not all(p.exists() for p in paths) else None
+    stack = functools.cache(lambda: teachers_run.load_stack(config, fewshot)[0])
     rule = agg_lib.rule_from_config(config.search.rule, threshold=config.gate_threshold)
     found = [traces.search_saved(stack, r, sc, rule, config.top_k, p)
              for r, p in tqdm(list(zip(problems, paths, strict=True)), desc="branch search: training problems")]
 
     def alone() -> TeacherStack:
         teacher = TeacherConfig.from_config(next(t for t in config.teachers if t["name"] == best_name))
-        return TeacherStack([teacher], pivot=teacher.model, loaded=stack.models if stack else None, fewshot=fewshot)
+        return TeacherStack([teacher], pivot=teacher.model, loaded=stack().models, fewshot=fewshot)
 
     sampled = traces.best_of_n(alone, problems, [max(f["tokens"], 1) for f in found], seed,
                                      config.search.baseline_temperature, config.search.max_new_tokens, bon_path)

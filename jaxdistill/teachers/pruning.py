@@ -100,7 +100,7 @@ def record(config, workdir: Path) -> tuple[list, list[dict]]:
     stack, _ = teachers_run.load_stack(config, fewshot)
     rule = agg_lib.rule_from_config(config.search.rule, threshold=config.gate_threshold)
     sc = complete_search_config(config)
-    found = [traces.search_saved(stack, r, sc, rule, config.top_k, trees_dir / f"{r.uid}.json")
+    found = [traces.search_saved(lambda: stack, r, sc, rule, config.top_k, trees_dir / f"{r.uid}.json")
              for r in tqdm(problems, desc="recording complete search trees", unit="problem")]
     return problems, found
 

@@ -11,6 +11,7 @@ training problems (after the few-shot examples in the training split), never on 
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
@@ -124,50 +125,55 @@ def run(config) -> dict:
 def _run(config, workdir: Path) -> dict:
     start = time.perf_counter()
     test, train, search_problems, fewshot = problems(config, search=config.search.problems)
-    stack, excluded = load_stack(config, fewshot)
-    teachers = stack.teachers
+    # Models load on first use: a rerun whose arms, search and diversity are all saved loads none.
+    loaded_stack = functools.cache(lambda: load_stack(config, fewshot))
+    teachers = [TeacherConfig.from_config(t) for t in config.teachers]
+    names = [t.name for t in teachers]
 
     seeds = config.seeds if config.temperature > 0 else 1
     rule = sampling.rule_from_config(config.temperature)
-    arms = [f"alone: {t.name}" for t in teachers] + [f"stack: {r}" for r in config.rules]
+    arms = [f"alone: {name}" for name in names] + [f"stack: {r}" for r in config.rules]
     bar = tqdm(total=len(teachers) * seeds * len(train) + len(arms) * seeds * len(test), desc="teachers: problems",
                unit="problem")
     (workdir / "arms").mkdir(exist_ok=True)
     results = {}
 
     def run_arm(arm: str, seed: int, solve, records=test) -> dict:
+        def compute():
+            t0, texts, tokens = time.perf_counter(), [], 0
+            for b, first in enumerate(range(0, len(records), config.batch_size)):
+                out = solve(b, records[first:first + config.batch_size], seed)
+                texts += out.texts
+                tokens += int(out.mask.sum())
+                bar.update(len(out.texts))
+                bar.set_postfix(arm=arm, seed=seed)
+            correct = [answer_matches(t, r.answer) for t, r in zip(texts, records, strict=True)]
+            return {"arm": arm, "seed": seed, "accuracy": float(np.mean(correct)), "correct": correct,
+                    "texts": texts, "tokens": tokens, "seconds": time.perf_counter() - t0}
+
         path = workdir / "arms" / f"{arm.replace(': ', '-')}-seed{seed}.json"
         if path.exists():
             bar.update(len(records))
-            return json.loads(path.read_text())
-        t0, texts, tokens = time.perf_counter(), [], 0
-        for b, first in enumerate(range(0, len(records), config.batch_size)):
-            batch = records[first:first + config.batch_size]
-            out = solve(b, batch, seed)
-            texts += out.texts
-            tokens += int(out.mask.sum())
-            bar.update(len(batch))
-            bar.set_postfix(arm=arm, seed=seed)
-        correct = [answer_matches(t, r.answer) for t, r in zip(texts, records, strict=True)]
-        row = {"arm": arm, "seed": seed, "accuracy": float(np.mean(correct)), "correct": correct, "texts": texts,
-               "tokens": tokens, "seconds": time.perf_counter() - t0}
-        runs.atomic_write_text(path, json.dumps(row))
-        return row
+        return runs.json_once(path, compute)
 
     run_kw = dict(rule=rule, max_new_tokens=config.max_new_tokens, top_k=config.top_k)
+
+    def alone(t: TeacherConfig) -> TeacherStack:
+        return TeacherStack([t], pivot=t.model, width=config.width, loaded=loaded_stack()[0].models, fewshot=fewshot)
+
     singles, fitted = {}, {}  # per teacher: its held-out rows; its training rows (for choices), per seed
     for i, t in enumerate(teachers):
-        alone = TeacherStack([t], pivot=t.model, width=config.width, loaded=stack.models, fewshot=fewshot)
-        solve = lambda b, batch, s, alone=alone: alone.run(batch, seed=s, **run_kw)  # noqa: E731
+        solo = functools.cache(lambda t=t: alone(t))
+        solve = lambda b, batch, s, solo=solo: solo().run(batch, seed=s, **run_kw)  # noqa: E731
         fitted[i] = [run_arm(f"train: {t.name}", s, solve, records=train) for s in range(seeds)]
         singles[i] = [run_arm(arms[i], s, solve) for s in range(seeds)]
         results[arms[i]] = singles[i]
     train_accuracy = np.asarray([[row["accuracy"] for row in fitted[i]] for i in range(len(teachers))])  # [N, S]
 
-    nll = None
-    if "perplexity" in config.rules:
-        texts = [r.problem for r in test]
-        nll = np.stack([nll_per_byte(*stack.models[t.model], texts) for t in teachers], axis=1)  # [P, N]
+    @functools.cache
+    def nll() -> np.ndarray:  # [P, N]: each teacher's per-byte NLL of each held-out problem
+        stack = loaded_stack()[0]
+        return np.stack([nll_per_byte(*stack.models[t.model], [r.problem for r in test]) for t in teachers], axis=1)
 
     def solver(name: str):
         rule_fn = agg_lib.rule_from_config(name if name in agg_lib.RULES else "mean_probs",
@@ -177,13 +183,13 @@ def _run(config, workdir: Path) -> dict:
         def solve(b, batch, seed):
             weights = None
             if name == "perplexity":
-                w = agg_lib.perplexity_weights(nll[offsets[b]:offsets[b + 1]], config.perplexity_temperature)
+                w = agg_lib.perplexity_weights(nll()[offsets[b]:offsets[b + 1]], config.perplexity_temperature)
                 weights = w * np.asarray([t.weight for t in teachers])
             elif name == "online":  # each teacher's verified accuracy on the training problems
                 online = agg_lib.OnlineWeights(len(teachers), config.online_temperature)
                 online.update(np.stack([fitted[i][seed]["correct"] for i in range(len(teachers))], axis=1))
                 weights = online() * np.asarray([t.weight for t in teachers])
-            return stack.run(batch, aggregate=rule_fn, weights=weights, seed=seed, **run_kw)
+            return loaded_stack()[0].run(batch, aggregate=rule_fn, weights=weights, seed=seed, **run_kw)
 
         return solve
 
@@ -193,20 +199,28 @@ def _run(config, workdir: Path) -> dict:
     bar.close()
 
     best = int(np.argmax(train_accuracy.mean(axis=1)))  # chosen on training problems
-    searched = run_search(config, stack, search_problems, workdir, teachers[best], fewshot)
-    diversity = measure_diversity(stack, test, config.batch_size)
-    diversity["consensus_differs_from_best"] = diversity["differs"][best]
-    plot_diversity(diversity, stack.names, workdir / "diversity.png")
+    searched = run_search(config, lambda: loaded_stack()[0], search_problems, workdir, teachers[best], fewshot)
 
-    summary = format_summary(config, config.pivot or teachers[0].model, results, diversity, stack.names, best, excluded,
+    def stack_measures() -> dict:
+        stack, excluded = loaded_stack()
+        diversity = measure_diversity(stack, test, config.batch_size)
+        return {"excluded": excluded, **{k: np.asarray(v).tolist() for k, v in diversity.items()}}
+
+    diversity = runs.json_once(workdir / "arms" / "diversity.json", stack_measures)
+    excluded = diversity.pop("excluded")
+    diversity = {k: np.asarray(v) if isinstance(v, list) else v for k, v in diversity.items()}
+    diversity["consensus_differs_from_best"] = diversity["differs"][best]
+    plot_diversity(diversity, names, workdir / "diversity.png")
+
+    summary = format_summary(config, config.pivot or teachers[0].model, results, diversity, names, best, excluded,
                              time.perf_counter() - start)
     if searched:
         summary = summary.replace("\nTotal time", format_search(searched) + "\n\nTotal time")
     runs.atomic_write_text(workdir / "summary.md", summary + "\n")
     out = {"arms": {a: {"accuracy": [r["accuracy"] for r in rows], "tokens": [r["tokens"] for r in rows],
                         "seconds": [r["seconds"] for r in rows]} for a, rows in results.items()},
-           "teachers": stack.names, "best_single": stack.names[best], "excluded_pivot_tokens": excluded,
-           "train_accuracy": {stack.names[i]: train_accuracy[i].tolist() for i in range(len(teachers))},
+           "teachers": names, "best_single": names[best], "excluded_pivot_tokens": excluded,
+           "train_accuracy": {names[i]: train_accuracy[i].tolist() for i in range(len(teachers))},
            "diversity": {k: np.asarray(v).tolist() for k, v in diversity.items()},
            "search": searched}
     runs.atomic_write_text(workdir / "results.json", json.dumps(out, indent=1))

@@ -5,6 +5,7 @@ located negatives as the self-distillation loaders read them, and the search tre
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from pathlib import Path
@@ -28,7 +29,8 @@ def search_config(config) -> search_lib.SearchConfig:
 
 def run_search(config, stack, problems, workdir: Path, teacher, fewshot) -> dict | None:
     """Branch search per problem (saved as it finishes), then best-of-N sampling from `teacher` (the
-    best single teacher on training problems) with the same number of generated tokens, over `seeds` seeds."""
+    best single teacher on training problems) with the same number of generated tokens, over `seeds` seeds.
+    `stack()` returns the teacher stack; it is called only for work that is not saved yet."""
     if not problems:
         return None
     sc = search_config(config)
@@ -38,8 +40,9 @@ def run_search(config, stack, problems, workdir: Path, teacher, fewshot) -> dict
     for record in tqdm(problems, desc="branch search: problems", unit="problem"):
         found.append(search_saved(stack, record, sc, rule, config.top_k, workdir / "search" / f"{record.uid}.json"))
 
-    alone = TeacherStack([teacher], pivot=teacher.model, loaded=stack.models, fewshot=fewshot)
-    baseline = [best_of_n(lambda: alone, problems, [r["tokens"] for r in found], seed,
+    alone = functools.cache(lambda: TeacherStack([teacher], pivot=teacher.model, loaded=stack().models,
+                                                 fewshot=fewshot))
+    baseline = [best_of_n(alone, problems, [r["tokens"] for r in found], seed,
                           config.search.baseline_temperature, sc.max_new_tokens,
                           workdir / "search" / f"best-of-n-seed{seed}.json")
                 for seed in range(config.seeds)]  # per seed: gold traces and tokens per problem
@@ -88,15 +91,16 @@ def best_of_n(teacher, problems, budgets: list[int], seed: int, temperature: flo
 
 
 def search_saved(stack, record, sc: search_lib.SearchConfig, rule, top_k: int, path: Path) -> dict:
-    """One problem's branch search as saved JSON (leaves and branches); read back if already saved."""
-    if not path.exists():
+    """One problem's branch search as saved JSON (leaves and branches); read back if already saved.
+    `stack()` returns the teacher stack."""
+    def compute():
         t0 = time.perf_counter()
-        result = search_lib.search(stack, record, sc, aggregate=rule, top_k=top_k)
-        runs.atomic_write_text(path, json.dumps({
-            "uid": record.uid, "tokens": result.tokens, "pruned": result.pruned,
-            "seconds": time.perf_counter() - t0, "leaves": result.leaves,
-            "branches": [dataclasses.asdict(b) for b in result.branches]}))
-    return json.loads(path.read_text())
+        result = search_lib.search(stack(), record, sc, aggregate=rule, top_k=top_k)
+        return {"uid": record.uid, "tokens": result.tokens, "pruned": result.pruned,
+                "seconds": time.perf_counter() - t0, "leaves": result.leaves,
+                "branches": [dataclasses.asdict(b) for b in result.branches]}
+
+    return runs.json_once(path, compute)
 
 
 def write_traces(problems, found, stack, workdir: Path, rule=None, top_k: int = 10, trace_top: int = 0) -> None:
@@ -104,14 +108,20 @@ def write_traces(problems, found, stack, workdir: Path, rule=None, top_k: int = 
     (prompt, solution, answer); negatives.jsonl: preference pairs with the located mistake.
 
     With trace_top > 0, each gold trace also carries the stack's aggregated distribution at each
-    of its tokens (the top `trace_top` pivot ids and log-probs, scored by forcing the trace):
-    a sparse multi-teacher target."""
+    of its tokens (the top `trace_top` pivot ids and log-probs, scored by forcing the trace, saved
+    per problem beside its search): a sparse multi-teacher target. `stack()` returns the teacher stack."""
     gold_lines, negative_lines = [], []
     for record, result in zip(problems, found, strict=True):
         by_branch = {leaf["branch"]: leaf for leaf in result["leaves"]}
         gold = [leaf for leaf in result["leaves"] if leaf["correct"]]
-        scored = (stack.score([record] * len(gold), [g["tokens"] for g in gold], aggregate=rule, top_k=top_k,
-                              record_top=trace_top) if gold and trace_top else None)
+
+        def score(gold=gold, record=record):
+            out = stack().score([record] * len(gold), [g["tokens"] for g in gold], aggregate=rule, top_k=top_k,
+                                record_top=trace_top)
+            return {"top_ids": out.top_ids.tolist(), "top_logprobs": np.round(out.top_logprobs, 4).tolist()}
+
+        scored = (runs.json_once(workdir / "search" / f"{record.uid}-top{trace_top}.json", score)
+                  if gold and trace_top else None)
         for leaf in result["leaves"]:
             meta = {"uid": record.uid, "branch": leaf["branch"], "path": leaf["path"],
                     "confidence": leaf["confidence"]}
@@ -120,8 +130,8 @@ def write_traces(problems, found, stack, workdir: Path, rule=None, top_k: int = 
                         **meta}
                 if scored is not None:
                     row, n = gold.index(leaf), len(leaf["tokens"])
-                    line |= {"pivot_tokens": leaf["tokens"], "top_ids": scored.top_ids[row, :n].tolist(),
-                             "top_logprobs": np.round(scored.top_logprobs[row, :n], 4).tolist()}
+                    line |= {"pivot_tokens": leaf["tokens"], "top_ids": scored["top_ids"][row][:n],
+                             "top_logprobs": scored["top_logprobs"][row][:n]}
                 gold_lines.append(line)
             elif "wrong_at" in leaf:
                 negative_lines.append({
