@@ -178,18 +178,19 @@ def export_command(args: list[str]) -> int:
     from jaxdistill.models.export import EXPORT_DTYPES, export
 
     if any(a in HELP_FLAGS for a in args):
-        print(f"python -m jaxdistill export SOURCE OUT_DIR [--dtype={'|'.join(EXPORT_DTYPES)}]\n\n"
+        print(f"python -m jaxdistill export SOURCE OUT_DIR [--dtype={'|'.join(EXPORT_DTYPES)}] [--adapter]\n\n"
               "SOURCE: a built-in model name, a .gguf file, a Hugging Face directory or a finished training run's "
-              "work directory. OUT_DIR (new, local or gs://...) becomes a Hugging Face model directory; the dtype "
+              "work directory. OUT_DIR (new, local or gs://...) becomes a Hugging Face model directory (a LoRA run's "
+              "adapters merged into the weights), or with --adapter a PEFT adapter directory of a LoRA run; the dtype "
               "defaults to the source's (a run's config.dtype, float32 otherwise).")
         return 0
     options = {a.split("=", 1)[0]: a.split("=", 1)[1] if "=" in a else "" for a in args if a.startswith("--")}
     positional = [a for a in args if not a.startswith("--")]
-    unknown = sorted(set(options) - {"--dtype"})
+    unknown = sorted(set(options) - {"--dtype", "--adapter"})
     if len(positional) != 2 or unknown:
-        raise CommandLineError("usage: python -m jaxdistill export SOURCE OUT_DIR [--dtype=float32|bfloat16|float16]"
-                               + (f" (unknown option {unknown[0]})" if unknown else ""))
-    export(*positional, dtype=options.get("--dtype") or None)
+        raise CommandLineError("usage: python -m jaxdistill export SOURCE OUT_DIR [--dtype=float32|bfloat16|float16] "
+                               "[--adapter]" + (f" (unknown option {unknown[0]})" if unknown else ""))
+    export(*positional, dtype=options.get("--dtype") or None, adapter="--adapter" in options)
     return 0
 
 

@@ -31,6 +31,7 @@ LOGICAL_RULES: dict[str, tuple[str, ...] | None] = {
     "mlp": ("tensor",),
     "head_dim": None,
     "layers": None,
+    "lora_rank": None,
     "norm": None,
     "length": None,
     "teacher": ("teacher",),
@@ -171,10 +172,11 @@ def put_global(host: np.ndarray, sharding: NamedSharding, dtype=None) -> jax.Arr
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
-def shard_model(model, mesh: Mesh):
-    """Move an NNX model's parameters into their mesh shardings (in place); returns the model.
-    Abstract parameters (`nnx.eval_shape`) become ShapeDtypeStructs carrying their sharding,
-    which is what an ahead-of-time compile takes instead of weights."""
+def shard_model(model, mesh: Mesh, variables=...):
+    """Move an NNX model's parameters (those `variables` filters, default all) into their mesh
+    shardings (in place); returns the model. Abstract parameters (`nnx.eval_shape`) become
+    ShapeDtypeStructs carrying their sharding, which is what an ahead-of-time compile takes
+    instead of weights."""
     from flax import nnx
 
     def put(variable):
@@ -185,7 +187,7 @@ def shard_model(model, mesh: Mesh):
             return variable.replace(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding))
         return variable.replace(put_global(np.asarray(value), sharding))
 
-    state = jax.tree.map(put, nnx.state(model), is_leaf=lambda x: isinstance(x, nnx.Variable))
+    state = jax.tree.map(put, nnx.state(model, variables), is_leaf=lambda x: isinstance(x, nnx.Variable))
     nnx.update(model, state)
     return model
 

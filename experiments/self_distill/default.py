@@ -53,7 +53,12 @@ def get_config():
     c.prompts = ml_collections.ConfigDict(dict(style="chat", fewshot_examples=2))
     c.guided = False  # sample genCoT from the blended target instead of the student
     c.sft_weight = 0.0  # > 0 adds this multiple of the cross-entropy on the reference solutions to the loss
-    c.frozen_teacher = False  # True: a frozen copy of the initial weights teaches (one more forward)
+    # True: a frozen copy of the initial weights teaches (one more forward); with LoRA the base model teaches:
+    # the adapters are off for the teacher rows of the one combined forward, and nothing is copied (OPSD's setup)
+    c.frozen_teacher = False
+    # LoRA (rank > 0): adapters on the `targets` projections (PEFT's names) train, the base weights stay frozen
+    c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, dropout=0.0, targets=(
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")))
     c.combined_forward = True  # one forward over both contexts; False: teacher in a second, gradient-free one
     c.steps = 24
     c.batch_size = 4  # problems per update

@@ -25,8 +25,7 @@ from jaxdistill import aot, sampling
 from jaxdistill import mesh as mesh_lib
 from jaxdistill.distill import evaluate
 from jaxdistill.distill import step as step_lib
-from jaxdistill.distill.config import target_for, validate
-from jaxdistill.distill.losses import LossConfig
+from jaxdistill.distill.config import trainer, validate
 from jaxdistill.distill.rollouts import GuidedRule
 from jaxdistill.models.loading import DTYPES, model_config
 from jaxdistill.models.transformer import Decoder
@@ -89,19 +88,11 @@ def programs(config, target: aot.Target):
     prompt = config.compile.prompt_tokens
     gen = step_lib.round_up(config.sample.max_new_tokens, 32)
     model = abstract_model(config, mesh)
-    tx = step_lib.make_optimizer(step_lib.OptimConfig(**config.optim, total_steps=config.steps))
-    graphdef, state = step_lib.init_state(model, tx, frozen_teacher=config.frozen_teacher)
-    mode = step_lib.mode_for(config.arm)
-    sft_weight = config.get("sft_weight", 0.0)
-    train_step = step_lib.jit_train_step(
-        step_lib.make_train_step(graphdef, tx, mode=mode, target=target_for(config),
-                                 loss=LossConfig(**config.loss), combined_forward=config.combined_forward,
-                                 sft_weight=sft_weight),
-        state, mesh, sparse_target=mode == "sparse", sft_rows=bool(sft_weight))
+    graphdef, state, train_step = trainer(config, model, mesh)
     key = jax.eval_shape(lambda: jax.random.key(0))
     yield aot.Program("train_step", train_step, (state, train_batch(config, mesh, prompt, gen), key))
 
-    model = nnx.merge(graphdef, state.params)
+    model = step_lib.as_model(graphdef, step_lib.all_params(state))
     problems = config.batch_size * config.get("samples_per_problem", 1)
     s = config.sample
     if config.arm != "sft":
@@ -116,4 +107,4 @@ def programs(config, target: aot.Target):
     on_rows = functools.partial(split_rows, mesh)
     scored = (on_rows((2 * rows, width), jnp.int32), on_rows((2 * rows, width), bool),
               on_rows((rows, step_lib.round_up(e.max_new_tokens, 32)), bool))
-    yield aot.Program("eval_score", evaluate.score_program, (graphdef, state.params, *scored))
+    yield aot.Program("eval_score", evaluate.score_program, (*nnx.split(model), *scored))

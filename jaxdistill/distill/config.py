@@ -11,6 +11,7 @@ from jaxdistill.data.records import Record
 from jaxdistill.distill.losses import LossConfig, TargetConfig
 from jaxdistill.errors import ConfigError, DataError
 from jaxdistill.models.attention import IMPLEMENTATIONS
+from jaxdistill.models.lora import LoraConfig
 from jaxdistill.prompts import PromptConfig, prompt_pair
 
 ARMS = ("blend", "fixed_k", "teacher", "sft", "rejection_sft", "stack")
@@ -25,6 +26,27 @@ def target_for(config) -> TargetConfig:
         return TargetConfig(kind="teacher")
     return TargetConfig(kind="blend", teacher_weight=config.teacher_weight,
                         temperature=config.fixed_k if config.arm == "fixed_k" else None)
+
+
+def trainer(config, model, mesh):
+    """What `train` runs and `compile` compiles: (graphdef, train state, jitted step) around `model`,
+    which first gets the adapters of `config.lora` (rank 0: none; then every weight trains)."""
+    from jaxdistill.distill import step as step_lib
+    from jaxdistill.models.lora import add_lora
+
+    lora = LoraConfig.from_config(config.get("lora"))
+    if lora is not None:
+        add_lora(model, lora, seed=config.seed)
+    tx = step_lib.make_optimizer(step_lib.OptimConfig(**config.optim, total_steps=config.steps))
+    graphdef, state = step_lib.init_state(model, tx, frozen_teacher=config.frozen_teacher)
+    mode = step_lib.mode_for(config.arm)
+    sft_weight = config.get("sft_weight", 0.0)
+    train_step = step_lib.jit_train_step(
+        step_lib.make_train_step(graphdef, tx, mode=mode, target=target_for(config), loss=LossConfig(**config.loss),
+                                 combined_forward=config.combined_forward, sft_weight=sft_weight,
+                                 base_teacher=lora is not None and config.frozen_teacher),
+        state, mesh, sparse_target=mode == "sparse", sft_rows=bool(sft_weight))
+    return graphdef, state, train_step
 
 
 def prompts_for(config, train_records: list[Record]) -> PromptConfig:
@@ -73,6 +95,10 @@ UNUSED = (
     *(settings.Unused(key, unset, lambda c: c.arm != "sft", lambda c: "arm='sft' samples nothing")
       for key, unset in (("rollout", "student"), ("guided", False), ("sample.temperature", 0.7),
                          ("sample.top_k", 0), ("sample.top_p", 1.0))),
+    *(settings.Unused(f"lora.{key}", unset, lambda c: c.get("lora", {}).get("rank", 0) > 0,
+                      _only("LoRA", "lora.rank", "8"))
+      for key, unset in (("alpha", 16.0), ("dropout", 0.0),
+                         ("targets", ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")))),
     settings.Unused("loss.jsd_beta", 0.5, lambda c: c.loss.kind == "jsd", _only("loss.kind=jsd", "loss.kind", "jsd")),
     settings.Unused("prompts.fewshot_examples", 2, lambda c: c.prompts.style == "fewshot",
                     _only("prompts.style=fewshot", "prompts.style", "fewshot")),
@@ -125,9 +151,11 @@ def validate(config) -> None:
     need(config.data.get("max_tokens", 0) >= 0, "data.max_tokens must be >= 0 (0: the model's context).")
     need(config.get("attention", "xla") in ATTENTION,
          f"attention {config.get('attention')!r} is not one of {ATTENTION} (models/attention.py).")
+    need(config.get("lora", {}).get("rank", 0) >= 0, f"lora.rank must be >= 0 (0: no LoRA), got {config.lora.rank}.")
     try:
         LossConfig(**config.loss)
         target_for(config)
+        LoraConfig.from_config(config.get("lora"))
     except ValueError as err:
         raise ConfigError(str(err)) from None
     style = (config.get("prompts") or {}).get("style", "chat")

@@ -91,6 +91,23 @@ class TrainState:
     params: nnx.State
     opt_state: optax.OptState
     teacher_params: nnx.State | None = None  # a frozen teacher; None: the live weights teach
+    # With LoRA: `params` are the adapters and this the base weights (no gradient, no optimizer
+    # state, not in checkpoints: the run reloads them from its model).
+    frozen_params: nnx.State | None = None
+
+    def without_frozen(self) -> TrainState:
+        """What a checkpoint holds: everything but the frozen base weights."""
+        return dataclasses.replace(self, frozen_params=None)
+
+
+def as_model(graphdef, params):
+    """The model from a train state's parameters: one State, or (adapters, frozen base) under LoRA."""
+    return nnx.merge(graphdef, *params) if isinstance(params, tuple) else nnx.merge(graphdef, params)
+
+
+def all_params(state: TrainState):
+    """The parameters `as_model` takes: `params`, with the frozen base weights under LoRA."""
+    return state.params if state.frozen_params is None else (state.params, state.frozen_params)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,13 +137,19 @@ def init_state(model, tx, *, frozen_teacher: bool = False) -> tuple[nnx.GraphDef
     Every leaf is created where its parameter lives: the moments and the frozen teacher's copy
     in their parameter's sharding, the step counter replicated on the parameters' mesh. A
     model of abstract parameters (ShapeDtypeStructs with shardings) gives the abstract state
-    an ahead-of-time compile takes.
+    an ahead-of-time compile takes. A model with LoRA adapters (`models.lora.add_lora`) trains
+    only them: they alone have optimizer state, and its frozen teacher is the base model (the
+    adapters off), so no copy is made.
     The state takes the model's arrays as they are, and the jitted step donates them: after
-    the first step the old `model` is gone. Rebuild it with nnx.merge(graphdef, state.params).
+    the first step the old `model` is gone. Rebuild it with as_model(graphdef, all_params(state)).
     """
     from jaxdistill import mesh as mesh_lib
 
-    graphdef, params = nnx.split(model)
+    lora = getattr(model, "lora", None) is not None
+    if lora:
+        graphdef, params, frozen = nnx.split(model, nnx.LoRAParam, ...)
+    else:
+        (graphdef, params), frozen = nnx.split(model), None
     mesh = mesh_lib.mesh_of(params)
     shardings = jax.tree.map(lambda x: x.sharding, params) if mesh is not None else None
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()) if mesh is not None else None
@@ -135,8 +158,9 @@ def init_state(model, tx, *, frozen_teacher: bool = False) -> tuple[nnx.GraphDef
     step = make(jax.jit(lambda: jnp.zeros((), jnp.int32), out_shardings=replicated))
     opt_state = make(jax.jit(tx.init, out_shardings=mesh_lib.optimizer_shardings(tx, params)), params)
     copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings)
-    teacher = make(copy, params) if frozen_teacher else None
-    return graphdef, TrainState(step=step, params=params, opt_state=opt_state, teacher_params=teacher)
+    teacher = make(copy, params) if frozen_teacher and not lora else None
+    return graphdef, TrainState(step=step, params=params, opt_state=opt_state, teacher_params=teacher,
+                                frozen_params=frozen)
 
 
 KL_BUCKET = 16  # generated positions per bucket of the logged KL-by-position profile
@@ -153,7 +177,7 @@ def loss_weights(batch, loss: LossConfig) -> jax.Array:
 
 
 def distill_loss(graphdef, params, teacher_params, batch, target: TargetConfig, loss: LossConfig,
-                 combined_forward: bool = True):
+                 combined_forward: bool = True, dropout_key=None, base_teacher: bool = False):
     """The weighted per-token loss over generated tokens, and diagnostics.
 
     combined_forward (live teacher only): one forward over student and teacher rows, whose
@@ -163,18 +187,21 @@ def distill_loss(graphdef, params, teacher_params, batch, target: TargetConfig, 
     KL(target || student) per bucket of KL_BUCKET generated positions; and, per sample, the
     student's and the target's probability of the end token where the sample ended
     (`end_p_student`, `end_p_target`, 0 where it ran to the length cap).
+    With LoRA: `dropout_key` drives the adapters' dropout on the student rows; `base_teacher`
+    runs the teacher rows with the adapters off (the frozen base model teaches).
     """
-    model = nnx.merge(graphdef, params)
+    model = as_model(graphdef, params)
     tokens, mask, target_mask = batch["tokens"], batch["mask"], batch["target_mask"]
     region = completion_columns(batch)
     if teacher_params is None and combined_forward:
-        hidden, _ = model.hidden_states(tokens, None, mask, grad_rows_stride=2)  # teacher rows: no backward
+        hidden, _ = model.hidden_states(tokens, None, mask, grad_rows_stride=2, frozen_rows_base=base_teacher,
+                                        dropout_key=dropout_key)  # teacher rows: no backward
         student_h, teacher_h = split_contexts(hidden[:, region])
     else:
         (student_tokens, teacher_tokens), (student_mask, teacher_mask) = split_contexts(tokens), split_contexts(mask)
-        student_h = model.hidden_states(student_tokens, None, student_mask)[0][:, region]
-        teacher = nnx.merge(graphdef, jax.lax.stop_gradient(params if teacher_params is None else teacher_params))
-        teacher_h = teacher.hidden_states(teacher_tokens, None, teacher_mask)[0][:, region]
+        student_h = model.hidden_states(student_tokens, None, student_mask, dropout_key=dropout_key)[0][:, region]
+        teacher = as_model(graphdef, jax.lax.stop_gradient(params if teacher_params is None else teacher_params))
+        teacher_h = teacher.hidden_states(teacher_tokens, None, teacher_mask, base=base_teacher)[0][:, region]
     labels = split_contexts(tokens)[0][:, region.start + 1 : region.stop + 1]
     per_token = chunked_distill_loss(model.logits, student_h, jax.lax.stop_gradient(teacher_h), labels, target, loss)
     weights = loss_weights(batch, loss)
@@ -191,12 +218,13 @@ def distill_loss(graphdef, params, teacher_params, batch, target: TargetConfig, 
     return value, stats
 
 
-def sft_loss(graphdef, params, teacher_params, batch, target=None, loss=None, combined_forward=True):
+def sft_loss(graphdef, params, teacher_params, batch, target=None, loss=None, combined_forward=True,
+             dropout_key=None, base_teacher=False):
     """Cross-entropy on the completion tokens (the SFT baseline), in chunks of the same size."""
-    model = nnx.merge(graphdef, params)
+    model = as_model(graphdef, params)
     tokens, mask, target_mask = batch["tokens"], batch["mask"], batch["target_mask"]
     region = completion_columns(batch)
-    hidden = model.hidden_states(tokens, None, mask)[0][:, region]
+    hidden = model.hidden_states(tokens, None, mask, dropout_key=dropout_key)[0][:, region]
     labels = tokens[:, region.start + 1 : region.stop + 1]
 
     @jax.checkpoint
@@ -207,16 +235,17 @@ def sft_loss(graphdef, params, teacher_params, batch, target=None, loss=None, co
     return jnp.sum(jnp.where(target_mask, per_token, 0.0)) / jnp.maximum(target_mask.sum(), 1), {}
 
 
-def sparse_distill_loss(graphdef, params, teacher_params, batch, target=None, loss=None, combined_forward=True):
+def sparse_distill_loss(graphdef, params, teacher_params, batch, target=None, loss=None, combined_forward=True,
+                        dropout_key=None, base_teacher=False):
     """KL(target || student) against a sparse target given in the batch (student rows only): at
     each completion position, `target_ids` [B, G, K] and `target_logprobs` [B, G, K], e.g. the
     teacher stack's aggregated top-K, renormalised over the K tokens. Diagnostics as in
     `distill_loss`: the student's and the target's probability of the end token where each
     sample ended (`end_p_student`, `end_p_target`)."""
-    model = nnx.merge(graphdef, params)
+    model = as_model(graphdef, params)
     tokens, mask, target_mask = batch["tokens"], batch["mask"], batch["target_mask"]
     region = completion_columns(batch)
-    hidden = model.hidden_states(tokens, None, mask)[0][:, region]
+    hidden = model.hidden_states(tokens, None, mask, dropout_key=dropout_key)[0][:, region]
     labels = tokens[:, region.start + 1 : region.stop + 1]
     log_t = jax.nn.log_softmax(batch["target_logprobs"].astype(jnp.float32), axis=-1)  # renormalise over K
 
@@ -245,20 +274,23 @@ def mode_for(arm: str) -> str:
 
 
 def make_train_step(graphdef, tx, *, mode: str = "distill", target: TargetConfig = TargetConfig(),
-                    loss: LossConfig = LossConfig(), combined_forward: bool = True, sft_weight: float = 0.0):
+                    loss: LossConfig = LossConfig(), combined_forward: bool = True, sft_weight: float = 0.0,
+                    base_teacher: bool = False):
     """A pure `(state, batch, rng) -> (state, metrics)`; jit it with `jit_train_step`.
 
     sft_weight > 0 adds that multiple of the cross-entropy on `batch["sft"]` (student prompts
-    and reference completions, a `build_batch` without teacher prompts) to the loss."""
+    and reference completions, a `build_batch` without teacher prompts) to the loss.
+    `base_teacher` (LoRA): the teacher rows run with the adapters off. `rng` drives the
+    adapters' dropout (the step is otherwise deterministic)."""
     loss_fn = {"distill": distill_loss, "sft": sft_loss, "sparse": sparse_distill_loss}[mode]
 
     def train_step(state: TrainState, batch, rng):
-        del rng  # the step itself is deterministic; the key is part of the signature for arms that sample
-
         def objective(params):
-            value, stats = loss_fn(graphdef, params, state.teacher_params, batch, target, loss, combined_forward)
+            full = params if state.frozen_params is None else (params, state.frozen_params)
+            value, stats = loss_fn(graphdef, full, state.teacher_params, batch, target, loss, combined_forward,
+                                   dropout_key=jax.random.fold_in(rng, 0), base_teacher=base_teacher)
             if sft_weight:
-                sft_value, _ = sft_loss(graphdef, params, None, batch["sft"])
+                sft_value, _ = sft_loss(graphdef, full, None, batch["sft"], dropout_key=jax.random.fold_in(rng, 1))
                 value, stats = value + sft_weight * sft_value, stats | {"sft_loss": sft_value}
             return value, stats
 

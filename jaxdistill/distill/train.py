@@ -19,12 +19,12 @@ saved with each checkpoint, so a resumed run continues exactly where it stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
 import jax
 import numpy as np
-from flax import nnx
 from tqdm.auto import tqdm
 
 from jaxdistill import mesh as mesh_lib
@@ -33,9 +33,8 @@ from jaxdistill import runs, settings
 from jaxdistill.data import load_records
 from jaxdistill.data import metrics as metrics_lib
 from jaxdistill.distill import step as step_lib
-from jaxdistill.distill.config import fit_to_context, prompts_for, target_for, validate
+from jaxdistill.distill.config import fit_to_context, prompts_for, trainer, validate
 from jaxdistill.distill.evaluate import evaluate, format_table
-from jaxdistill.distill.losses import LossConfig
 from jaxdistill.distill.rollouts import (
     data_iterator,
     end_metrics,
@@ -93,15 +92,8 @@ def _train(config, workdir) -> dict:
     eval_kwargs = dict(prompt_config=prompt_config, max_new_tokens=config.eval.max_new_tokens,
                        batch_size=config.eval.batch_size, mean_at_k=config.eval.mean_at_k, mesh=mesh)
 
-    optim = step_lib.OptimConfig(**config.optim, total_steps=config.steps)
-    tx = step_lib.make_optimizer(optim)
-    graphdef, state = step_lib.init_state(model, tx, frozen_teacher=config.frozen_teacher)
-    mode = step_lib.mode_for(config.arm)
-    sft_weight = config.get("sft_weight", 0.0)
-    train_step = step_lib.jit_train_step(
-        step_lib.make_train_step(graphdef, tx, mode=mode, target=target_for(config), loss=LossConfig(**config.loss),
-                                 combined_forward=config.combined_forward, sft_weight=sft_weight),
-        state, mesh, sparse_target=mode == "sparse", sft_rows=bool(sft_weight))
+    graphdef, state, train_step = trainer(config, model, mesh)
+    mode, sft_weight = step_lib.mode_for(config.arm), config.get("sft_weight", 0.0)
     stack = make_stack(config, train_records) if config.arm == "stack" else None
     iterator = data_iterator(train_records, config.seed)
     summary_path = workdir / "summary.json"
@@ -110,10 +102,11 @@ def _train(config, workdir) -> dict:
     with runs.Checkpoints(workdir / "checkpoints", keep=config.checkpoint.keep,
                           resume_from=config.checkpoint.get("resume_from", 0)) as checkpoints, \
             runs.board(config, workdir) as board:
-        restored = checkpoints.restore(state)
+        restored = checkpoints.restore(state.without_frozen())  # LoRA's base weights come from the model
         start = 0
         if restored is not None:
-            start, state, meta = restored
+            start, state, meta = restored[0], dataclasses.replace(restored[1], frozen_params=state.frozen_params), \
+                restored[2]
             iterator.set_state(meta["data"])
             summary = meta["summary"]
             print(f"resumed from step {start} in {workdir}")
@@ -132,7 +125,7 @@ def _train(config, workdir) -> dict:
             mine = slice(jax.process_index() * local * samples, (jax.process_index() + 1) * local * samples)
             pairs = hinted_pairs(tokenizer, problems, samples, prompt_config, config.get("hint", "reference"))[mine]
             records = [r for r in problems for _ in range(samples)][mine]
-            model = nnx.merge(graphdef, state.params)
+            model = step_lib.as_model(graphdef, step_lib.all_params(state))
             rows = {}
             references = ([tokenizer.encode(r.solution, add_special_tokens=False) + [end] for r in records]
                           if config.arm == "sft" or sft_weight else None)
@@ -185,13 +178,13 @@ def _train(config, workdir) -> dict:
                             tok_s=f"{metrics['tokens_per_s']:.0f}")
             done = step + 1
             if config.eval.every and done % config.eval.every == 0 and done < config.steps:
-                model = nnx.merge(graphdef, state.params)
+                model = step_lib.as_model(graphdef, step_lib.all_params(state))
                 summary["eval"][f"step {done}"] = evaluate(model, tokenizer, eval_records, **eval_kwargs)
             if done % config.checkpoint.every == 0 or done == config.steps:
-                checkpoints.save(done, state, {"data": iterator.get_state(), "summary": summary})
+                checkpoints.save(done, state.without_frozen(), {"data": iterator.get_state(), "summary": summary})
 
         if config.eval.after:
-            model = nnx.merge(graphdef, state.params)
+            model = step_lib.as_model(graphdef, step_lib.all_params(state))
             summary["eval"]["after"] = evaluate(model, tokenizer, eval_records, **eval_kwargs)
         if runs.is_writer():
             runs.atomic_write_text(summary_path, json.dumps(summary, indent=1))

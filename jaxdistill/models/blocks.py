@@ -52,6 +52,26 @@ def linear(x, w, dims: int = 1):
     return y.reshape(*x.shape[: x.ndim - dims], *w.shape[dims:])
 
 
+def lora_factors(weight: str) -> tuple[str, str]:
+    """The names of a weight's LoRA factors A and B in a layer's parameters."""
+    return f"{weight}_lora_a", f"{weight}_lora_b"
+
+
+def project(x, p, name: str, dtype, dims: int = 1, lora=None):
+    """x times the weight `name` (`linear`), plus its LoRA adapter where `p` holds one: with
+    lora = (scale, dropout rate, key or None), `scale * dropout(x) A B` (no dropout without a key)."""
+    y = linear(x, p[name].astype(dtype), dims)
+    name_a, name_b = lora_factors(name)
+    if name_a not in p:
+        return y
+    scale, rate, key = lora
+    if rate and key is not None:
+        keep = jax.random.bernoulli(jax.random.fold_in(key, sorted(p).index(name)), 1.0 - rate, x.shape)
+        x = jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+    low = linear(linear(x, p[name_a].astype(dtype), dims), p[name_b].astype(dtype))
+    return y + (scale * low).astype(y.dtype)
+
+
 def attention_extras(p) -> dict:
     """The optional attention parameters a layer has (biases, q/k norms)."""
     return {name: p[name] for name in ("bq", "bk", "bv", "q_norm", "k_norm") if name in p}
@@ -104,23 +124,24 @@ def gated(c: ModelConfig, gate, up):
     return (jax.nn.silu(gate) if c.activation == "silu" else jax.nn.gelu(gate, approximate=True)) * up
 
 
-def block(c: ModelConfig, dtype, p, x, mask_new, old, cos, sin, fused=None):
+def block(c: ModelConfig, dtype, p, x, mask_new, old, cos, sin, fused=None, lora=None):
     """One transformer block. `old`: (k, v, mask) of the cached tokens, or None. `fused`:
     a fused self-attention (q, k, v) -> [B, T, heads, D] used instead of the dense path.
+    `lora`: (scale, dropout rate, key) for the LoRA adapters `p` holds (see `project`).
 
     Returns the new x, this call's keys/values [B, K, T, D] for the cache, and the
     activations `block_backward` reuses (unused ones cost nothing: XLA drops them).
     """
-    w = lambda name: p[name].astype(dtype)  # noqa: E731
+    w = lambda x, name, dims=1: project(x, p, name, dtype, dims, lora)  # noqa: E731
     h = rms_norm(x, p["attn_norm"], c.norm_eps)
-    proj = tuple(linear(h, w(name)) for name in ("wq", "wk", "wv"))
+    proj = tuple(w(h, name) for name in ("wq", "wk", "wv"))
     q, k, v = attention_inputs(c, dtype, attention_extras(p), *proj, cos, sin)
     attn = attend(q, k, v, mask_new, old) if fused is None else fused(q, k, v)
-    a = linear(attn, w("wo"), dims=2)
+    a = w(attn, "wo", dims=2)
     x1 = x + post_norm(c, p.get("attn_post_norm"), a)
     h2 = rms_norm(x1, p["mlp_norm"], c.norm_eps)
-    gate, up = linear(h2, w("w_gate")), linear(h2, w("w_up"))
-    y = linear(gated(c, gate, up), w("w_down"))
+    gate, up = w(h2, "w_gate"), w(h2, "w_up")
+    y = w(gated(c, gate, up), "w_down")
     saved = {"x": x, "proj": proj, "attn": attn, "x1": x1, "gate": gate, "up": up}
     if c.sandwich_norm:
         saved |= {"a": a, "y": y}

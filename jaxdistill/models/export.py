@@ -1,11 +1,12 @@
 """A model out of jaxdistill: a Hugging Face directory that transformers, vLLM and lm-eval load.
 
-    python -m jaxdistill export SOURCE OUT_DIR [--dtype=bfloat16]
+    python -m jaxdistill export SOURCE OUT_DIR [--dtype=bfloat16] [--adapter]
 
 SOURCE is anything `models.load` takes (a built-in name, a GGUF file, an HF directory, the work
 directory of a finished training run). OUT_DIR gets config.json, generation_config.json, the
 tokenizer files with the chat template, and safetensors (sharded with an index above
-`max_shard_bytes`).
+`max_shard_bytes`). A LoRA run exports with its adapters merged into the weights, or with
+`--adapter` as a PEFT adapter directory that `peft.PeftModel.from_pretrained(base, OUT_DIR)` loads.
 
 The weights stream: one tensor (one layer's slice of a stacked parameter) is gathered to the
 host, converted to the file layout (the inverse of `streaming.Layout.read`) and written before
@@ -238,13 +239,42 @@ def save_hf(model, tokenizer, out_dir: str | Path, *, dtype: str = "float32",
     return files + list(small)
 
 
-def export(source: str, out_dir: str, *, dtype: str | None = None) -> list[str]:
-    """`python -m jaxdistill export`: load SOURCE, write it to OUT_DIR, print what was written."""
+def save_peft(model, out_dir: str | Path, *, base: str, dtype: str = "float32") -> list[str]:
+    """Write `model`'s LoRA adapters as a PEFT adapter directory (adapter_config.json,
+    adapter_model.safetensors) on the base model `base`; returns the files written."""
+    from jaxdistill.models import lora as lora_lib
+
+    if getattr(model, "lora", None) is None:
+        raise ConfigError("this model has no LoRA adapters: --adapter exports a LoRA run's adapters (a run trained "
+                          "with --config.lora.rank > 0); export without it for the whole model.")
+    np_dtype, file_dtype = EXPORT_DTYPES[dtype]
+    tensors = lora_lib.peft_tensors(model)
+    entries = [(name, t.shape) for name, t in tensors.items()]
+    destination = _Destination(str(out_dir))
+    destination.write("adapter_model.safetensors", itertools.chain(
+        [_header(entries, np.dtype(np_dtype).itemsize, file_dtype)],
+        (np.ascontiguousarray(t.astype(np_dtype)).tobytes() for t in tensors.values())))
+    config = lora_lib.peft_config(model.lora, base)
+    destination.write("adapter_config.json", [json.dumps(config, indent=2).encode()])
+    return ["adapter_model.safetensors", "adapter_config.json"]
+
+
+def export(source: str, out_dir: str, *, dtype: str | None = None, adapter: bool = False) -> list[str]:
+    """`python -m jaxdistill export`: load SOURCE, write it to OUT_DIR, print what was written.
+    A LoRA run exports with its adapters merged into the weights, or with `adapter` as a PEFT
+    adapter directory on its base model."""
     from jaxdistill.models.loading import load, training_run
+    from jaxdistill.models.lora import merge_adapters
 
     run = training_run(source)
     model_dtype = run["dtype"] if run else "float32"
     model, tokenizer = load(source, dtype=model_dtype)
+    if adapter:
+        files = save_peft(model, out_dir, base=run["model"] if run else str(source), dtype=dtype or model_dtype)
+        print(f"exported the LoRA adapters of {source} (rank {model.lora.rank}, on {run['model']}) to {out_dir}: "
+              f"{', '.join(files)}")
+        return files
+    merge_adapters(model)
     files = save_hf(model, tokenizer, out_dir, dtype=dtype or model_dtype)
     params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     print(f"exported {source} ({params / 1e6:.1f}M parameters, {dtype or model_dtype}) to {out_dir}: "

@@ -257,18 +257,25 @@ def model_config(name_or_path: str | Path) -> ModelConfig:
 
 def _load_run(directory: Path, config: dict, mesh) -> tuple[Decoder, Tokenizer]:
     """The model a finished training run ends with: its base model's architecture and tokenizer
-    with the parameters of its last checkpoint (in the run's dtype and, with a mesh, shardings)."""
+    with the parameters of its last checkpoint (in the run's dtype and, with a mesh, shardings);
+    a LoRA run's model keeps its adapters apart (`lora.merge_adapters` folds them in)."""
     from jaxdistill import runs
     from jaxdistill.errors import RunError
+    from jaxdistill.models.lora import LoraConfig, add_lora
 
     model, tokenizer = load(config["model"], dtype=config["dtype"], compute_dtype=config.get("compute_dtype") or None,
                             mesh=mesh, attention=config.get("attention", "xla"))
-    graphdef, params = nnx.split(model)
+    lora = LoraConfig.from_config(config.get("lora"))
+    if lora is not None:  # the run trained adapters only: they come from the checkpoint, the rest from the model
+        add_lora(model, lora)
+        graphdef, params, frozen = nnx.split(model, nnx.LoRAParam, ...)
+    else:
+        (graphdef, params), frozen = nnx.split(model), None
     with runs.Checkpoints(directory / "checkpoints", keep=config["checkpoint"]["keep"]) as checkpoints:
         restored = checkpoints.restore_params(params)
     if restored is None:
         raise RunError(f"{directory / 'checkpoints'} holds no checkpoint.")
-    return nnx.merge(graphdef, restored), tokenizer
+    return nnx.merge(graphdef, restored, *([frozen] if frozen is not None else [])), tokenizer
 
 
 def describe(name_or_path: str | Path) -> tuple[ModelConfig, Tokenizer]:

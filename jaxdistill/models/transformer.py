@@ -157,6 +157,7 @@ class Decoder(nnx.Module):
         self.custom_backward = handwritten if custom_backward is None else custom_backward
         self.attention = attention
         self.mesh = mesh
+        self.lora = None  # a lora.LoraConfig once `lora.add_lora` gives the model adapters
         v, d = config.vocab_size, config.d_model
         self.embed = nnx.Param(_init("normal", rngs.params(), (v, d), param_dtype), axes=("vocab", "embed"))
         self.layers = Layers(config, rngs=rngs, param_dtype=param_dtype)
@@ -178,32 +179,40 @@ class Decoder(nnx.Module):
         return jnp.einsum("...d,dv->...v", hidden, w, preferred_element_type=jnp.float32)
 
     def hidden_states(self, tokens, positions=None, mask=None, *, cache: KVCache | None = None,
-                      grad_rows_stride: int = 1):
+                      grad_rows_stride: int = 1, base: bool = False, frozen_rows_base: bool = False,
+                      dropout_key=None):
         """Final-normed hidden states [B, T, d_model] and the updated cache (or None).
 
         grad_rows_stride=s: only rows 0, s, 2s, ... are differentiated; the others must not
         be (put their outputs under stop_gradient) and keep no activations for the backward.
         Self-distillation interleaves student and teacher rows and passes 2.
+        With LoRA adapters: `base` runs the base model (adapters off), `frozen_rows_base` only
+        for the rows outside the stride (the frozen-base teacher); `dropout_key` turns on the
+        adapters' dropout (training).
         """
+        adapters = dict(lora_key=dropout_key, adapters=not base)
         if grad_rows_stride > 1 and not self.custom_backward:
             if cache is not None:
                 raise ValueError("grad_rows_stride is for training, without a cache.")
-            return self._frozen_rows_apart(tokens, positions, mask, grad_rows_stride), None
-        hidden, k, v, positions = self._run(tokens, positions, mask, cache, grad_rows_stride)
+            return self._frozen_rows_apart(tokens, positions, mask, grad_rows_stride, base or frozen_rows_base,
+                                           dropout_key), None
+        hidden, k, v, positions = self._run(tokens, positions, mask, cache, grad_rows_stride, **adapters)
         return hidden, (None if cache is None else cache.write(k, v, positions))
 
-    def _frozen_rows_apart(self, tokens, positions, mask, stride):
+    def _frozen_rows_apart(self, tokens, positions, mask, stride, frozen_base=False, dropout_key=None):
         """Autodiff's grad_rows_stride: the differentiated rows and the frozen ones (parameters
-        under stop_gradient, so their backward is never built) as two passes of half the batch."""
+        under stop_gradient, so their backward is never built) as two passes of half the batch.
+        `frozen_base`: the frozen rows run without LoRA adapters."""
         tokens = jnp.asarray(tokens)
         mask = jnp.ones(tokens.shape, bool) if mask is None else jnp.asarray(mask, bool)
         b = tokens.shape[0]
         group = lambda x: x.reshape(b // stride, stride, *x.shape[1:])  # noqa: E731
         part = lambda x, rows: None if x is None else group(x)[:, rows].reshape(-1, *x.shape[1:])  # noqa: E731
         grad_rows, frozen_rows = slice(0, 1), slice(1, stride)
-        live = self._run(part(tokens, grad_rows), part(positions, grad_rows), part(mask, grad_rows), None)[0]
+        live = self._run(part(tokens, grad_rows), part(positions, grad_rows), part(mask, grad_rows), None,
+                         lora_key=dropout_key)[0]
         frozen = self._run(part(tokens, frozen_rows), part(positions, frozen_rows), part(mask, frozen_rows), None,
-                           frozen=True)[0]
+                           frozen=True, adapters=not frozen_base)[0]
         frozen = jax.lax.stop_gradient(frozen)
         together = jnp.concatenate([live.reshape(b // stride, 1, *live.shape[1:]),
                                     frozen.reshape(b // stride, stride - 1, *frozen.shape[1:])], axis=1)
@@ -215,9 +224,11 @@ class Decoder(nnx.Module):
         cache = KVCache.empty(self.config, tokens.shape[0], slots, self.compute_dtype)
         return hidden, cache.write(k, v, positions)
 
-    def _run(self, tokens, positions, mask, cache, grad_rows_stride: int = 1, frozen: bool = False):
+    def _run(self, tokens, positions, mask, cache, grad_rows_stride: int = 1, frozen: bool = False,
+             adapters: bool = True, lora_key=None):
         """Hidden states plus this call's keys/values [layers, B, K, T, D] and positions.
-        `frozen`: parameters under stop_gradient."""
+        `frozen`: parameters under stop_gradient. `adapters`: run the LoRA adapters (if any);
+        `lora_key`: their dropout's key (None: no dropout)."""
         c = self.config
         read = jax.lax.stop_gradient if frozen else (lambda x: x)
         tokens = jnp.asarray(tokens)
@@ -238,8 +249,15 @@ class Decoder(nnx.Module):
         rope_global = blocks.rope_tables(positions, c.head_dim, c.rope_theta, c)
         rope_local = blocks.rope_tables(positions, c.head_dim, c.local_rope_theta or c.rope_theta, c)
 
+        params = read(self.layers.arrays())
+        if self.lora is None or not adapters:
+            params = {name: w for name, w in params.items() if "_lora_" not in name}
+        dropout = self.lora is not None and adapters and self.lora.dropout > 0 and lora_key is not None
+        layer_keys = jax.random.split(lora_key, c.num_layers) if dropout else None
+
         def block(x, scanned):
-            p, is_local, k_old, v_old = scanned
+            p, is_local, k_old, v_old, layer_key = scanned
+            lora = None if self.lora is None else (self.lora.scale, self.lora.dropout, layer_key)
             pick = lambda pair: jnp.where(is_local, pair[1], pair[0])  # noqa: E731
             mask = None if fused else pick(masks_new)
             cos, sin = pick((rope_global[0], rope_local[0])), pick((rope_global[1], rope_local[1]))
@@ -247,15 +265,16 @@ class Decoder(nnx.Module):
                 attend = functools.partial(attention_lib.self_attention, self.attention, positions=positions,
                                            window=c.sliding_window, is_local=is_local if any(c.layer_is_local)
                                            else None, mesh=self.mesh)
-                x, k_new, v_new, _ = blocks.block(c, self.compute_dtype, p, x, None, None, cos, sin, fused=attend)
+                x, k_new, v_new, _ = blocks.block(c, self.compute_dtype, p, x, None, None, cos, sin, fused=attend,
+                                                  lora=lora)
             elif cache is not None:
                 x, k_new, v_new, _ = blocks.block(c, self.compute_dtype, p, x, mask, (k_old, v_old, pick(masks_old)),
-                                            cos, sin)
+                                                  cos, sin, lora=lora)
             elif self.custom_backward:
                 x, k_new, v_new = backward.train_block(c, self.compute_dtype, self.remat, grad_rows_stride, p, x, mask,
                                                cos, sin)
             else:
-                x, k_new, v_new, _ = blocks.block(c, self.compute_dtype, p, x, mask, None, cos, sin)
+                x, k_new, v_new, _ = blocks.block(c, self.compute_dtype, p, x, mask, None, cos, sin, lora=lora)
             return x, (k_new, v_new)
 
         if self.remat != "none" and not self.custom_backward:
@@ -263,5 +282,5 @@ class Decoder(nnx.Module):
         is_local = jnp.asarray(np.array(c.layer_is_local))
         old_kv = (cache.k, cache.v) if cache is not None else (None, None)
         # The scan emits only this call's keys/values; the caller writes them into the cache once.
-        x, (k_new, v_new) = jax.lax.scan(block, x, (read(self.layers.arrays()), is_local, *old_kv))
+        x, (k_new, v_new) = jax.lax.scan(block, x, (params, is_local, *old_kv, layer_keys))
         return blocks.rms_norm(x, read(self.final_norm[...]), c.norm_eps), k_new, v_new, positions
