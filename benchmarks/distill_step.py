@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/distill_step.py                  # SmolLM2-135M, 4 problems, 64 generated tokens
     .venv/bin/python benchmarks/distill_step.py --problems=8 --generated=96
     .venv/bin/python benchmarks/distill_step.py --impl=jax --attention=flash   # ours only, another kernel
+    .venv/bin/python benchmarks/distill_step.py --lora=16          # LoRA rank 16 on both sides (PyTorch: PEFT)
 
 Both implementations load the same GGUF weights, build the same aligned batch (pCoT and
 pTeacher contexts with the same 64 generated tokens), form the same entropy-matched
@@ -10,6 +11,9 @@ blend target (teacher weight 0.75), take forward KL(target || student) over the
 generated tokens, and apply AdamW. PyTorch runs the teacher under no_grad and the
 student with gradients (two forwards); we run one forward over both contexts, as
 jaxdistill's step does, whose hand-written backward covers the student rows only.
+With --lora=R both sides train rank-R adapters on every attention and MLP projection (alpha 16,
+no dropout) and only the adapters: ours `models.lora` (autodiff: the hand-written backward has
+no adapter gradients), PyTorch's PEFT's `get_peft_model`, AdamW over the adapters alone.
 
 Each side runs in its own process. tokens/s counts generated tokens per second over warm
 steps. The first-step loss is taken at the loaded weights on both sides (a parity check).
@@ -97,9 +101,12 @@ def time_train_step(model, batch, steps: int, **step_options):
 def run_jax(args):
     from jaxdistill.distill.losses import LossConfig
     from jaxdistill.models import load
+    from jaxdistill.models.lora import LoraConfig, add_lora
 
     _, batch = make_batch(args)
     model, _ = load(args.model, attention=args.attention)
+    if args.lora:
+        add_lora(model, LoraConfig(rank=args.lora, alpha=16.0))
     memory = PeakMemory()
     _, first_loss, first, times = time_train_step(model, batch, args.steps, loss=LossConfig(chunk=args.chunk),
                                                   combined_forward=not args.separate_teacher)
@@ -131,6 +138,13 @@ def run_torch(args):
 
     path, batch = make_batch(args)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    if args.lora:
+        from peft import LoraConfig, get_peft_model
+
+        from jaxdistill.models.lora import TARGETS
+
+        model = get_peft_model(model, LoraConfig(r=args.lora, lora_alpha=16, lora_dropout=0.0,
+                                                 target_modules=list(TARGETS)))
     model.train()
     tokens = torch.tensor(batch["tokens"], dtype=torch.long)
     mask = torch.tensor(batch["mask"], dtype=torch.long)
@@ -143,7 +157,8 @@ def run_torch(args):
                          "position_ids": positions[rows].contiguous()}
                         for rows in (slice(0, None, 2), slice(1, None, 2)))
     memory = PeakMemory()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0)
 
     def step():
         region = slice(width - 1, width - 1 + gen)
@@ -156,7 +171,7 @@ def run_torch(args):
         loss = (kl * target_mask).sum() / target_mask.sum()
         optimizer.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
         return float(loss)
 
@@ -179,6 +194,7 @@ def main():
     parser.add_argument("--impl", choices=["both", "jax", "torch"], default="both")
     parser.add_argument("--attention", default="xla",
                         help="ours: xla (hand-written backward) or flash, cudnn, splash (autodiff)")
+    parser.add_argument("--lora", type=int, default=0, help="train rank-R LoRA adapters only (0: every weight)")
     parser.add_argument("--separate-teacher", action="store_true",
                         help="ours with the teacher in a second, gradient-free forward (combined_forward=False)")
     args = parser.parse_args()
@@ -193,7 +209,9 @@ def main():
         results[impl] = json.loads(out.split("RESULT ", 1)[1])
     tokens = args.problems * args.generated
     j, t = results["jax"], results["torch"]
-    print(f"# {args.model}: {args.problems} problems x {args.generated} generated tokens, float32, AdamW\n")
+    trains = f"LoRA rank {args.lora} (PyTorch: PEFT)" if args.lora else "every weight"
+    print(f"# {args.model}: {args.problems} problems x {args.generated} generated tokens, float32, AdamW, "
+          f"training {trains}\n")
     print("| implementation | step s | generated tok/s | peak step memory MB | first-step loss | compile s |")
     print("|---|---:|---:|---:|---:|---:|")
     layout = "teacher in a 2nd forward" if args.separate_teacher else "one forward, both contexts"

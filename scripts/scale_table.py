@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RECORDS = ROOT / "docs/scale/compile"
 DOC = ROOT / "docs/scale.md"
 BEGIN, END = "<!-- compile table: scripts/scale_table.py -->", "<!-- end of compile table -->"
+LORA_BEGIN, LORA_END = "<!-- lora table: scripts/scale_table.py -->", "<!-- end of lora table -->"
 PROMPT = 512  # prompt tokens (with the hint) every row assumes
 # preset -> the model shape it is sized for (its target is the preset's compile.target)
 PRESETS = {"qwen3_1p7b_gpu1": "qwen3-1.7b", "qwen3_8b_gpu8": "qwen3-8b", "qwen3_8b_v5p64": "qwen3-8b",
@@ -32,24 +33,30 @@ PRESETS = {"qwen3_1p7b_gpu1": "qwen3-1.7b", "qwen3_8b_gpu8": "qwen3-8b", "qwen3_
 CONTEXTS = ("shipped", 2048, 8192, 16384)  # prompt + generated tokens; "shipped": the preset's own lengths
 # the largest model each big target takes: a preset's mesh and sizes with a larger model
 PROBES = (("qwen3_32b_v5p128", "llama3-70b", 2048), ("qwen3_32b_h200x8", "llama3-70b", 2048))
+# LoRA against full fine-tuning, the Qwen3-8B job at its shipped lengths: variant -> overrides
+# (the full-parameter row on 8 GPUs is the preset's own shipped record)
+LORA_PRESET = "qwen3_8b_gpu8"
+ONE_GPU = ["--target=h100:1", "--config.mesh.fsdp=1"]
+LORA = {"lora16": ["--config.lora.rank=16"], "full-h100x1": ONE_GPU,
+        "lora16-h100x1": [*ONE_GPU, "--config.lora.rank=16"]}
 
 
-def record_path(preset: str, context: int | str, model: str = "") -> Path:
-    return RECORDS / f"{preset}{'-' + model if model else ''}-{context}.json"
+def record_path(preset: str, context: int | str, model: str = "", variant: str = "") -> Path:
+    return RECORDS / f"{preset}{'-' + model if model else ''}{'-' + variant if variant else ''}-{context}.json"
 
 
-def command(preset: str, context: int | str, python: str, out: Path, model: str = "") -> list[str]:
+def command(preset: str, context: int | str, python: str, out: Path, model: str = "", variant: str = "") -> list[str]:
     lengths = [] if context == "shipped" else [f"--config.sample.max_new_tokens={context - PROMPT}",
                                                f"--config.eval.max_new_tokens={context - PROMPT}"]
     return [python, "-m", "jaxdistill", "compile", f"--config=experiments/self_distill/{preset}.py",
             f"--config.model={model or PRESETS[preset]}", f"--config.compile.prompt_tokens={PROMPT}", *lengths,
-            f"--out={out}"]
+            *LORA.get(variant, []), f"--out={out}"]
 
 
-def run(preset: str, context: int | str, python: str, model: str = "") -> None:
-    out = record_path(preset, context, model)
+def run(preset: str, context: int | str, python: str, model: str = "", variant: str = "") -> None:
+    out = record_path(preset, context, model, variant)
     out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = command(preset, context, python, out, model)
+    cmd = command(preset, context, python, out, model, variant)
     shown = " ".join(["python", *cmd[1:-1]])
     print(f"$ {shown}", flush=True)
     start = time.perf_counter()
@@ -93,6 +100,25 @@ def table() -> str:
     return "\n".join(rows)
 
 
+def lora_table() -> str:
+    """Per-device GiB of the Qwen3-8B job with every weight training and with rank-16 LoRA."""
+    rows = ["| training | target | train step | its arguments (state) | its temporaries | largest program | fits "
+            "(≥10% free) |", "|---|---|---|---|---|---|---|"]
+    gib = lambda n: f"{n / 2**30:.1f}"  # noqa: E731
+    for variant, what in (("", "every weight (AdamW)"), ("lora16", "LoRA rank 16"),
+                          ("full-h100x1", "every weight (AdamW)"), ("lora16-h100x1", "LoRA rank 16")):
+        path = record_path(LORA_PRESET, "shipped", variant=variant)
+        if not path.exists():
+            continue
+        r = json.loads(path.read_text())
+        step = next(p for p in r["programs"] if p["program"] == "train_step")
+        worst = max(r["programs"], key=lambda p: p["peak_bytes"])
+        fits = "yes" if all(p["fits"] for p in r["programs"]) else "NO"
+        rows.append(f"| {what} | {r['target']} | {gib(step['peak_bytes'])} | {gib(step['argument_bytes'])} | "
+                    f"{gib(step['temp_bytes'])} | {worst['program']} {gib(worst['peak_bytes'])} | {fits} |")
+    return "\n".join(rows)
+
+
 def write_doc() -> None:
     text = DOC.read_text()
     body = (f"{BEGIN}\nGiB per device (peak: arguments + outputs + temporaries + code); context = {PROMPT} prompt "
@@ -102,6 +128,13 @@ def write_doc() -> None:
         text = text[: text.index(BEGIN)] + body + text[text.index(END) + len(END):]
     else:
         text = text.rstrip() + "\n\n" + body + "\n"
+    lora = (f"{LORA_BEGIN}\nGiB per device, {LORA_PRESET} (Qwen3-8B, bfloat16 parameters, remat, 16 problems x "
+            f"{PROMPT + config(LORA_PRESET).sample.max_new_tokens} tokens); each row's command is in its record "
+            f"(docs/scale/compile/{LORA_PRESET}[-variant]-shipped.json).\n\n{lora_table()}\n{LORA_END}")
+    if LORA_BEGIN in text:
+        text = text[: text.index(LORA_BEGIN)] + lora + text[text.index(LORA_END) + len(LORA_END):]
+    else:
+        text = text.rstrip() + "\n\n" + lora + "\n"
     DOC.write_text(text)
 
 
@@ -125,6 +158,9 @@ def main() -> None:
             python = args.gpu_python if config(preset).compile.target.startswith("h") else sys.executable
             if python and (args.force or not record_path(preset, context, model).exists()):
                 run(preset, context, python, model)
+        for variant in LORA:
+            if args.gpu_python and (args.force or not record_path(LORA_PRESET, "shipped", variant=variant).exists()):
+                run(LORA_PRESET, "shipped", args.gpu_python, variant=variant)
     write_doc()
     print(f"table written to {DOC}")
 

@@ -114,3 +114,29 @@ def tiny_chat_model(tmp_path_factory):
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
     tokenizer.hf.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_smollm2(tiny_chat_model):
+    """(model, tokenizer): SmolLM2's tokenizer on `tiny_chat_model`'s 2-layer random weights."""
+    from jaxdistill.models import load
+
+    return load(tiny_chat_model)
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3():
+    """(model, tokenizer): Gemma 3's tokenizer (262k tokens) and architecture (local and global layers,
+    q/k norms, sandwich norms) on 2 small random layers. The stack's machinery (alignment, lockstep
+    decoding, scoring) is checked on these: it needs two real vocabularies, not trained weights."""
+    import dataclasses
+
+    from flax import nnx
+
+    from jaxdistill.models.loading import describe
+    from jaxdistill.models.transformer import Decoder
+
+    config, tokenizer = describe("gemma3-270m")
+    small = dataclasses.replace(config, d_model=64, d_ff=128, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=32,
+                                layer_is_local=(True, False))
+    return Decoder(small, rngs=nnx.Rngs(0)), tokenizer

@@ -56,6 +56,8 @@ ARMS = {  # name: (what it is, overrides)
     "blend-sft0.1": ("fix: the method plus 0.1 x the cross-entropy on the reference solutions", ["sft_weight=0.1"]),
     "blend-frozen": ("fix: a frozen copy of the initial model teaches (the target cannot drift)",
                      ["frozen_teacher=True"]),
+    "lora-base": ("LoRA rank 16 on every projection (lr 1e-4, LoRA's usual 10x): the frozen base model teaches "
+                  "(adapters off for the teacher rows)", ["lora.rank=16", "frozen_teacher=True", "optim.lr=1e-4"]),
     "stack": ("the teacher stack (3 frozen teachers, with the hint) as a sparse top-20 target", ["arm=stack"]),
     "stack-end": ("the stack with its few-shot teachers' end of reply as the end of turn",
                   ["arm=stack", "stack.fewshot_ends_turn=True"]),
