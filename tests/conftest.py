@@ -140,3 +140,13 @@ def tiny_gemma3():
     small = dataclasses.replace(config, d_model=64, d_ff=128, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=32,
                                 layer_is_local=(True, False))
     return Decoder(small, rngs=nnx.Rngs(0)), tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma_model(tmp_path_factory, tiny_gemma3):
+    """`tiny_gemma3` as a Hugging Face directory (written by our export), for runs that load by path."""
+    from jaxdistill.models.export import save_hf
+
+    path = tmp_path_factory.mktemp("tiny-gemma") / "model"
+    save_hf(*tiny_gemma3, path)
+    return path

@@ -497,19 +497,18 @@ def test_sparse_target_loss_is_the_kl_to_the_renormalised_top_k_and_padding_adds
 
 
 @pytest.mark.slow
-def test_the_teacher_stack_trains_the_student_as_a_sparse_target(tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "XLA_FLAGS": ""}  # one CPU device, as a user's run
-    out = subprocess.run([sys.executable, "-m", "jaxdistill", "train", "--config=experiments/self_distill/default.py",
-                          "--config.arm=stack", "--config.steps=2", "--config.optim.warmup_steps=1",
-                          "--config.batch_size=2", "--config.sample.max_new_tokens=12", "--config.eval.before=False",
-                          "--config.eval.after=False", f"--config.workdir={tmp_path}"],
-                         capture_output=True, text=True, timeout=900, env=env)
-    assert out.returncode == 0, out.stderr[-3000:]
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+def test_the_teacher_stack_trains_the_student_as_a_sparse_target(tmp_path, tiny_chat_model, tiny_gemma_model):
+    """arm=stack through the loop: SmolLM2's vocabulary (chat and few-shot) and Gemma 3's (few-shot) as
+    frozen teachers of the student, on small random weights (the loop's machinery)."""
+    config = tiny_run_config(tmp_path / "stack", steps=2, model=tiny_chat_model)
+    config.arm, config.hint = "stack", "reference"
+    config.stack = {"teachers": [dict(name="chat", model=str(tiny_chat_model), style="chat"),
+                                 dict(name="fewshot", model=str(tiny_chat_model), style="fewshot"),
+                                 dict(name="gemma", model=str(tiny_gemma_model), style="fewshot")],
+                    "hint": True, "rule": "mean_probs", "top_k": 10, "record_top": 20, "width": 2,
+                    "fewshot_examples": 2, "fewshot_ends_turn": False}
+    train_lib.run(config)
+    rows = _metrics(tmp_path / "stack")
     assert len(rows) == 2 and all(np.isfinite(r["loss"]) and r["loss"] > 0 and np.isfinite(r["grad_norm"])
                                   for r in rows)
     assert all("end_p_student" in r and "end_p_target" in r for r in rows)  # the end push is logged here too

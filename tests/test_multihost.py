@@ -22,11 +22,11 @@ def _port():
         return s.getsockname()[1]
 
 
-def _train(model, workdir, arm, processes):
+def _train(model, workdir, processes, *extra):
     devices = 8 // processes
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
     command = [sys.executable, "-m", "jaxdistill", "train", "--config=experiments/self_distill/default.py",
-               f"--config.model={model}", f"--config.workdir={workdir}", f"--config.arm={arm}", *ARGS]
+               f"--config.model={model}", f"--config.workdir={workdir}", *ARGS, *extra]
     port = _port()
     procs = [subprocess.Popen(command + ([f"--config.distributed.coordinator_address=localhost:{port}",
                                           f"--config.distributed.num_processes={processes}",
@@ -54,11 +54,12 @@ def _final_params(workdir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arm", ["blend", "sft"])
-def test_two_processes_train_exactly_like_one(tiny_chat_model, tmp_path, arm):
+def test_two_processes_train_exactly_like_one(tiny_chat_model, tmp_path):
+    """The method with cross-entropy on the references mixed in (sft_weight): each process samples
+    and scores its own rows, and builds its own rows of the reference (SFT) batch."""
     one, two = tmp_path / "one", tmp_path / "two"
-    _train(tiny_chat_model, one, arm, processes=1)
-    _train(tiny_chat_model, two, arm, processes=2)
+    _train(tiny_chat_model, one, 1, "--config.sft_weight=0.5")
+    _train(tiny_chat_model, two, 2, "--config.sft_weight=0.5")
     rows = [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (one, two)]
     assert [r["step"] for r in rows[1]] == [1, 2]  # one metrics file, one line per step: process 0 writes
     board = read_board(two)
@@ -66,6 +67,7 @@ def test_two_processes_train_exactly_like_one(tiny_chat_model, tmp_path, arm):
                                                                               2: rows[1][1]["loss"]})
     for a, b in zip(*rows, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6)
+        assert b["sft_loss"] == pytest.approx(a["sft_loss"], rel=1e-4) and a["sft_loss"] > 0
         assert b["generated_tokens"] == a["generated_tokens"]  # the same samples: each process decoded its rows
         for name in ("reward", "length", "answer_line"):
             assert b.get(name) == pytest.approx(a.get(name), nan_ok=True)

@@ -23,11 +23,12 @@ def _saved(result: search_lib.SearchResult) -> dict:
                                   "branches": [dataclasses.asdict(b) for b in result.branches]}))
 
 
-def test_replaying_a_recorded_tree_is_the_live_search(smollm2):
+def test_replaying_a_recorded_tree_is_the_live_search(tiny_smollm2):
     """Expand-everything replays the complete search's tokens and gold; consensus-only is the stack's greedy
-    decode; the confidence pruner replays a live search run with that min_confidence."""
+    decode; the confidence pruner replays a live search run with that min_confidence (the replay's
+    machinery, on SmolLM2's tokenizer with small random weights)."""
     stack = TeacherStack([TeacherConfig("chat", "smollm2"), TeacherConfig("fewshot", "smollm2", style="fewshot")],
-                         loaded={"smollm2": smollm2}, fewshot=fewshot_block(synthetic_records(2, 0)))
+                         loaded={"smollm2": tiny_smollm2}, fewshot=fewshot_block(synthetic_records(2, 0)))
     record = synthetic_records(1, 5, split="test")[0]
     complete = search_lib.SearchConfig(right=2, wrong=1, branch_entropy=0.8, gap=4, max_levels=2, max_live=9,
                                        token_budget=9 * 24, max_new_tokens=24)

@@ -95,7 +95,7 @@ UNUSED = (
     *(settings.Unused(key, unset, lambda c: c.arm != "sft", lambda c: "arm='sft' samples nothing")
       for key, unset in (("rollout", "student"), ("guided", False), ("sample.temperature", 0.7),
                          ("sample.top_k", 0), ("sample.top_p", 1.0))),
-    *(settings.Unused(f"lora.{key}", unset, lambda c: c.get("lora", {}).get("rank", 0) > 0,
+    *(settings.Unused(f"lora.{key}", unset, lambda c: (c.get("lora") or {}).get("rank", 0) > 0,
                       _only("LoRA", "lora.rank", "8"))
       for key, unset in (("alpha", 16.0), ("dropout", 0.0),
                          ("targets", ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")))),
@@ -151,7 +151,8 @@ def validate(config) -> None:
     need(config.data.get("max_tokens", 0) >= 0, "data.max_tokens must be >= 0 (0: the model's context).")
     need(config.get("attention", "xla") in ATTENTION,
          f"attention {config.get('attention')!r} is not one of {ATTENTION} (models/attention.py).")
-    need(config.get("lora", {}).get("rank", 0) >= 0, f"lora.rank must be >= 0 (0: no LoRA), got {config.lora.rank}.")
+    rank = (config.get("lora") or {}).get("rank", 0)
+    need(rank >= 0, f"lora.rank must be >= 0 (0: no LoRA), got {rank}.")
     try:
         LossConfig(**config.loss)
         target_for(config)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
+import weakref
 
 import numpy as np
 
@@ -47,8 +48,20 @@ def _is_byte_level(tokenizer) -> bool:
     return "ByteLevel" in str(tokenizer.hf.backend_tokenizer.decoder)
 
 
+# Per transformers tokenizer (dropped with it): its byte table, and its alignments as a teacher. Every
+# stack built in one process (each teacher alone, then the stack, in the teachers command) reuses them.
+_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_ALIGNMENTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def token_bytes(tokenizer) -> list[bytes | None]:
     """The exact bytes of each token id; None for special tokens (control tokens with no text)."""
+    if tokenizer.hf not in _TABLES:
+        _TABLES[tokenizer.hf] = _token_bytes(tokenizer)
+    return _TABLES[tokenizer.hf]
+
+
+def _token_bytes(tokenizer) -> list[bytes | None]:
     hf = tokenizer.hf
     special = {i for i, t in hf.added_tokens_decoder.items() if t.special} | set(hf.all_special_ids)
     strings = hf.convert_ids_to_tokens(list(range(tokenizer.vocab_size)))
@@ -99,6 +112,20 @@ def align(pivot, teacher, *, width: int = 2) -> Alignment:
     """Map every pivot token onto `teacher`'s vocabulary (both are our Tokenizer wrappers)."""
     if width < 1:
         raise ValueError(f"alignment width must be >= 1, got {width}.")
+    # what else the tables depend on: the end-of-turn tokens (mapped onto each other) and the padding
+    settings = (width, pivot.turn_end_id, teacher.turn_end_id, teacher.pad_id)
+    known = _ALIGNMENTS.setdefault(teacher.hf, [])  # [(pivot's transformers tokenizer, settings, alignment)]
+    for hf, same, alignment in known:
+        if hf is pivot.hf and same == settings:
+            return alignment
+    alignment = _align(pivot, teacher, width)
+    for table in (alignment.pieces, alignment.lengths, alignment.to_pivot):
+        table.flags.writeable = False  # shared by every stack that reuses it
+    known.append((pivot.hf, settings, alignment))
+    return alignment
+
+
+def _align(pivot, teacher, width: int) -> Alignment:
     pivot_bytes = token_bytes(pivot)
     if pivot.hf is teacher.hf or pivot_bytes == token_bytes(teacher):
         ids = np.arange(pivot.vocab_size, dtype=np.int32)
