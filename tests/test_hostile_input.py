@@ -159,12 +159,13 @@ def test_non_utf8_jsonl_names_file_and_line(tmp_path):
         read_jsonl(path)
 
 
-def test_jsonl_source_runs_through_the_cli_with_the_shipped_config(tmp_path):
+def test_jsonl_source_runs_through_the_cli_with_the_shipped_config(tmp_path, tiny_chat_model):
     data = tmp_path / "gsm8k.jsonl"
     data.write_text("".join(json.dumps({"question": f"Tom has {i} pens and buys 2. How many now?",
                                         "answer": f"{i} + 2 = {i + 2}\n#### {i + 2}"}) + "\n" for i in range(6)))
     result = cli("train", "--config=experiments/self_distill/default.py", f"--config.workdir={tmp_path / 'run'}",
-                 "--config.data.source=jsonl", f"--config.data.train_path={data}", "--config.data.eval_size=2",
+                 f"--config.model={tiny_chat_model}", "--config.data.source=jsonl", f"--config.data.train_path={data}",
+                 "--config.data.eval_size=2",
                  "--config.steps=1", "--config.optim.warmup_steps=0", "--config.batch_size=1",
                  "--config.sample.max_new_tokens=8", "--config.eval.max_new_tokens=8")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -195,13 +196,13 @@ Gsm8k(data_dir=sys.argv[1], file_format="array_record").download_and_prepare()
 """
 
 
-def test_tfds_source_runs_through_the_cli_with_the_shipped_config(tmp_path):
+def test_tfds_source_runs_through_the_cli_with_the_shipped_config(tmp_path, tiny_chat_model):
     prepared = subprocess.run([sys.executable, "-c", TFDS_BUILDER, str(tmp_path / "tfds")], capture_output=True,
                               text=True, timeout=300)
     assert prepared.returncode == 0, prepared.stderr[-2000:]
-    # A subprocess, like a user's run: a training run inside the pytest process kept ~8 GB after it ended.
+    # A subprocess, like a user's run (the data path's test: SmolLM2's tokenizer on a small random model).
     result = cli("train", "--config=experiments/self_distill/default.py", f"--config.workdir={tmp_path / 'run'}",
-                 "--config.data.source=tfds", "--config.data.tfds_name=gsm8k",
+                 f"--config.model={tiny_chat_model}", "--config.data.source=tfds", "--config.data.tfds_name=gsm8k",
                  f"--config.data.tfds_data_dir={tmp_path / 'tfds'}", "--config.data.eval_size=2", "--config.steps=1",
                  "--config.optim.warmup_steps=0", "--config.batch_size=2", "--config.sample.max_new_tokens=8",
                  "--config.eval.max_new_tokens=8")

@@ -250,7 +250,10 @@ QUESTIONS = [Question("q0", "What is 2 times 3?", ("6",), "numeric", "multiply")
 
 
 @pytest.fixture(scope="module")
-def tiny_pool(smollm2):
+def tiny_pool(tiny_smollm2):
+    """Two experts (chat and few-shot) on SmolLM2's tokenizer with small random weights: the precompute
+    machinery (units, resume, hosts, FLOPs) does not need trained answers."""
+    smollm2 = tiny_smollm2
     experts = [ExpertConfig("chat", "smollm2-135m-instruct", "chat", max_new_tokens=4),
                ExpertConfig("fewshot", "smollm2-135m-instruct", "fewshot", max_new_tokens=4)]
     return ExpertPool(experts, batch_size=8, loaded={"smollm2-135m-instruct": smollm2}), Encoder(smollm2)
