@@ -59,17 +59,25 @@ def lora_factors(weight: str) -> tuple[str, str]:
 
 def project(x, p, name: str, dtype, dims: int = 1, lora=None):
     """x times the weight `name` (`linear`), plus its LoRA adapter where `p` holds one: with
-    lora = (scale, dropout rate, key or None), `scale * dropout(x) A B` (no dropout without a key)."""
-    y = linear(x, p[name].astype(dtype), dims)
+    lora = (scale, dropout rate, key or None, training), `scale * dropout(x) A B` (no dropout without
+    a key). Outside training, the adapter is folded into the weight (W + scale A B, one matmul)
+    when that costs fewer FLOPs than running it beside, as for long prompts: it also spares the
+    low-rank path's full-width output (a batch-sized temporary per projection)."""
     name_a, name_b = lora_factors(name)
     if name_a not in p:
-        return y
-    scale, rate, key = lora
+        return linear(x, p[name].astype(dtype), dims)
+    scale, rate, key, training = lora
+    a, b = p[name_a].astype(dtype), p[name_b].astype(dtype)
+    rows, d_in, d_out = math.prod(x.shape[: x.ndim - dims]), math.prod(a.shape[:-1]), math.prod(b.shape[1:])
+    if not training and rows * (d_in + d_out) > d_in * d_out:
+        delta = jnp.matmul(a.reshape(d_in, -1), b.reshape(-1, d_out), preferred_element_type=jnp.float32)
+        folded = p[name].astype(jnp.float32) + scale * delta.reshape(p[name].shape)
+        return linear(x, folded.astype(dtype), dims)
+    y = linear(x, p[name].astype(dtype), dims)
     if rate and key is not None:
         keep = jax.random.bernoulli(jax.random.fold_in(key, sorted(p).index(name)), 1.0 - rate, x.shape)
         x = jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
-    low = linear(linear(x, p[name_a].astype(dtype), dims), p[name_b].astype(dtype))
-    return y + (scale * low).astype(y.dtype)
+    return y + (scale * linear(linear(x, a, dims), b)).astype(y.dtype)
 
 
 def attention_extras(p) -> dict:
@@ -127,7 +135,7 @@ def gated(c: ModelConfig, gate, up):
 def block(c: ModelConfig, dtype, p, x, mask_new, old, cos, sin, fused=None, lora=None):
     """One transformer block. `old`: (k, v, mask) of the cached tokens, or None. `fused`:
     a fused self-attention (q, k, v) -> [B, T, heads, D] used instead of the dense path.
-    `lora`: (scale, dropout rate, key) for the LoRA adapters `p` holds (see `project`).
+    `lora`: (scale, dropout rate, key, training) for the LoRA adapters `p` holds (see `project`).
 
     Returns the new x, this call's keys/values [B, K, T, D] for the cache, and the
     activations `block_backward` reuses (unused ones cost nothing: XLA drops them).

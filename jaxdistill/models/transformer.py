@@ -187,8 +187,9 @@ class Decoder(nnx.Module):
         be (put their outputs under stop_gradient) and keep no activations for the backward.
         Self-distillation interleaves student and teacher rows and passes 2.
         With LoRA adapters: `base` runs the base model (adapters off), `frozen_rows_base` only
-        for the rows outside the stride (the frozen-base teacher); `dropout_key` turns on the
-        adapters' dropout (training).
+        for the rows outside the stride (the frozen-base teacher); `dropout_key` marks a training
+        forward: the adapters' dropout draws from it, and the adapters run beside their weights
+        (without it they may be folded into them, `blocks.project`).
         """
         adapters = dict(lora_key=dropout_key, adapters=not base)
         if grad_rows_stride > 1 and not self.custom_backward:
@@ -228,7 +229,7 @@ class Decoder(nnx.Module):
              adapters: bool = True, lora_key=None):
         """Hidden states plus this call's keys/values [layers, B, K, T, D] and positions.
         `frozen`: parameters under stop_gradient. `adapters`: run the LoRA adapters (if any);
-        `lora_key`: their dropout's key (None: no dropout)."""
+        `lora_key`: the key of a training forward (None: not training, no dropout)."""
         c = self.config
         read = jax.lax.stop_gradient if frozen else (lambda x: x)
         tokens = jnp.asarray(tokens)
@@ -252,12 +253,13 @@ class Decoder(nnx.Module):
         params = read(self.layers.arrays())
         if self.lora is None or not adapters:
             params = {name: w for name, w in params.items() if "_lora_" not in name}
-        dropout = self.lora is not None and adapters and self.lora.dropout > 0 and lora_key is not None
+        training = lora_key is not None  # the adapters get gradients: never fold them into the weights
+        dropout = self.lora is not None and adapters and self.lora.dropout > 0 and training
         layer_keys = jax.random.split(lora_key, c.num_layers) if dropout else None
 
         def block(x, scanned):
             p, is_local, k_old, v_old, layer_key = scanned
-            lora = None if self.lora is None else (self.lora.scale, self.lora.dropout, layer_key)
+            lora = None if self.lora is None else (self.lora.scale, self.lora.dropout, layer_key, training)
             pick = lambda pair: jnp.where(is_local, pair[1], pair[0])  # noqa: E731
             mask = None if fused else pick(masks_new)
             cos, sin = pick((rope_global[0], rope_local[0])), pick((rope_global[1], rope_local[1]))
