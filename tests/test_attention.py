@@ -2,6 +2,8 @@
 with sliding windows, left and right padding and grouped heads; remat policies; the frozen
 rows of autodiff's grad_rows_stride; and that flash's compiled temporaries grow linearly in T."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,6 +28,20 @@ def _batch(vocab):
     starts, ends = np.array([0, 3, 1, 5]), np.array([T, T - 4, T, T - 9])
     mask = (np.arange(T)[None] >= starts[:, None]) & (np.arange(T)[None] < ends[:, None])
     return tokens, jnp.asarray(mask)
+
+
+@functools.cache
+def _reference(name: str):
+    """The dense, autodiff reference's (logits, (loss, gradients)) of CONFIGS[name], computed once per module."""
+    config = tiny_config(**CONFIGS[name])
+    tokens, mask = _batch(config.vocab_size)
+    return _logits(Decoder(config, rngs=nnx.Rngs(0), custom_backward=False), tokens, mask), _loss_and_grads(
+        config, custom_backward=False)
+
+
+@nnx.jit
+def _logits(model, tokens, mask):
+    return model(tokens, None, mask)
 
 
 def _loss_and_grads(config, stride=1, **options):
@@ -58,13 +74,12 @@ def _assert_same(result, reference, tol=2e-5, value_rel=1e-5):
 def test_kernel_matches_the_dense_reference(name, attention):
     config = tiny_config(**CONFIGS[name])
     tokens, mask = _batch(config.vocab_size)
-    reference = Decoder(config, rngs=nnx.Rngs(0), custom_backward=False)
-    model = Decoder(config, rngs=nnx.Rngs(0), attention=attention)
-    logits, logits_ref = model(tokens, None, mask), reference(tokens, None, mask)
+    logits_ref, reference = _reference(name)
+    logits = _logits(Decoder(config, rngs=nnx.Rngs(0), attention=attention), tokens, mask)
     assert not jnp.isnan(logits).any()
     np.testing.assert_allclose(jnp.where(mask[..., None], logits, 0), jnp.where(mask[..., None], logits_ref, 0),
                                rtol=0, atol=1e-5)
-    _assert_same(_loss_and_grads(config, attention=attention), _loss_and_grads(config, custom_backward=False))
+    _assert_same(_loss_and_grads(config, attention=attention), reference)
 
 
 def test_flash_with_small_key_blocks_and_fully_padded_blocks():
@@ -95,9 +110,7 @@ def test_flash_with_small_key_blocks_and_fully_padded_blocks():
 
 @pytest.mark.parametrize("remat", [p for p in REMAT_POLICIES if p != "offload"])  # offload needs pinned host memory
 def test_remat_policies_give_the_same_gradients(remat):
-    config = tiny_config()
-    reference = _loss_and_grads(config, custom_backward=False)
-    _assert_same(_loss_and_grads(config, attention="flash", remat=remat), reference)
+    _assert_same(_loss_and_grads(tiny_config(), attention="flash", remat=remat), _reference("gemma3")[1])
 
 
 @pytest.mark.parametrize("attention", ["xla", "flash"])
