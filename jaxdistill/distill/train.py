@@ -105,8 +105,8 @@ def _train(config, workdir) -> dict:
         restored = checkpoints.restore(state.without_frozen())  # LoRA's base weights come from the model
         start = 0
         if restored is not None:
-            start, state, meta = restored[0], dataclasses.replace(restored[1], frozen_params=state.frozen_params), \
-                restored[2]
+            start, restored_state, meta = restored
+            state = dataclasses.replace(restored_state, frozen_params=state.frozen_params)
             iterator.set_state(meta["data"])
             summary = meta["summary"]
             print(f"resumed from step {start} in {workdir}")

@@ -16,6 +16,7 @@ adapter per intercepted call, but our blocks run under `lax.scan` over weights s
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -72,9 +73,7 @@ def add_lora(model, lora: LoraConfig, *, seed: int = 0):
         weight, inputs = TARGETS[target]
         param = getattr(layers, weight)
         value, axes = param.get_value(), param.get_metadata()["axes"]
-        fan_in = 1
-        for n in value.shape[1:1 + inputs]:
-            fan_in *= n
+        fan_in = math.prod(value.shape[1:1 + inputs])
         a_shape = (*value.shape[:1 + inputs], lora.rank)
         b_shape = (value.shape[0], lora.rank, *value.shape[1 + inputs:])
         a_axes, b_axes = (*axes[:1 + inputs], "lora_rank"), (axes[0], "lora_rank", *axes[1 + inputs:])
