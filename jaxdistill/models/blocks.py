@@ -57,6 +57,13 @@ def lora_factors(weight: str) -> tuple[str, str]:
     return f"{weight}_lora_a", f"{weight}_lora_b"
 
 
+def fold_lora(w, a, b, scale: float):
+    """One layer's W + scale * A B (A [*in, r], B [r, *out]), the product in float32, in W's dtype."""
+    rank = a.shape[-1]
+    delta = jnp.matmul(a.reshape(-1, rank), b.reshape(rank, -1), preferred_element_type=jnp.float32)
+    return (w.astype(jnp.float32) + scale * delta.reshape(w.shape)).astype(w.dtype)
+
+
 def project(x, p, name: str, dtype, dims: int = 1, lora=None):
     """x times the weight `name` (`linear`), plus its LoRA adapter where `p` holds one: with
     lora = (scale, dropout rate, key or None, training), `scale * dropout(x) A B` (no dropout without
@@ -70,9 +77,7 @@ def project(x, p, name: str, dtype, dims: int = 1, lora=None):
     a, b = p[name_a].astype(dtype), p[name_b].astype(dtype)
     rows, d_in, d_out = math.prod(x.shape[: x.ndim - dims]), math.prod(a.shape[:-1]), math.prod(b.shape[1:])
     if not training and rows * (d_in + d_out) > d_in * d_out:
-        delta = jnp.matmul(a.reshape(d_in, -1), b.reshape(-1, d_out), preferred_element_type=jnp.float32)
-        folded = p[name].astype(jnp.float32) + scale * delta.reshape(p[name].shape)
-        return linear(x, folded.astype(dtype), dims)
+        return linear(x, fold_lora(p[name], a, b, scale).astype(dtype), dims)
     y = linear(x, p[name].astype(dtype), dims)
     if rate and key is not None:
         keep = jax.random.bernoulli(jax.random.fold_in(key, sorted(p).index(name)), 1.0 - rate, x.shape)

@@ -5,7 +5,7 @@ layers, like W) two factors: A [layers, *in, r], uniform in +-1/sqrt(fan_in) as 
 it, and B [layers, r, *out], zeros, so a fresh adapter changes nothing. The projection
 becomes `x W + (alpha / r) * dropout(x) A B`. The factors are `nnx.LoRAParam`s, which the
 train state keeps apart from the frozen base weights (only they get gradients and optimizer
-state). `merged(model)` folds them into W for export; `peft_tensors` names them as a PEFT
+state). `merge_adapters(model)` folds them into W for export; `peft_tensors` names them as a PEFT
 adapter directory stores them.
 
 Our own rather than qwix's LoraProvider: qwix intercepts a module's matmuls and creates one
@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from jaxdistill.errors import ConfigError
-from jaxdistill.models.blocks import lora_factors
+from jaxdistill.models.blocks import fold_lora, lora_factors
 
 # PEFT's target module names -> (our weight, how many leading axes are its input)
 TARGETS = {"q_proj": ("wq", 1), "k_proj": ("wk", 1), "v_proj": ("wv", 1), "o_proj": ("wo", 2),
@@ -95,11 +95,8 @@ def add_lora(model, lora: LoraConfig, *, seed: int = 0):
 
 
 def merged_weight(w, a, b, scale: float):
-    """W + scale * A B for stacked factors A [layers, *in, r], B [layers, r, *out] (float32 product, W's dtype)."""
-    layers, rank = w.shape[0], a.shape[-1]
-    delta = jnp.einsum("lir,lro->lio", a.reshape(layers, -1, rank).astype(jnp.float32),
-                       b.reshape(layers, rank, -1).astype(jnp.float32))
-    return (w.astype(jnp.float32) + scale * delta.reshape(w.shape)).astype(w.dtype)
+    """W + scale * A B for stacked factors A [layers, *in, r], B [layers, r, *out], layer by layer."""
+    return jax.vmap(lambda w, a, b: fold_lora(w, a, b, scale))(w, a, b)
 
 
 def merge_adapters(model):
