@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "jaxdistill"
-GROUND = {"errors", "mesh", "runs", "settings", "aot", "models", "data", "prompts", "sampling", "rl"}
+GROUND = {"errors", "mesh", "runs", "settings", "stats", "aot", "models", "data", "prompts", "sampling", "rl"}
 SYSTEMS = {"distill", "teachers", "router"}
 TOP = {"main", "__main__", "__init__"}
 MAY_ALSO_USE = {"distill": {"teachers"}}  # the teacher stack as a distillation target

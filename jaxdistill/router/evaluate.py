@@ -12,6 +12,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from jaxdistill import stats
 from jaxdistill.rl import ppo
 from jaxdistill.router import baselines
 from jaxdistill.router import env as env_lib
@@ -31,9 +32,8 @@ def summarize(outcomes: list[dict[str, np.ndarray]]) -> dict[str, float]:
 def bootstrap_interval(per_question: np.ndarray, samples: int = 2000, seed: int = 0) -> tuple[float, float]:
     """95% percentile interval of the mean over questions (per_question: [Q], or [runs, Q] averaged first)."""
     values = np.asarray(per_question, np.float64).reshape(-1, np.shape(per_question)[-1]).mean(axis=0)
-    draws = np.random.default_rng(seed).integers(0, len(values), size=(samples, len(values)))
-    means = values[draws].mean(axis=1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+    found = stats.bootstrap(values[None], draws=samples, seed=seed)
+    return found["low"], found["high"]
 
 
 def frontier_auc(points: list[tuple[float, float]], max_cost: float) -> float:
