@@ -69,6 +69,21 @@ def atomic_write_text(path: epath.Path, text: str) -> None:
     tmp.replace(path)
 
 
+def source_commit() -> str:
+    """The git commit this code runs at ("-dirty" when it has uncommitted changes; "unknown" outside
+    a checkout): every summary carries it, so a recorded number names the code that made it."""
+    import subprocess
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
 def json_once(path: epath.Path, compute):
     """`compute()`'s result saved as JSON at `path` the first time, read back every time after: a
     resumed run redoes none of the work (and needs none of its models) that it finished before."""

@@ -430,6 +430,10 @@ def test_evaluation_row_on_smollm2_has_a_positive_hint_uplift_and_mean_at_k(smol
     # seeing the reference solution makes the teacher context predict that very solution far better
     assert row["hint_uplift_logp"] > 0.5
     assert row["kl_teacher_student"] > 0 and row["entropy"] > 0 and 0 < row["length"] <= 8
+    per_problem = row.pop("per_problem")  # each record's outcomes, which the row averages
+    assert len(per_problem["correct"]) == len(per_problem["length"]) == 4
+    assert np.mean(per_problem["correct"]) == pytest.approx(row["accuracy"], abs=1e-4)
+    assert np.mean(per_problem["length"]) == pytest.approx(row["length"])
     assert "| before |" in format_table({"before": row})
 
 

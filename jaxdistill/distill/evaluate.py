@@ -96,10 +96,13 @@ def _share(items: list, mesh) -> tuple[list, np.ndarray]:
     return mine + [items[-1]] * (size - len(mine)), real
 
 
+PER_PROBLEM = ("correct", "correct_teacher", "length", "ended", "constraints", "reference_logp")
+
+
 def evaluate(model, tokenizer, records: list[Record], *, prompt_config: PromptConfig = PromptConfig(),
              max_new_tokens: int = 96, batch_size: int = 32, mean_at_k: int = 0, temperature: float = 1.0,
              seed: int = 0, mesh=None) -> dict[str, float]:
-    """One row of the before/after table.
+    """One row of the before/after table, and under "per_problem" each record's outcomes.
 
     With a mesh, rows are split over its batch axes; in a multi-process run each process
     evaluates its share of the records and the row is computed over all of them.
@@ -142,9 +145,12 @@ def evaluate(model, tokenizer, records: list[Record], *, prompt_config: PromptCo
     bar.close()
     real = mesh_lib.process_concat(real) if mesh is not None else real
 
-    def mean(name):
+    def everyone(name):  # every record's value, over all processes, without the padding rows
         values = np.asarray(per_record[name], np.float64)
-        values = (mesh_lib.process_concat(values) if mesh is not None else values)[real]
+        return (mesh_lib.process_concat(values) if mesh is not None else values)[real]
+
+    def mean(name):
+        values = everyone(name)
         return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
 
     row = {"accuracy": mean("correct"), "accuracy_teacher": mean("correct_teacher"),
@@ -167,12 +173,15 @@ def evaluate(model, tokenizer, records: list[Record], *, prompt_config: PromptCo
         if mesh is not None:
             hits, real = mesh_lib.process_concat(hits), mesh_lib.process_concat(real)
         row[f"mean@{mean_at_k}"] = float(hits[real].mean())
+    # what paired statistics over problems need (jaxdistill.stats), in the records' order; nan: no answer
+    row["per_problem"] = {name: [None if np.isnan(v) else round(float(v), 4) for v in everyone(name)]
+                          for name in PER_PROBLEM}
     return row
 
 
 def format_table(rows: dict[str, dict[str, float]]) -> str:
     """Markdown table: one row per label (e.g. before/after), one column per metric."""
-    columns = list(next(iter(rows.values())))
+    columns = [c for c, v in next(iter(rows.values())).items() if isinstance(v, float)]
     lines = ["| | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     for label, row in rows.items():
         lines.append(f"| {label} | " + " | ".join(f"{row.get(c, float('nan')):.3f}" for c in columns) + " |")

@@ -97,7 +97,12 @@ def _train(config, workdir) -> dict:
     stack = make_stack(config, train_records) if config.arm == "stack" else None
     iterator = data_iterator(train_records, config.seed)
     summary_path = workdir / "summary.json"
-    summary = {"config": config.to_dict(), "eval": {}}
+    summary = {"config": config.to_dict(), "commit": runs.source_commit(), "eval": {}, "per_problem": {}}
+
+    def evaluated(when: str, model) -> None:  # the table's row, and each problem's outcomes beside it
+        row = evaluate(model, tokenizer, eval_records, **eval_kwargs)
+        summary.setdefault("per_problem", {})[when] = row.pop("per_problem")
+        summary["eval"][when] = row
 
     with runs.Checkpoints(workdir / "checkpoints", keep=config.checkpoint.keep,
                           resume_from=config.checkpoint.get("resume_from", 0)) as checkpoints, \
@@ -111,7 +116,7 @@ def _train(config, workdir) -> dict:
             summary = meta["summary"]
             print(f"resumed from step {start} in {workdir}")
         elif config.eval.before:
-            summary["eval"]["before"] = evaluate(model, tokenizer, eval_records, **eval_kwargs)
+            evaluated("before", model)
         board.resume(start)
         metrics_log = runs.MetricsLog(workdir / "metrics.jsonl", resume_step=start, board=board)
 
@@ -179,13 +184,13 @@ def _train(config, workdir) -> dict:
             done = step + 1
             if config.eval.every and done % config.eval.every == 0 and done < config.steps:
                 model = step_lib.as_model(graphdef, step_lib.all_params(state))
-                summary["eval"][f"step {done}"] = evaluate(model, tokenizer, eval_records, **eval_kwargs)
+                evaluated(f"step {done}", model)
             if done % config.checkpoint.every == 0 or done == config.steps:
                 checkpoints.save(done, state.without_frozen(), {"data": iterator.get_state(), "summary": summary})
 
         if config.eval.after:
             model = step_lib.as_model(graphdef, step_lib.all_params(state))
-            summary["eval"]["after"] = evaluate(model, tokenizer, eval_records, **eval_kwargs)
+            evaluated("after", model)
         if runs.is_writer():
             runs.atomic_write_text(summary_path, json.dumps(summary, indent=1))
             if summary["eval"]:
