@@ -24,8 +24,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = ROOT / "docs/scale/compile"
 DOC = ROOT / "docs/scale.md"
-BEGIN, END = "<!-- compile table: scripts/scale_table.py -->", "<!-- end of compile table -->"
-LORA_BEGIN, LORA_END = "<!-- lora table: scripts/scale_table.py -->", "<!-- end of lora table -->"
 PROMPT = 512  # prompt tokens (with the hint) every row assumes
 # preset -> the model shape it is sized for (its target is the preset's compile.target)
 PRESETS = {"qwen3_1p7b_gpu1": "qwen3-1.7b", "qwen3_8b_gpu8": "qwen3-8b", "qwen3_8b_v5p64": "qwen3-8b",
@@ -119,23 +117,17 @@ def lora_table() -> str:
     return "\n".join(rows)
 
 
-def write_doc() -> None:
-    text = DOC.read_text()
-    body = (f"{BEGIN}\nGiB per device (peak: arguments + outputs + temporaries + code); context = {PROMPT} prompt "
+def compile_block() -> str:
+    """docs/scale.md's compile table with its legend (scripts/docs_tables.py writes it)."""
+    return (f"GiB per device (peak: arguments + outputs + temporaries + code); context = {PROMPT} prompt "
             "tokens + generated tokens (rollout and evaluation). Each row's command is in its record "
-            f"(docs/scale/compile/<preset>[-<model>]-<context>.json).\n\n{table()}\n{END}")
-    if BEGIN in text:
-        text = text[: text.index(BEGIN)] + body + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip() + "\n\n" + body + "\n"
-    lora = (f"{LORA_BEGIN}\nGiB per device, {LORA_PRESET} (Qwen3-8B, bfloat16 parameters, remat, 16 problems x "
+            f"(docs/scale/compile/<preset>[-<model>]-<context>.json).\n\n{table()}")
+
+
+def lora_block() -> str:
+    return (f"GiB per device, {LORA_PRESET} (Qwen3-8B, bfloat16 parameters, remat, 16 problems x "
             f"{PROMPT + config(LORA_PRESET).sample.max_new_tokens} tokens); each row's command is in its record "
-            f"(docs/scale/compile/{LORA_PRESET}[-variant]-shipped.json).\n\n{lora_table()}\n{LORA_END}")
-    if LORA_BEGIN in text:
-        text = text[: text.index(LORA_BEGIN)] + lora + text[text.index(LORA_END) + len(LORA_END):]
-    else:
-        text = text.rstrip() + "\n\n" + lora + "\n"
-    DOC.write_text(text)
+            f"(docs/scale/compile/{LORA_PRESET}[-variant]-shipped.json).\n\n{lora_table()}")
 
 
 def main() -> None:
@@ -161,8 +153,7 @@ def main() -> None:
         for variant in LORA:
             if args.gpu_python and (args.force or not record_path(LORA_PRESET, "shipped", variant=variant).exists()):
                 run(LORA_PRESET, "shipped", args.gpu_python, variant=variant)
-    write_doc()
-    print(f"table written to {DOC}")
+    subprocess.run([sys.executable, str(ROOT / "scripts/docs_tables.py"), str(DOC)], check=True)
 
 
 def config(preset: str):

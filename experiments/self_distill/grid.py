@@ -9,9 +9,9 @@ process in runs/grid/<arm>-s<seed>. A finished run leaves a record in docs/resul
 (<arm>-s<seed>.json: its overrides, summary and per-step metrics), committed with the docs so
 the report survives the run directories (a fresh machine has none); a run with a record is
 skipped, so an interrupted grid resumes with the next run. The untrained model is evaluated once
-per task, in the first run of that task. The report prints a markdown table (mean ± std over seeds of the held-out
-metrics and of the training-time mechanism metrics) and writes docs/results/mechanism.png and
-docs/results/kl_by_position.png.
+per task, in the first run of that task. The report prints a markdown table (mean ± sample std
+over seeds of the held-out metrics and of the training-time mechanism metrics, accuracy's 95%
+interval) and writes docs/results/mechanism.png and docs/results/kl_by_position.png.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxdistill import runs
+from jaxdistill import runs, stats
 
 CONFIG = "experiments/self_distill/default.py"
 ARMS = {  # name: (what it is, overrides)
@@ -101,10 +101,11 @@ def record_path(records: Path, arm: str, seed: int) -> Path:
 
 
 def keep_record(records: Path, out: Path, arm: str, seed: int, overrides: list[str]) -> None:
-    """The finished run's summary and metrics, where the report reads them."""
+    """The finished run's summary (per-problem outcomes included) and metrics, where the report reads them."""
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    record = {"arm": arm, "seed": seed, "overrides": overrides,
-              "summary": json.loads((out / "summary.json").read_text()), "metrics": rows}
+    summary = json.loads((out / "summary.json").read_text())
+    record = {"arm": arm, "seed": seed, "overrides": overrides, "commit": summary.get("commit", runs.source_commit()),
+              "summary": summary, "metrics": rows}
     records.mkdir(parents=True, exist_ok=True)
     runs.atomic_write_text(record_path(records, arm, seed), json.dumps(record, separators=(",", ":")))
 
@@ -135,22 +136,18 @@ def run(root: Path, records: Path, arm: str, seed: int, extra: list[str]) -> Non
         shutil.rmtree(older)
 
 
-def load(records: Path, arm: str, seeds: list[int]):
-    """[(summary, metrics rows)] of the recorded seeds."""
-    found = []
-    for seed in seeds:
-        path = record_path(records, arm, seed)
-        if path.exists():
-            record = json.loads(path.read_text())
-            found.append((record["summary"], record["metrics"]))
-    return found
+def load(records: Path, arm: str, seeds: list[int]) -> list[dict]:
+    """The records of the recorded seeds, in seed order."""
+    paths = (record_path(records, arm, seed) for seed in seeds)
+    return [json.loads(path.read_text()) for path in paths if path.exists()]
 
 
-def mean_std(values) -> str:
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    if not values:
+def cell(values) -> str:
+    """Mean ± sample standard deviation over seeds (ddof=1), or the one value."""
+    mean, sd = stats.mean_sd(values)
+    if math.isnan(mean):
         return "–"
-    return f"{np.mean(values):.3f} ± {np.std(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
+    return f"{mean:.3f} ± {sd:.3f}" if not math.isnan(sd) else f"{mean:.3f}"
 
 
 def training_mean(rows, name: str) -> float:
@@ -158,28 +155,121 @@ def training_mean(rows, name: str) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
+def outcomes(found: list[dict], name: str = "correct", when: str = "after") -> np.ndarray | None:
+    """[seeds, problems] per-problem outcomes of the runs, or None when a record predates them."""
+    rows = [r["summary"].get("per_problem", {}).get(when, {}).get(name) for r in found]
+    if not rows or any(row is None for row in rows):
+        return None
+    return np.asarray([[np.nan if v is None else v for v in row] for row in rows], np.float64)
+
+
+def interval(found: list[dict], metric: str, name: str) -> str:
+    """95% interval of the arm's mean: bootstrap over problems and seeds where the records hold
+    per-problem outcomes, else Student t over the seeds' means."""
+    per_problem = outcomes(found, name)
+    if per_problem is not None:
+        b = stats.bootstrap(per_problem)
+        return f"[{b['low']:.3f}, {b['high']:.3f}] b"
+    low, high = stats.t_interval([r["summary"]["eval"]["after"].get(metric, np.nan) for r in found])
+    return "–" if math.isnan(low) else f"[{low:.3f}, {high:.3f}] t"
+
+
+def before_row(records: Path, name: str, problems: int | None = None) -> dict | None:
+    """The untrained model's evaluation on `problems` held-out problems (any number: None), which
+    the first recorded run of the task made (a run evaluates it once per task)."""
+    found = (json.loads(p.read_text()) for p in sorted(records.glob("*.json")))
+    return next((r["summary"]["eval"]["before"] for r in found if r["arm"] in ARMS and task(r["arm"]) == name
+                 and "before" in r["summary"]["eval"]
+                 and problems in (None, r["summary"]["config"]["data"]["eval_size"])), None)
+
+
+def task_table(records: Path, name: str, arms: list[str], seeds: list[int]) -> str:
+    """The held-out metrics (mean ± std over seeds, ddof=1; accuracy's 95% interval) and the
+    training-time mechanism metrics of the arms of one task."""
+    columns = HELD_OUT[name]
+    ci = "accuracy" in columns
+    lines = ["| arm | seeds | problems | " + " | ".join(LABELS[n] for n in columns) + " | "
+             + ("pCoT acc. 95% CI | " if ci else "") + " | ".join(f"train: {LABELS.get(n, n)}" for n in TRAINING)
+             + " |", "|---|---:|---:|" + "---:|" * (len(columns) + ci + len(TRAINING))]
+    sizes = {r["summary"]["config"]["data"]["eval_size"] for a in arms for r in load(records, a, seeds)}
+    before = before_row(records, name, sizes.pop() if len(sizes) == 1 else None)
+    if before:
+        lines.append("| before training | | | " + " | ".join(f"{before.get(n, float('nan')):.3f}" for n in columns)
+                     + " |" + " |" * (ci + len(TRAINING)))
+    for arm in [a for a in arms if task(a) == name and load(records, a, seeds)]:
+        found = load(records, arm, seeds)
+        problems = {r["summary"]["config"]["data"]["eval_size"] for r in found}
+        held = [cell([r["summary"]["eval"]["after"].get(n, float("nan")) for r in found]) for n in columns]
+        held += [interval(found, "accuracy", "correct")] if ci else []
+        train = [cell([training_mean(r["metrics"], n) for r in found]) for n in TRAINING]
+        lines.append(f"| {arm} | {len(found)} | {'/'.join(map(str, sorted(problems)))} | "
+                     + " | ".join(held + train) + " |")
+    return "\n".join(lines)
+
+
+def difference(found: list[dict], base: list[dict], metric: str, name: str) -> dict:
+    """The arm minus the baseline on their shared seeds: paired over problems and seeds (bootstrap)
+    where both records hold per-problem outcomes, else paired by seed (Student t)."""
+    by_seed = {r["seed"]: r for r in base}
+    pairs = [(r, by_seed[r["seed"]]) for r in found if r["seed"] in by_seed]
+    if not pairs:
+        return {}
+    mine, theirs = outcomes([a for a, _ in pairs], name), outcomes([b for _, b in pairs], name)
+    if mine is not None and theirs is not None and mine.shape == theirs.shape:
+        b = stats.bootstrap(mine, minus=theirs)
+        return {"seeds": len(pairs), "mean": b["mean"], "low": b["low"], "high": b["high"], "se": b["se"],
+                "dof": None, "method": "b"}
+    deltas = [a["summary"]["eval"]["after"][metric] - b["summary"]["eval"]["after"][metric] for a, b in pairs]
+    mean, sd = stats.mean_sd(deltas)
+    low, high = stats.t_interval(deltas)
+    return {"seeds": len(pairs), "mean": mean, "low": low, "high": high,
+            "se": sd / math.sqrt(len(deltas)) if len(deltas) > 1 else float("nan"), "dof": len(deltas) - 1,
+            "method": "t"}
+
+
+def compare_table(records: Path, baseline: str, arms: list[str], seeds: list[int], metric: str = "accuracy",
+                  name: str = "correct") -> str:
+    """Each arm minus the baseline on one held-out metric, paired, with its 95% interval, the
+    smallest difference the comparison could detect (80% power), and the noise floor: how far
+    the no-hint control, which must change nothing, moved the metric from the untrained model."""
+    base = load(records, baseline, seeds)
+    lines = [f"| arm − {baseline} | paired seeds | {LABELS[metric]} difference | 95% CI | detectable (80% power) | "
+             "reading |", "|---|---:|---:|---:|---:|---|"]
+    for arm in arms:
+        d = difference(load(records, arm, seeds), base, metric, name)
+        if not d:
+            lines.append(f"| {arm} | 0 | – | – | – | no shared seeds |")
+            continue
+        if math.isnan(d["low"]):
+            ci, detectable, reading = "–", "–", "one seed: no interval"
+        else:
+            ci = f"[{d['low']:+.3f}, {d['high']:+.3f}] {d['method']}"
+            detectable = f"{stats.detectable_difference(d['se'], d['dof']):.3f}"
+            reading = ("higher" if d["low"] > 0 else "lower" if d["high"] < 0 else "inside the noise")
+        lines.append(f"| {arm} | {d['seeds']} | {d['mean']:+.3f} | {ci} | {detectable} | {reading} |")
+    control = load(records, "no-hint", seeds)
+    before = before_row(records, task(baseline), control[0]["summary"]["config"]["data"]["eval_size"]) if control \
+        else None
+    if before and control:
+        moved = [r["summary"]["eval"]["after"][metric] - before[metric] for r in control]
+        low, high = stats.t_interval(moved)
+        span = f", 95% CI [{low:+.3f}, {high:+.3f}]" if not math.isnan(low) else ""
+        lines += ["", f"Noise floor: the no-hint control (its loss is ~0, so it must change nothing) moved "
+                  f"{LABELS[metric]} by {np.mean(moved):+.3f} from the untrained model ({len(moved)} seed"
+                  f"{'s' * (len(moved) > 1)}{span}). Intervals: b = bootstrap over problems and seeds, paired; "
+                  "t = Student t over the seeds' paired differences."]
+    return "\n".join(lines)
+
+
 def report(records: Path, arms: list[str], seeds: list[int], figures: Path) -> str:
     tables, curves = [], {}
-    for name, columns in HELD_OUT.items():
+    for name in HELD_OUT:
         chosen = [a for a in arms if task(a) == name and load(records, a, seeds)]
         if not chosen:
             continue
-        lines = [f"{name}:", "", "| arm | seeds | " + " | ".join(LABELS[n] for n in columns) + " | "
-                 + " | ".join(f"train: {LABELS.get(n, n)}" for n in TRAINING) + " |",
-                 "|---|---:|" + "---:|" * (len(columns) + len(TRAINING))]
-        before = next((s["eval"]["before"] for a in chosen for s, _ in load(records, a, seeds)
-                       if "before" in s["eval"]), None)
-        if before:
-            lines.append("| before training | | " + " | ".join(f"{before.get(n, float('nan')):.3f}" for n in columns)
-                         + " |" + " |" * len(TRAINING))
-        for arm in chosen:
-            found = load(records, arm, seeds)
-            held = [mean_std([s["eval"]["after"].get(n, float("nan")) for s, _ in found]) for n in columns]
-            train = [mean_std([training_mean(rows, n) for _, rows in found]) for n in TRAINING]
-            lines.append(f"| {arm} | {len(found)} | " + " | ".join(held + train) + " |")
-            if name == "math":
-                curves[arm] = [rows for _, rows in found]
-        tables.append("\n".join(lines))
+        tables.append(f"{name}:\n\n" + task_table(records, name, chosen, seeds))
+        if name == "math":
+            curves |= {arm: [r["metrics"] for r in load(records, arm, seeds)] for arm in chosen}
     plot(curves, figures)
     return "\n\n".join(tables)
 

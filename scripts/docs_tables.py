@@ -1,0 +1,101 @@
+"""The results tables in docs/, regenerated from the committed records they report.
+
+    python scripts/docs_tables.py            # rewrite every generated table in docs/*.md
+    python scripts/docs_tables.py --check    # exit 1, naming each table its records no longer give (CI)
+
+A generated table sits between two markers that name its generator and arguments:
+
+    <!-- table: grid task=math arms=sft,blend seeds=0,1,2 -->
+    ...
+    <!-- /table -->
+
+Generators: `grid` (experiments/self_distill/grid.py's held-out table of one task, from
+docs/results/grid/), `grid-compare` (each arm minus a baseline, paired, with the noise floor),
+`end-push` (experiments/self_distill/end_push.py's record=PATH), `scale-compile` and
+`scale-lora` (scripts/scale_table.py, from docs/scale/compile/). A table typed from a run whose
+directory is gone says so in the doc and carries no marker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import importlib.util
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+BLOCK = re.compile(r"(<!-- table: (?P<spec>[^>]*?) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
+
+
+def _module(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def generate(spec: str) -> str:
+    """The table a marker's spec (`GENERATOR key=value ...`) gives from today's records."""
+    name, *pairs = spec.split()
+    args = dict(pair.split("=", 1) for pair in pairs)
+    if name in ("grid", "grid-compare"):
+        grid = _module(ROOT / "experiments/self_distill/grid.py")
+        records, seeds = ROOT / "docs/results/grid", [int(s) for s in args["seeds"].split(",")]
+        if name == "grid":
+            return grid.task_table(records, args["task"], args["arms"].split(","), seeds)
+        return grid.compare_table(records, args["baseline"], args["arms"].split(","), seeds)
+    if name == "end-push":
+        end_push = _module(ROOT / "experiments/self_distill/end_push.py")
+        return end_push.table(json.loads((ROOT / args["record"]).read_text()))
+    if name in ("scale-compile", "scale-lora"):
+        scale_table = _module(ROOT / "scripts/scale_table.py")
+        return scale_table.compile_block() if name == "scale-compile" else scale_table.lora_block()
+    raise SystemExit(f"unknown table generator {name!r} in a docs marker; known: grid, grid-compare, "
+                     "end-push, scale-compile, scale-lora")
+
+
+def regenerate(text: str) -> tuple[str, list[tuple[str, str, str]]]:
+    """The doc with every marked table regenerated, and (spec, old, new) for each that changed."""
+    changed = []
+
+    def one(match: re.Match) -> str:
+        new = generate(match["spec"]).rstrip("\n") + "\n"
+        if new != match["body"]:
+            changed.append((match["spec"], match["body"], new))
+        return match.group(1) + new + match.group(4)
+
+    return BLOCK.sub(one, text), changed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a table differs")
+    parser.add_argument("docs", nargs="*", type=Path, default=DOCS)
+    args = parser.parse_args(argv)
+    stale = 0
+    for doc in args.docs:
+        text = doc.read_text()
+        new, changed = regenerate(text)
+        for spec, old, fresh in changed:
+            stale += 1
+            print(f"{doc.relative_to(ROOT) if doc.is_relative_to(ROOT) else doc}: table `{spec}` differs from "
+                  "its records:")
+            sys.stdout.writelines(difflib.unified_diff(old.splitlines(True), fresh.splitlines(True), "doc",
+                                                       "records", n=0))
+        if changed and not args.check:
+            doc.write_text(new)
+    if args.check and stale:
+        print(f"{stale} table(s) out of date: run `python scripts/docs_tables.py` and commit the docs.")
+        return 1
+    print(f"{'checked' if args.check else 'rewrote'} the tables of {len(args.docs)} docs; "
+          f"{stale} {'differ' if args.check else 'changed'}.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""The report statistics (jaxdistill/stats.py) and the docs tables written from records
+(scripts/docs_tables.py): intervals that cover what they claim, pairing that removes shared
+noise, and a check that fails when a doc's table is no longer what its records give."""
+
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats as scipy_stats
+
+from jaxdistill import stats
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_spreads_are_sample_standard_deviations_and_t_intervals():
+    mean, sd = stats.mean_sd([0.1, 0.2, 0.6, float("nan")])
+    assert mean == pytest.approx(0.3) and sd == pytest.approx(np.std([0.1, 0.2, 0.6], ddof=1))
+    assert np.isnan(stats.mean_sd([0.5])[1])
+    low, high = stats.t_interval([0.1, 0.2, 0.6])
+    half = scipy_stats.t.ppf(0.975, 2) * sd / np.sqrt(3)
+    assert (low, high) == pytest.approx((0.3 - half, 0.3 + half))
+    # 80% power at 5%: a difference of 2.8 standard errors (normal), more with few degrees of freedom
+    assert stats.detectable_difference(1.0) == pytest.approx(2.8016, abs=1e-3)
+    assert stats.detectable_difference(1.0, dof=2) > 5
+
+
+def test_the_bootstrap_covers_the_normal_interval_and_pairing_removes_what_arms_share():
+    rng = np.random.default_rng(0)
+    outcomes = (rng.random((3, 400)) < 0.3).astype(float)  # 3 seeds x 400 problems, accuracy 0.3
+    b = stats.bootstrap(outcomes)
+    se = np.sqrt(0.3 * 0.7 / outcomes.size)
+    assert b["low"] < outcomes.mean() < b["high"]
+    # resampling seeds counts the problems' noise a second time (each seed's mean carries it):
+    # conservative, at most about sqrt(2) x the binomial error when seeds are independent
+    assert se < b["se"] < 1.6 * se
+    # two arms that share most of their outcomes (the same easy and hard problems): the paired
+    # interval is far narrower than the difference of the unpaired ones
+    other = outcomes.copy()
+    flips = rng.random(outcomes.shape) < 0.05
+    other[flips] = 1 - other[flips]
+    paired = stats.bootstrap(other, minus=outcomes)
+    unpaired_se = np.hypot(stats.bootstrap(other)["se"], b["se"])
+    assert paired["se"] < unpaired_se / 2 and paired["low"] <= paired["mean"] <= paired["high"]
+    assert stats.bootstrap(outcomes, minus=outcomes)["high"] == 0.0
+    with pytest.raises(ValueError, match="same seeds and problems"):
+        stats.bootstrap(outcomes, minus=outcomes[:, :10])
+
+
+def test_docs_tables_equal_their_records_and_a_changed_cell_is_caught(tmp_path, capsys):
+    """What CI runs (`scripts/docs_tables.py --check`), and that it would fail on a stale number."""
+    docs_tables = _script(ROOT / "scripts/docs_tables.py")
+    assert docs_tables.main(["--check"]) == 0
+    doc = tmp_path / "results.md"
+    shutil.copy(ROOT / "docs/results.md", doc)
+    text = doc.read_text()
+    marker = "<!-- table: grid task=math arms=sft,blend-frozen,lora-base seeds=0,1,2 -->"
+    start = text.index(marker)
+    row = text.index("| lora-base | 3 | 64 | 0.120", start)
+    doc.write_text(text[:row] + text[row:].replace("| 0.120 ± ", "| 0.130 ± ", 1))
+    assert docs_tables.main(["--check", str(doc)]) == 1
+    assert "lora-base seeds=0,1,2` differs from its records" in capsys.readouterr().out
+    assert docs_tables.main([str(doc)]) == 0 and doc.read_text() == text  # rewriting restores it
+
+
+def test_grid_records_pair_per_problem_outcomes_and_name_their_commit(tmp_path):
+    """New records hold each problem's outcome; the report bootstraps them, paired by seed and problem."""
+    grid = _script(ROOT / "experiments/self_distill/grid.py")
+    rng = np.random.default_rng(1)
+    base = (rng.random((3, 256)) < 0.3).astype(float)
+    better = np.maximum(base, (rng.random((3, 256)) < 0.2).astype(float))  # never worse, often better
+    for arm, per_seed in (("blend", base), ("sft", better)):
+        for seed, correct in enumerate(per_seed):
+            summary = {"config": {"data": {"eval_size": 256}}, "commit": "abc",
+                       "eval": {"after": {"accuracy": float(correct.mean())}},
+                       "per_problem": {"after": {"correct": correct.tolist()}}}
+            record = {"arm": arm, "seed": seed, "commit": "abc", "summary": summary, "metrics": []}
+            grid.record_path(tmp_path, arm, seed).write_text(json.dumps(record))
+    table = grid.compare_table(tmp_path, "blend", ["sft"], [0, 1, 2])
+    difference = (better - base).mean()
+    assert f"| sft | 3 | +{difference:.3f} | [+" in table and "] b |" in table and "| higher |" in table
+    assert "] b |" in grid.task_table(tmp_path, "math", ["blend", "sft"], [0, 1, 2])
