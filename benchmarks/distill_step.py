@@ -7,7 +7,8 @@
 
 Both implementations load the same GGUF weights, build the same aligned batch (pCoT and
 pTeacher contexts with the same 64 generated tokens), form the same entropy-matched
-blend target (teacher weight 0.75), take forward KL(target || student) over the
+blend target (teacher weight 0.75; both with jaxdistill's Newton solver for k, ported to
+torch), take forward KL(target || student) over the
 generated tokens, and apply AdamW. PyTorch runs the teacher under no_grad and the
 student with gradients (two forwards); we run one forward over both contexts, as
 jaxdistill's step does, whose hand-written backward covers the student rows only.
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import threading
@@ -114,22 +116,35 @@ def run_jax(args):
     return {"seconds": min(times), "compile_s": first - min(times), "peak_mb": memory.stop_mb(), "loss": first_loss}
 
 
-def torch_entropy_matched_target(teacher, student, weight=0.75, iters=50):
-    """Bisection on log k so that H(softmax(z/k)) = H(softmax(student)), as a user would write it."""
+def torch_entropy_matched_target(teacher, student, weight=0.75):
+    """(w * teacher + student) / k with H = H(student), solved as jaxdistill solves it (a Newton
+    step in log k inside a bisection bracket, every row until all are within tolerance), so the
+    two sides differ in how they run the step, not in the solver."""
     import torch
 
+    from jaxdistill.distill.targets import K_MAX, K_MIN, MAX_STEPS, TOLERANCE
+
     z = weight * teacher + student
-    h_target = -(torch.softmax(student, -1) * torch.log_softmax(student, -1)).sum(-1)
-    lo = torch.full(z.shape[:-1], -6.9078, dtype=z.dtype)
-    hi = torch.full(z.shape[:-1], 6.9078, dtype=z.dtype)
-    for _ in range(iters):
-        mid = (lo + hi) / 2
-        u = z / mid.exp()[..., None]
-        h = -(torch.softmax(u, -1) * torch.log_softmax(u, -1)).sum(-1)
-        hot = h > h_target
-        hi = torch.where(hot, mid, hi)
-        lo = torch.where(hot, lo, mid)
-    return z / ((lo + hi) / 2).exp()[..., None]
+    h_goal = -(torch.softmax(student, -1) * torch.log_softmax(student, -1)).sum(-1)
+    shifted = z - z.amax(-1, keepdim=True)
+    lo = torch.full(z.shape[:-1], math.log(K_MIN), dtype=z.dtype)
+    hi = torch.full(z.shape[:-1], math.log(K_MAX), dtype=z.dtype)
+    log_k = torch.zeros_like(lo)
+    for _ in range(MAX_STEPS):
+        u = shifted * torch.exp(-log_k)[..., None]
+        e = u.exp()
+        total = e.sum(-1)
+        mean, second = (e * u).sum(-1) / total, (e * u * u).sum(-1) / total
+        h, slope = total.log() - mean, (second - mean * mean).clamp(min=0)
+        error = (h - h_goal).abs()
+        if not bool(((error > TOLERANCE) & (hi - lo > 1e-6)).any()):
+            break
+        hot = h > h_goal
+        hi, lo = torch.where(hot, log_k, hi), torch.where(hot, lo, log_k)
+        proposal = log_k + (h_goal - h) / slope.clamp(min=1e-12)
+        inside = (proposal > lo) & (proposal < hi)
+        log_k = torch.where(error <= TOLERANCE, log_k, torch.where(inside, proposal, (lo + hi) / 2))
+    return z / log_k.clamp(math.log(K_MIN), math.log(K_MAX)).exp()[..., None]
 
 
 def run_torch(args):
