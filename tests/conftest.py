@@ -9,8 +9,28 @@ os.environ["XLA_FLAGS"] = " ".join(
 )
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # libtpu (test extras, for TPU compiles) must not change CPU runs
+# pytest-xdist workers each load libtpu to compile for TPU topologies; without this the second
+# one fails on libtpu's one-process-per-host lock file (no TPU is ever opened here).
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+# One XLA compilation cache for this test run, shared by the pytest-xdist workers and every
+# subprocess a test starts (they inherit the variable): the CLI runs on tiny models compile the
+# same programs again and again. It starts empty and the run deletes it at the end.
+_OWN_COMPILE_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_COMPILE_CACHE:
+    import tempfile
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxdistill-tests-xla-")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))  # a size turns on jax's file lock
 
 import pytest  # noqa: E402
+
+
+def pytest_sessionfinish(session):
+    if _OWN_COMPILE_CACHE and not os.environ.get("PYTEST_XDIST_WORKER"):  # the process that made it
+        import shutil
+
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 def _hf_reference(path):
