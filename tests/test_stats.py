@@ -2,7 +2,6 @@
 (scripts/docs_tables.py): intervals that cover what they claim, pairing that removes shared
 noise, and a check that fails when a doc's table is no longer what its records give."""
 
-import importlib.util
 import json
 import shutil
 import sys
@@ -15,14 +14,8 @@ from scipy import stats as scipy_stats
 from jaxdistill import stats
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _script(path: Path):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[path.stem] = module
-    spec.loader.exec_module(module)
-    return module
+sys.path.insert(0, str(ROOT / "scripts"))
+import docs_tables  # noqa: E402
 
 
 def test_spreads_are_sample_standard_deviations_and_t_intervals():
@@ -61,7 +54,6 @@ def test_the_bootstrap_covers_the_normal_interval_and_pairing_removes_what_arms_
 
 def test_docs_tables_equal_their_records_and_a_changed_cell_is_caught(tmp_path, capsys):
     """What CI runs (`scripts/docs_tables.py --check`), and that it would fail on a stale number."""
-    docs_tables = _script(ROOT / "scripts/docs_tables.py")
     assert docs_tables.main(["--check"]) == 0
     doc = tmp_path / "results.md"
     shutil.copy(ROOT / "docs/results.md", doc)
@@ -77,7 +69,7 @@ def test_docs_tables_equal_their_records_and_a_changed_cell_is_caught(tmp_path, 
 
 def test_grid_records_pair_per_problem_outcomes_and_name_their_commit(tmp_path):
     """New records hold each problem's outcome; the report bootstraps them, paired by seed and problem."""
-    grid = _script(ROOT / "experiments/self_distill/grid.py")
+    grid = docs_tables._module(ROOT / "experiments/self_distill/grid.py")
     rng = np.random.default_rng(1)
     base = (rng.random((3, 256)) < 0.3).astype(float)
     better = np.maximum(base, (rng.random((3, 256)) < 0.2).astype(float))  # never worse, often better
