@@ -10,7 +10,7 @@ A generated table sits between two markers that name its generator and arguments
     <!-- /table -->
 
 Generators: `grid` (experiments/self_distill/grid.py's held-out table of one task, from
-docs/results/grid/), `grid-compare` (each arm minus a baseline, paired, with the noise floor),
+docs/results/grid/ or records=DIR), `grid-compare` (each arm minus a baseline, paired, with the noise floor),
 `end-push` (experiments/self_distill/end_push.py's record=PATH), `scale-compile` and
 `scale-lora` (scripts/scale_table.py, from docs/scale/compile/). A table typed from a run whose
 directory is gone says so in the doc and carries no marker.
@@ -45,7 +45,8 @@ def generate(spec: str) -> str:
     args = dict(pair.split("=", 1) for pair in pairs)
     if name in ("grid", "grid-compare"):
         grid = _module(ROOT / "experiments/self_distill/grid.py")
-        records, seeds = ROOT / "docs/results/grid", [int(s) for s in args["seeds"].split(",")]
+        records = ROOT / args.get("records", "docs/results/grid")
+        seeds = [int(s) for s in args["seeds"].split(",")]
         if name == "grid":
             return grid.task_table(records, args["task"], args["arms"].split(","), seeds)
         return grid.compare_table(records, args["baseline"], args["arms"].split(","), seeds)

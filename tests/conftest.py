@@ -25,6 +25,25 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))  # a size 
 
 import pytest  # noqa: E402
 
+# With pytest-xdist (`-n 2 --dist loadgroup`): each test file is one unit of work, so its module
+# fixtures load once; files that share an expensive session fixture share a worker (the router
+# notebook reads the `route_run` the router tests make); the heaviest files start first, so the
+# two workers finish together.
+SHARES_A_WORKER_WITH = {"test_colabs": "test_router"}
+HEAVIEST_FIRST = ("test_teachers", "test_distill", "test_router", "test_hostile_input", "test_lora", "test_parity",
+                  "test_pruning", "test_compile", "test_tokenizer", "test_multihost")
+
+
+def pytest_collection_modifyitems(config, items):
+    def group(item):
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        return SHARES_A_WORKER_WITH.get(module, module)
+
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(group(item)))
+    rank = {name: i for i, name in enumerate(HEAVIEST_FIRST)}
+    items.sort(key=lambda item: rank.get(group(item), len(rank)))  # stable: a file's tests keep their order
+
 
 def pytest_sessionfinish(session):
     if _OWN_COMPILE_CACHE and not os.environ.get("PYTEST_XDIST_WORKER"):  # the process that made it

@@ -198,6 +198,7 @@ def _route(config, workdir: Path) -> dict:
         "questions": {"uids": test_table.uids, "families": test_table.families, "expert_names": names,
                       "t_max": t_max, "node": {m: [x["node"].tolist() for x in o] for m, o in default.items()},
                       "quality": {m: [x["quality"].tolist() for x in o] for m, o in default.items()}},
+        "commit": runs.source_commit(),
     }
     runs.atomic_write_text(workdir / "results.json", json.dumps(results, indent=1))
     updates = next(iter(history.values())).shape[-1]

@@ -182,6 +182,7 @@ def _run(config, workdir: Path) -> dict:
     result["best_of_n"] = baseline
     result["equal_tokens"] = equal_token_comparison(learned, heuristic, c.seeds)
     result["tuned_heuristic"] = tuned
+    result["commit"] = runs.source_commit()
     plot(result, workdir / "pruning.png")
     summary = format_summary(result, config, time.perf_counter() - begin)
     runs.atomic_write_text(workdir / "results.json", json.dumps(result, indent=1))

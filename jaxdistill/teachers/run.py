@@ -222,7 +222,7 @@ def _run(config, workdir: Path) -> dict:
            "teachers": names, "best_single": names[best], "excluded_pivot_tokens": excluded,
            "train_accuracy": {names[i]: train_accuracy[i].tolist() for i in range(len(teachers))},
            "diversity": {k: np.asarray(v).tolist() for k, v in diversity.items()},
-           "search": searched}
+           "search": searched, "commit": runs.source_commit()}
     runs.atomic_write_text(workdir / "results.json", json.dumps(out, indent=1))
     with runs.board(config, workdir) as board:  # one point per arm: the mean over seeds
         board.scalars({f"{arm}/{field}": np.mean(values) for arm, row in out["arms"].items()
