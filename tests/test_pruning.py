@@ -106,13 +106,16 @@ def test_ppo_learns_to_expand_only_where_the_wrong_direction_pays():
     assert history["episode_return"][-1] > history["episode_return"][0]
 
 
-def test_prune_command_records_trees_trains_and_resumes_without_searching_again(tmp_path):
+def test_prune_command_records_trees_trains_and_resumes_without_searching_again(tmp_path, tiny_chat_model):
+    """On a tiny random model with SmolLM2's tokenizer: what the command records, trains and
+    reuses, not what the model knows (docs/teachers.md has the measured runs)."""
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).parent.parent
-    args = [sys.executable, "-m", "jaxdistill", "prune", "--config=experiments/teachers/pruning.py",
+    config = f"--config=tests/configs/tiny_teachers.py:pruning,{tiny_chat_model}"
+    args = [sys.executable, "-m", "jaxdistill", "prune", config,
             f"--config.workdir={tmp_path}", "--config.data.eval_size=3", "--config.pruning.problems=3",
             "--config.pruning.train_problems=2", "--config.search.max_new_tokens=16", "--config.search.gap=3",
             "--config.search.max_levels=1", "--config.search.branch_entropy=0.5", "--config.pruning.seeds=2",
