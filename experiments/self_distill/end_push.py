@@ -1,6 +1,6 @@
 """Does the self-teacher's target push against ending, or is "the end push" a selection effect?
 
-    python experiments/self_distill/end_push.py                   # 256 training problems, ~10 min on 2 cores
+    python experiments/self_distill/end_push.py                   # 256 training problems, ~12 min on 2 cores
     python experiments/self_distill/end_push.py --out=docs/results/end_push.json
 
 The training metric "p(end) target there" is read only where the student itself sampled the end
@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdistill import sampling, stats
+from jaxdistill import runs, sampling, stats
 from jaxdistill.data.synthetic import SyntheticConfig, synthetic_records
 from jaxdistill.distill.targets import blend_logits
 from jaxdistill.models import load
@@ -103,7 +103,8 @@ def main() -> None:
                          "ended": s[-1] in stops})
         print(f"scored {min(start + args.batch, len(records))}/{len(records)} problems", flush=True)
 
-    result = {"problems": len(records), "positions": int(sum(len(r["student"]) for r in rows)),
+    result = {"commit": runs.source_commit(), "problems": len(records),
+              "positions": int(sum(len(r["student"]) for r in rows)),
               "samples_ended": int(sum(r["ended"] for r in rows)), "where": {}, "bins": []}
 
     def summarize(select) -> dict:
@@ -129,7 +130,7 @@ def main() -> None:
     result["where"]["sample ended"] = summarize(lambda r: last(r) & r["ended"])
     result["where"]["did not end (mirror)"] = summarize(lambda r: ~(last(r) & r["ended"]))
     result["where"]["every position"] = summarize(lambda r: np.ones(len(r["student"]), bool))
-    for low, high in zip(BINS[:-1], BINS[1:], strict=True):
+    for low, high in zip(BINS[:-1], BINS[1:], strict=True):  # the last bin includes p(end) = 1
         found = summarize(lambda r, low=low, high=high: (r["student"] >= low) & (r["student"] < high + (high == 1)))
         ended = sum(int((last(r) & r["ended"] & (r["student"] >= low) & (r["student"] < high + (high == 1))).sum())
                     for r in rows)
