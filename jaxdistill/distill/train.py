@@ -97,11 +97,11 @@ def _train(config, workdir) -> dict:
     stack = make_stack(config, train_records) if config.arm == "stack" else None
     iterator = data_iterator(train_records, config.seed)
     summary_path = workdir / "summary.json"
-    summary = {"config": config.to_dict(), "commit": runs.source_commit(), "eval": {}, "per_problem": {}}
+    summary = {"config": config.to_dict(), "commit": runs.source_commit(), "eval": {}}
 
     def evaluated(when: str, model) -> None:  # the table's row, and each problem's outcomes beside it
         row = evaluate(model, tokenizer, eval_records, **eval_kwargs)
-        summary.setdefault("per_problem", {})[when] = row.pop("per_problem")
+        summary.setdefault("per_problem", {})[when] = row.pop("per_problem")  # also in a resumed older summary
         summary["eval"][when] = row
 
     with runs.Checkpoints(workdir / "checkpoints", keep=config.checkpoint.keep,
