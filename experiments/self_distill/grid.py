@@ -191,13 +191,13 @@ def task_table(records: Path, name: str, arms: list[str], seeds: list[int]) -> s
     lines = ["| arm | seeds | problems | " + " | ".join(LABELS[n] for n in columns) + " | "
              + ("pCoT acc. 95% CI | " if ci else "") + " | ".join(f"train: {LABELS.get(n, n)}" for n in TRAINING)
              + " |", "|---|---:|---:|" + "---:|" * (len(columns) + ci + len(TRAINING))]
-    sizes = {r["summary"]["config"]["data"]["eval_size"] for a in arms for r in load(records, a, seeds)}
+    recorded = {a: found for a in arms if task(a) == name and (found := load(records, a, seeds))}
+    sizes = {r["summary"]["config"]["data"]["eval_size"] for found in recorded.values() for r in found}
     before = before_row(records, name, sizes.pop() if len(sizes) == 1 else None)
     if before:
         lines.append("| before training | | | " + " | ".join(f"{before.get(n, float('nan')):.3f}" for n in columns)
                      + " |" + " |" * (ci + len(TRAINING)))
-    for arm in [a for a in arms if task(a) == name and load(records, a, seeds)]:
-        found = load(records, arm, seeds)
+    for arm, found in recorded.items():
         problems = {r["summary"]["config"]["data"]["eval_size"] for r in found}
         held = [cell([r["summary"]["eval"]["after"].get(n, float("nan")) for r in found]) for n in columns]
         held += [interval(found, "accuracy", "correct")] if ci else []
