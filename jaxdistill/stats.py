@@ -62,7 +62,3 @@ def detectable_difference(se: float, dof: int | None = None) -> float:
         return (Z_95 + POWER_80) * se
     return float((scipy_stats.t.ppf(0.975, dof) + scipy_stats.t.ppf(0.8, dof)) * se)
 
-
-def binomial_se(p: float, n: int) -> float:
-    """Standard error of an accuracy p measured on n problems (one run)."""
-    return float(np.sqrt(p * (1 - p) / n))
