@@ -62,3 +62,13 @@ def detectable_difference(se: float, dof: int | None = None) -> float:
         return (Z_95 + POWER_80) * se
     return float((scipy_stats.t.ppf(0.975, dof) + scipy_stats.t.ppf(0.8, dof)) * se)
 
+
+
+def mcnemar_exact(a, b) -> float:
+    """Two-sided exact McNemar p-value of two arms' paired right/wrong outcomes on the same
+    problems: a binomial test on the problems exactly one of them gets right."""
+    a, b = np.asarray(a, bool).ravel(), np.asarray(b, bool).ravel()
+    only_a, only_b = int((a & ~b).sum()), int((b & ~a).sum())
+    if only_a + only_b == 0:
+        return 1.0
+    return float(scipy_stats.binomtest(only_a, only_a + only_b, 0.5).pvalue)

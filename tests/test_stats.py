@@ -84,3 +84,24 @@ def test_grid_records_pair_per_problem_outcomes_and_name_their_commit(tmp_path):
     difference = (better - base).mean()
     assert f"| sft | 3 | +{difference:.3f} | [+" in table and "] b |" in table and "| higher |" in table
     assert "] b |" in grid.task_table(tmp_path, "math", ["blend", "sft"], [0, 1, 2])
+
+
+def test_mcnemar_and_the_teachers_table_compare_arms_problem_by_problem():
+    from jaxdistill.teachers.evaluate import ORACLE, comparison_table, oracle_correct
+
+    # 6 problems only the second arm gets right, none only the first: p = 2 / 2**6
+    assert stats.mcnemar_exact([1, 0, 0, 0, 0, 0, 0, 1], [1, 1, 1, 1, 1, 1, 1, 1]) == pytest.approx(2 / 64)
+    assert stats.mcnemar_exact([1, 0, 1], [1, 0, 1]) == 1.0
+    rng = np.random.default_rng(0)
+    right = {name: rng.random((1, 40)) < p for name, p in (("a", 0.3), ("b", 0.5))}
+    results = {f"alone: {name}": [{"correct": row.tolist()} for row in rows] for name, rows in right.items()}
+    record = {"arms": {arm: {"correct": [r["correct"] for r in rows]} for arm, rows in results.items()},
+              "best_single": "b", "oracle": {"correct": oracle_correct(results, ["a", "b"])}}
+    record["arms"]["stack: copy of b"] = record["arms"]["alone: b"]
+    assert np.asarray(record["oracle"]["correct"]).sum() == (right["a"] | right["b"]).sum()
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in comparison_table(record).splitlines()
+            if line.startswith("| ") and "---" not in line}
+    assert rows["stack: copy of b"][3:5] == ["+0.000 [+0.000, +0.000]", "1.000"]  # same answers: no difference
+    gap = (right["b"] | right["a"]).mean() - right["b"].mean()
+    assert rows[ORACLE][1] == f"{(right['a'] | right['b']).mean():.3f}" and rows["alone: b"][5].startswith(
+        f"{-gap:+.3f}")

@@ -280,6 +280,9 @@ def test_teachers_command_runs_every_arm_and_resumes_without_redoing_them(tmp_pa
     results = json.loads((tmp_path / "results.json").read_text())
     assert list(results["arms"]) == ["alone: smollm2-chat", "alone: smollm2-fewshot", "alone: gemma3-fewshot",
                                      "stack: mean_probs", "stack: perplexity", "stack: online"]
+    singles = np.asarray([results["arms"][f"alone: {name}"]["correct"] for name in results["teachers"]], bool)
+    assert results["oracle"]["correct"] == singles.any(axis=0).tolist()  # [seeds, problems]
+    assert "| oracle: any single teacher right" in (tmp_path / "summary.md").read_text()
     js = np.asarray(results["diversity"]["js"])
     assert (np.diag(js) < 1e-5).all() and (js[~np.eye(3, dtype=bool)] > 0).all() and np.allclose(js, js.T)
     assert (tmp_path / "diversity.png").stat().st_size > 10_000 and "| stack: online |" in (

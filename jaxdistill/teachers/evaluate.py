@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxdistill import sampling
+from jaxdistill import sampling, stats
 from jaxdistill.teachers.stack import TeacherStack
 
 
@@ -81,9 +81,9 @@ def format_summary(config, pivot, results, diversity, names, best, excluded, sec
              f"{len(next(iter(results.values())))} seed(s)", "",
              "| arm | accuracy | tokens generated | seconds |", "|---|---|---|---|"]
     for arm, rows in results.items():
-        acc = [r["accuracy"] for r in rows]
-        spread = f" ± {np.std(acc):.3f}" if len(acc) > 1 else ""
-        lines.append(f"| {arm} | {np.mean(acc):.3f}{spread} | {np.mean([r['tokens'] for r in rows]):.0f} | "
+        mean, sd = stats.mean_sd([r["accuracy"] for r in rows])
+        spread = f" ± {sd:.3f}" if len(rows) > 1 else ""
+        lines.append(f"| {arm} | {mean:.3f}{spread} | {np.mean([r['tokens'] for r in rows]):.0f} | "
                      f"{np.mean([r['seconds'] for r in rows]):.0f} |")
     best_acc = np.mean([r["accuracy"] for r in results[f"alone: {names[best]}"]])
     stack_best = max((a for a in results if a.startswith("stack")), default=None,
@@ -101,4 +101,39 @@ def format_summary(config, pivot, results, diversity, names, best, excluded, sec
     lines += [f"- mixture entropy minus mean member entropy: {diversity['entropy_gain']:.3f} nats",
               f"- positions where the mixture's top token differs from the best single teacher's: "
               f"{diversity['consensus_differs_from_best']:.2f}", "", f"Total time {seconds:.0f}s."]
+    return "\n".join(lines)
+
+
+ORACLE = "oracle: any single teacher right (reads the labels)"
+
+
+def oracle_correct(results: dict, names: list[str]) -> list[list[bool]]:
+    """Per seed and problem: does any teacher alone answer it right? An upper bound that reads the
+    held-out answers (it knows which member to trust), never a test-time decision."""
+    per_teacher = np.asarray([[row["correct"] for row in results[f"alone: {name}"]] for name in names], bool)
+    return per_teacher.any(axis=0).tolist()
+
+
+def comparison_table(record: dict) -> str:
+    """Accuracy of every arm of a `teachers` run's results.json, with paired differences (bootstrap
+    over seeds and problems, 95%) and exact McNemar p against the best single teacher (chosen on
+    training problems) and against the any-member-right oracle."""
+    arms = {arm: np.asarray(row["correct"], float) for arm, row in record["arms"].items()}
+    oracle = np.asarray(record["oracle"]["correct"], float)
+    best = f"alone: {record['best_single']}"
+    seeds, problems = oracle.shape
+    lines = [f"{problems} held-out problems x {seeds} seed(s); best single teacher (chosen on training problems): "
+             f"{record['best_single']}; differences paired, 95% bootstrap over seeds and problems", "",
+             "| arm | accuracy | right | vs best single | p (McNemar) | vs oracle | p (McNemar) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+
+    def versus(x, baseline):
+        d = stats.bootstrap(x, minus=baseline)
+        return f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]", f"{stats.mcnemar_exact(x, baseline):.3f}"
+
+    for arm, x in [*arms.items(), (ORACLE, oracle)]:
+        vs_best = ("", "") if arm == best else versus(x, arms[best])
+        vs_oracle = ("", "") if arm == ORACLE else versus(x, oracle)
+        lines.append(f"| {arm} | {x.mean():.3f} | {int(x.sum())}/{x.size} | {vs_best[0]} | {vs_best[1]} | "
+                     f"{vs_oracle[0]} | {vs_oracle[1]} |")
     return "\n".join(lines)

@@ -27,7 +27,14 @@ from jaxdistill.data.records import answer_matches
 from jaxdistill.data.synthetic import TEST_WINDOW, SyntheticConfig, synthetic_records
 from jaxdistill.errors import ConfigError
 from jaxdistill.teachers import aggregate as agg_lib
-from jaxdistill.teachers.evaluate import format_summary, measure_diversity, nll_per_byte, plot_diversity
+from jaxdistill.teachers.evaluate import (
+    comparison_table,
+    format_summary,
+    measure_diversity,
+    nll_per_byte,
+    oracle_correct,
+    plot_diversity,
+)
 from jaxdistill.teachers.stack import TeacherConfig, TeacherStack, fewshot_block, validate_teachers
 from jaxdistill.teachers.traces import format_search, run_search, search_config
 
@@ -212,17 +219,21 @@ def _run(config, workdir: Path) -> dict:
     diversity["consensus_differs_from_best"] = diversity["differs"][best]
     plot_diversity(diversity, names, workdir / "diversity.png")
 
-    summary = format_summary(config, config.pivot or teachers[0].model, results, diversity, names, best, excluded,
-                             time.perf_counter() - start)
-    if searched:
-        summary = summary.replace("\nTotal time", format_search(searched) + "\n\nTotal time")
-    runs.atomic_write_text(workdir / "summary.md", summary + "\n")
+    oracle = oracle_correct(results, names)
     out = {"arms": {a: {"accuracy": [r["accuracy"] for r in rows], "tokens": [r["tokens"] for r in rows],
-                        "seconds": [r["seconds"] for r in rows]} for a, rows in results.items()},
+                        "seconds": [r["seconds"] for r in rows], "correct": [r["correct"] for r in rows]}
+                    for a, rows in results.items()},
+           "oracle": {"accuracy": [float(np.mean(c)) for c in oracle], "correct": oracle},
            "teachers": names, "best_single": names[best], "excluded_pivot_tokens": excluded,
            "train_accuracy": {names[i]: train_accuracy[i].tolist() for i in range(len(teachers))},
            "diversity": {k: np.asarray(v).tolist() for k, v in diversity.items()},
            "search": searched, "commit": runs.source_commit()}
+    summary = format_summary(config, config.pivot or teachers[0].model, results, diversity, names, best, excluded,
+                             time.perf_counter() - start)
+    summary = summary.replace("\nTotal time", "\n" + comparison_table(out) + "\n\nTotal time")
+    if searched:
+        summary = summary.replace("\nTotal time", format_search(searched) + "\n\nTotal time")
+    runs.atomic_write_text(workdir / "summary.md", summary + "\n")
     runs.atomic_write_text(workdir / "results.json", json.dumps(out, indent=1))
     with runs.board(config, workdir) as board:  # one point per arm: the mean over seeds
         board.scalars({f"{arm}/{field}": np.mean(values) for arm, row in out["arms"].items()
