@@ -12,7 +12,9 @@ A generated table sits between two markers that name its generator and arguments
 Generators: `grid` (experiments/self_distill/grid.py's held-out table of one task, from
 docs/results/grid/ or records=DIR), `grid-compare` (each arm minus a baseline, paired, with the noise floor),
 `end-push` (experiments/self_distill/end_push.py's record=PATH), `teachers` (a teachers run's
-results.json, record=PATH: every arm against the best single teacher and the oracle), `scale-compile` and
+results.json, record=PATH: every arm against the best single teacher and the oracle), `router`,
+`router-sweep` and `router-families` (a route run's results.json, record=PATH: the methods at the default
+alpha, the alpha sweep, per task family), `scale-compile` and
 `scale-lora` (scripts/scale_table.py, from docs/scale/compile/). A table typed from a run whose
 directory is gone says so in the doc and carries no marker.
 """
@@ -58,11 +60,17 @@ def generate(spec: str) -> str:
         from jaxdistill.teachers.evaluate import comparison_table
 
         return comparison_table(json.loads((ROOT / args["record"]).read_text()))
+    if name in ("router", "router-sweep", "router-families"):
+        from jaxdistill.router import evaluate as router_eval
+
+        render = {"router": router_eval.default_table, "router-sweep": router_eval.sweep_table,
+                  "router-families": router_eval.family_table}[name]
+        return render(json.loads((ROOT / args["record"]).read_text()))
     if name in ("scale-compile", "scale-lora"):
         scale_table = _module(ROOT / "scripts/scale_table.py")
         return scale_table.compile_block() if name == "scale-compile" else scale_table.lora_block()
     raise SystemExit(f"unknown table generator {name!r} in a docs marker; known: grid, grid-compare, "
-                     "end-push, teachers, scale-compile, scale-lora")
+                     "end-push, teachers, router, router-sweep, router-families, scale-compile, scale-lora")
 
 
 def regenerate(text: str) -> tuple[str, list[tuple[str, str, str]]]:

@@ -366,6 +366,15 @@ def test_route_runs_end_to_end(tmp_path, route_run):
             assert score(row) <= oracle + 1e-5 and row["quality_ci"][0] <= row["quality"] <= row["quality_ci"][1]
     questions = results["questions"]
     assert len(questions["node"]["router (PPO)"]) == 3 and len(questions["families"]) == 4
+    # docs/router.md's tables come from results.json alone, as the run's own summary prints them
+    from jaxdistill.router.evaluate import default_table, family_table, sweep_table
+
+    recorded = json.loads((out / "results.json").read_text())
+    assert default_table(recorded) in summary and family_table(recorded) in summary
+    for row in family_table(recorded).splitlines()[2:]:  # path counts out of 3 seeds x the family's questions
+        family = row.split(" | ")[0][2:]
+        assert f"/{3 * questions['families'].count(family)})" in row
+    assert len(sweep_table(recorded).splitlines()) == 2 + len(results["alphas"])
     restored = ocp.StandardCheckpointer().restore(out / "policy")
     assert jax.tree.leaves(restored)[0].shape[:2] == (3, 3)  # (alphas, seeds)
     # the same command gives the same numbers (a fresh workdir sharing the precompute)

@@ -20,12 +20,14 @@ from jaxdistill.router import env as env_lib
 FIELDS = ("quality", "calls", "flops", "return")
 
 
-def summarize(outcomes: list[dict[str, np.ndarray]]) -> dict[str, float]:
-    """Means over questions and runs (seeds), with the spread over runs."""
-    out = {"cost": float(np.mean([o["cost"].mean() for o in outcomes]))}  # normalised units (alpha's price)
+def summarize(outcomes: list[dict[str, np.ndarray]]) -> dict:
+    """Means over questions and runs (seeds), the sample standard deviation over runs (0 for one
+    run), and the 95% interval of the quality resampling questions."""
+    out = {"cost": float(np.mean([o["cost"].mean() for o in outcomes])), "runs": len(outcomes)}  # cost: alpha's units
     for field in FIELDS:
-        per_run = np.array([o[field].mean() for o in outcomes])
-        out[field], out[f"{field}_std"] = float(per_run.mean()), float(per_run.std())
+        out[field], sd = stats.mean_sd([o[field].mean() for o in outcomes])
+        out[f"{field}_std"] = sd if len(outcomes) > 1 else 0.0
+    out["quality_ci"] = bootstrap_interval([o["quality"] for o in outcomes])
     return out
 
 
@@ -140,18 +142,19 @@ def plot(method_curves, aucs, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def format_table(rows: dict[str, list[dict]]) -> str:
+def format_table(summaries: dict[str, dict]) -> str:
+    """Methods' `summarize` rows as a table (a run's summary.md, and docs/router.md from its results.json)."""
     lines = ["| method | quality | 95% CI (questions) | calls | cost (GFLOPs) | return |",
              "|---|---:|---:|---:|---:|---:|"]
-    for method, outcomes in rows.items():
-        summary, (low, high) = summarize(outcomes), bootstrap_interval([o["quality"] for o in outcomes])
+    for method, summary in summaries.items():
         cells = []
         for field, scale, digits in (("quality", 1, 3), ("calls", 1, 2), ("flops", 1e9, 2), ("return", 1, 3)):
             mean, spread = summary[field] / scale, summary[f"{field}_std"] / scale
-            cells.append(f"{mean:.{digits}f} ± {spread:.{digits}f}" if len(outcomes) > 1 else f"{mean:.{digits}f}")
+            cells.append(f"{mean:.{digits}f} ± {spread:.{digits}f}" if summary["runs"] > 1 else f"{mean:.{digits}f}")
+        low, high = summary["quality_ci"]
         cells.insert(1, f"{low:.3f}-{high:.3f}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    lines.append("\n± is the standard deviation over runs (training seeds for the router, rollout seeds for "
+    lines.append("\n± is the sample standard deviation over runs (training seeds for the router, rollout seeds for "
                  "random, orders for the round-robin mean); the CI resamples questions (bootstrap, 2000 draws).")
     return "\n".join(lines)
 
@@ -182,4 +185,46 @@ def compare(rows: dict[str, list[dict]], method_curves, names: list[str], t_max:
         lines.append(f"- vs {method}: {router.mean() - other.mean():+.3f} [{low:+.3f}, {high:+.3f}] -> {word} "
                      f"(router {router_cost / 1e9:.1f} vs {cost / 1e9:.1f} GFLOPs; {frontier} vs "
                      f"{other.mean():.3f})")
+    return "\n".join(lines)
+
+
+ROUTER, KNN, ORACLE = "router (PPO)", "kNN router", "oracle path (reads test labels)"
+
+
+def default_table(results: dict) -> str:
+    """The methods at the default alpha, from a route run's results.json (docs/router.md)."""
+    at = int(np.argmin(np.abs(np.asarray(results["alphas"]) - results["default_alpha"])))
+    return format_table(results["per_alpha"][at])
+
+
+def sweep_table(results: dict) -> str:
+    """Router, kNN and oracle over the alpha sweep, from a route run's results.json."""
+    lines = ["| α | router quality | router GFLOPs | router calls | kNN quality | kNN GFLOPs | oracle quality | "
+             "oracle GFLOPs |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for alpha, rows in zip(results["alphas"], results["per_alpha"], strict=True):
+        router, knn, oracle = rows[ROUTER], rows[KNN], rows[ORACLE]
+        lines.append(f"| {alpha:g} | {router['quality']:.3f} ± {router['quality_std']:.3f} | "
+                     f"{router['flops'] / 1e9:.1f} | {router['calls']:.2f} | {knn['quality']:.3f} | "
+                     f"{knn['flops'] / 1e9:.1f} | {oracle['quality']:.3f} | {oracle['flops'] / 1e9:.1f} |")
+    return "\n".join(lines)
+
+
+def family_table(results: dict) -> str:
+    """Per task family at the default alpha: the router's most common final paths (over seeds and
+    questions) and each method's mean quality, from a route run's results.json."""
+    from jaxdistill.router.precompute import path_of
+
+    q = results["questions"]
+    names, families = q["expert_names"], np.asarray(q["families"])
+    singles = [f"single: {name}" for name in names]
+    lines = [f"| family | most common router paths | router | kNN | {' | '.join(names)} | oracle |",
+             "|---|---|" + "---:|" * (len(names) + 3)]
+    for family in sorted(set(q["families"])):
+        rows = families == family
+        nodes = np.asarray(q["node"][ROUTER])[:, rows].ravel()
+        counts = sorted(((int((nodes == m).sum()), m) for m in set(nodes.tolist())), reverse=True)[:2]
+        paths = [" → ".join(names[a] for a in path_of(int(m), len(names))) or "STOP at once" for _, m in counts]
+        common = "; ".join(f"{p} ({c}/{nodes.size})" for p, (c, _) in zip(paths, counts, strict=True))
+        quality = [np.asarray(q["quality"][m])[:, rows].mean() for m in (ROUTER, KNN, *singles, ORACLE)]
+        lines.append(f"| {family} | {common} | " + " | ".join(f"{x:.2f}" for x in quality) + " |")
     return "\n".join(lines)

@@ -25,11 +25,11 @@ from jaxdistill.errors import ConfigError
 from jaxdistill.rl import ppo
 from jaxdistill.router import env as env_lib
 from jaxdistill.router.evaluate import (
-    bootstrap_interval,
     compare,
     curves,
+    default_table,
     evaluate_all,
-    format_table,
+    family_table,
     frontier_auc,
     plot,
     summarize,
@@ -176,23 +176,9 @@ def _route(config, workdir: Path) -> dict:
     plot(method_curves, aucs, workdir / "cost_quality.png",
          f"{config.data.source} data, alpha sweep {', '.join(f'{a:g}' for a in alphas)}")
 
-    families = sorted(set(test_table.families))
-    summary = "\n".join([
-        f"# Router on {config.data.source} ({len(train_table.uids)} train / {len(test_table.uids)} test questions)",
-        "", f"experts: {', '.join(names)}; T_max {t_max}; knowledge transfer {config.knowledge_transfer}; "
-        f"alpha {e.alpha}, beta {e.beta}, gamma {e.gamma}, p0 {e.p0}; {seeds} seeds; cost unit "
-        f"{scale / 1e9:.2f} GFLOPs; task families: {', '.join(families) or '-'}", "",
-        f"At alpha {e.alpha} (episodes end on STOP or at T_max; no method but the oracle reads a test label):", "",
-        format_table(default), "", "Area under the cost-quality frontier (alpha sweep; budgets for round-robin and "
-        "self-correction):", "", *[f"- {m}: {aucs[m]:.3f}" for m in sorted(aucs, key=aucs.get, reverse=True)],
-        "", compare(default, method_curves, names, t_max), "",
-        f"Total time {time.perf_counter() - start:.0f}s; PPO {timing['ppo_steps']:,} steps in "
-        f"{timing['ppo_seconds']:.1f}s."])
-    runs.atomic_write_text(workdir / "summary.md", summary + "\n")
     results = {
         "alphas": alphas.tolist(), "default_alpha": e.alpha, "cost_scale": scale, **timing,
-        "per_alpha": [{m: {**summarize(o), "quality_ci": bootstrap_interval([x["quality"] for x in o])}
-                       for m, o in rows.items()} for rows in per_alpha],
+        "per_alpha": [{m: summarize(o) for m, o in rows.items()} for rows in per_alpha],
         "auc": aucs, "curves": method_curves,
         # per test question at the default alpha: what each method delivered and along which path
         "questions": {"uids": test_table.uids, "families": test_table.families, "expert_names": names,
@@ -200,6 +186,21 @@ def _route(config, workdir: Path) -> dict:
                       "quality": {m: [x["quality"].tolist() for x in o] for m, o in default.items()}},
         "commit": runs.source_commit(),
     }
+    families = sorted(set(test_table.families))
+    summary = "\n".join([
+        f"# Router on {config.data.source} ({len(train_table.uids)} train / {len(test_table.uids)} test questions)",
+        "", f"experts: {', '.join(names)}; T_max {t_max}; knowledge transfer {config.knowledge_transfer}; "
+        f"alpha {e.alpha}, beta {e.beta}, gamma {e.gamma}, p0 {e.p0}; {seeds} seeds; cost unit "
+        f"{scale / 1e9:.2f} GFLOPs; task families: {', '.join(families) or '-'}", "",
+        f"At alpha {e.alpha} (episodes end on STOP or at T_max; no method but the oracle reads a test label):", "",
+        default_table(results), "", "Per task family (router paths over seeds and questions):", "",
+        family_table(results), "",
+        "Area under the cost-quality frontier (alpha sweep; budgets for round-robin and "
+        "self-correction):", "", *[f"- {m}: {aucs[m]:.3f}" for m in sorted(aucs, key=aucs.get, reverse=True)],
+        "", compare(default, method_curves, names, t_max), "",
+        f"Total time {time.perf_counter() - start:.0f}s; PPO {timing['ppo_steps']:,} steps in "
+        f"{timing['ppo_seconds']:.1f}s."])
+    runs.atomic_write_text(workdir / "summary.md", summary + "\n")
     runs.atomic_write_text(workdir / "results.json", json.dumps(results, indent=1))
     updates = next(iter(history.values())).shape[-1]
     with runs.board(config, workdir) as board:
