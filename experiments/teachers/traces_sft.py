@@ -9,10 +9,14 @@
 2. Best-of-N sampling from the best single teacher (the fine-tuned one, temperature 0.7) on
    the same problems with the same tokens per problem; its correct samples are the second.
 3. Both sets are cut to the same number of examples (problem by problem, in order), written
-   as generic JSONL (`prompt`/`solution`/`answer`) next to the 64 held-out problems of the
-   self-distillation default (`eval.jsonl`).
-4. `python -m jaxdistill train --config.arm=sft` on each set over `--seeds`, evaluated on
-   those held-out problems; finished runs are skipped, so the script resumes.
+   as generic JSONL (`prompt`/`solution`/`answer`) under sets-s{seed}/, next to the 64 held-out
+   problems of the self-distillation default (`eval.jsonl`).
+4. `python -m jaxdistill train --config.arm=sft` on each set, evaluated on those held-out
+   problems; finished runs are skipped, so the script resumes.
+
+Steps 2-4 run once per seed of `--seeds`: each seed draws its own best-of-N samples (the search
+is greedy, so its traces are the same), cuts its own pair of sets and trains on them, so the
+spread over seeds includes the data's.
 
 Everything is written under `--workdir` (default runs/traces-sft); the table is printed and
 saved as summary.md.
@@ -31,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxdistill import runs
+from jaxdistill import runs, stats
 from jaxdistill.data.synthetic import SyntheticConfig, synthetic_records
 from jaxdistill.teachers import aggregate as agg_lib
 from jaxdistill.teachers import pruning, traces
@@ -58,7 +62,8 @@ def generic(record, solution: str) -> dict:
 
 
 def build_sets(config, problems, workdir: Path, min_confidence: float, seed: int) -> dict:
-    """Search and best-of-N on `problems`; writes search.jsonl and best_of_n.jsonl of equal length."""
+    """Search and best-of-N (seed `seed`) on `problems`; writes sets-s{seed}/search.jsonl and
+    best_of_n.jsonl of equal length. The search's trees are saved once, for every seed."""
     sc = dataclasses.replace(pruning.complete_search_config(config), min_confidence=min_confidence)
     (workdir / "search").mkdir(parents=True, exist_ok=True)
     fewshot = teachers_run.problems(config).fewshot
@@ -84,9 +89,10 @@ def build_sets(config, problems, workdir: Path, min_confidence: float, seed: int
     if n == 0:
         raise SystemExit(f"no gold examples to train on (search {len(search_lines)}, best-of-N {len(sample_lines)}): "
                          "search more problems (--problems) or lower --min-confidence.")
+    (workdir / f"sets-s{seed}").mkdir(exist_ok=True)
     for name, lines in (("search.jsonl", search_lines[:n]), ("best_of_n.jsonl", sample_lines[:n])):
-        runs.atomic_write_text(workdir / name, "".join(json.dumps(x) + "\n" for x in lines))
-    return {"examples": n, "search_gold": len(search_lines), "best_of_n_gold": len(sample_lines),
+        runs.atomic_write_text(workdir / f"sets-s{seed}" / name, "".join(json.dumps(x) + "\n" for x in lines))
+    return {"seed": seed, "examples": n, "search_gold": len(search_lines), "best_of_n_gold": len(sample_lines),
             "search_tokens": sum(f["tokens"] for f in found), "best_of_n_tokens": sum(r["tokens"] for r in sampled),
             "problems_with_search_gold": sum(bool(s) for s in search_sets),
             "problems_with_best_of_n_gold": sum(bool(s) for s in sample_sets)}
@@ -109,20 +115,20 @@ def main() -> None:
     d = config.data  # the self-distillation default's problems: one step, start <= 20, operand <= 12
     synthetic = SyntheticConfig(steps=d.steps, max_start=d.max_start, max_operand=d.max_operand)
     problems = synthetic_records(args.problems, d.seed, synthetic, "train")
-    sets = build_sets(config, problems, workdir, args.min_confidence, seed=0)
     held_out = synthetic_records(64, d.seed, synthetic, "test")  # the default's 64 held-out problems
     runs.atomic_write_text(workdir / "eval.jsonl", "".join(json.dumps(generic(r, r.solution)) + "\n"
                                                            for r in held_out))
-    print(f"{sets['examples']} examples per set (search found {sets['search_gold']} on "
-          f"{sets['problems_with_search_gold']} problems, best-of-N {sets['best_of_n_gold']} on "
-          f"{sets['problems_with_best_of_n_gold']})", flush=True)
-
-    results = {}
+    results, sets = {}, []
     for seed in [int(s) for s in args.seeds.split(",")]:  # seed by seed, so a stopped run compares evenly
+        sets.append(build_sets(config, problems, workdir, args.min_confidence, seed=seed))
+        print(f"seed {seed}: {sets[-1]['examples']} examples per set (search found {sets[-1]['search_gold']} on "
+              f"{sets[-1]['problems_with_search_gold']} problems, best-of-N {sets[-1]['best_of_n_gold']} on "
+              f"{sets[-1]['problems_with_best_of_n_gold']})", flush=True)
         for name in ("search", "best_of_n"):
             out = workdir / f"sft-{name}-s{seed}"
             if not (out / "summary.json").exists():
-                overrides = ["arm=sft", "data.source=jsonl", f"data.train_path={workdir / (name + '.jsonl')}",
+                train_path = workdir / f"sets-s{seed}" / f"{name}.jsonl"
+                overrides = ["arm=sft", "data.source=jsonl", f"data.train_path={train_path}",
                              f"data.eval_path={workdir / 'eval.jsonl'}", f"seed={seed}", f"workdir={out}",
                              "eval.before=False", *args.train]
                 command = [sys.executable, "-m", "jaxdistill", "train", f"--config={SELF_DISTILL}",
@@ -131,17 +137,33 @@ def main() -> None:
                 if subprocess.run(command).returncode:
                     raise SystemExit(f"the SFT run in {out} failed (its error is above); fix it and rerun: finished "
                                      "runs are kept.")
-            results.setdefault(name, []).append(json.loads((out / "summary.json").read_text())["eval"]["after"])
-
-    lines = [f"# SFT on search traces vs best-of-N samples ({sets['examples']} examples each)", "",
-             json.dumps(sets), "", "| training set | seeds | pCoT accuracy | pTeacher accuracy | length |",
-             "|---|---:|---:|---:|---:|"]
-    for name, rows in results.items():
-        stat = lambda k, rows=rows: f"{np.mean([r[k] for r in rows]):.3f} ± {np.std([r[k] for r in rows]):.3f}"  # noqa: E731
-        lines.append(f"| {name} | {len(rows)} | {stat('accuracy')} | {stat('accuracy_teacher')} | {stat('length')} |")
-    summary = "\n".join(lines) + "\n"
+            results.setdefault(name, []).append(json.loads((out / "summary.json").read_text()))
+    runs.atomic_write_text(workdir / "results.json", json.dumps({"sets": sets, "runs": {
+        name: [{"eval": r["eval"]["after"], "per_problem": r["per_problem"]["after"], "commit": r.get("commit")}
+               for r in rows] for name, rows in results.items()}}, indent=1))
+    summary = table(sets, results)
     runs.atomic_write_text(workdir / "summary.md", summary)
     print(summary)
+
+
+def table(sets: list[dict], results: dict[str, list[dict]]) -> str:
+    """Each training set's held-out accuracy over seeds (mean ± sample sd) and the paired difference
+    search minus best-of-N (bootstrap over seeds and the 64 problems)."""
+    examples = ", ".join(f"seed {s['seed']}: {s['examples']}" for s in sets)
+    lines = [f"# SFT on search traces vs best-of-N samples (examples per set: {examples})", "",
+             "| training set | seeds | pCoT accuracy | pTeacher accuracy | length |", "|---|---:|---:|---:|---:|"]
+    for name, rows in results.items():
+        def cell(key, rows=rows):
+            mean, sd = stats.mean_sd([r["eval"]["after"][key] for r in rows])
+            return f"{mean:.3f} ± {sd:.3f}"
+        lines.append(f"| {name} | {len(rows)} | {cell('accuracy')} | {cell('accuracy_teacher')} | {cell('length')} |")
+    correct = {name: np.asarray([r["per_problem"]["after"]["correct"] for r in rows], float)
+               for name, rows in results.items()}
+    d = stats.bootstrap(correct["search"], minus=correct["best_of_n"])
+    lines += ["", f"search minus best-of-N, pCoT accuracy: {d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] "
+              f"(paired 95% bootstrap over seeds and problems; smallest detectable difference "
+              f"{stats.detectable_difference(d['se']):.3f})"]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
