@@ -11,12 +11,16 @@ A generated table sits between two markers that name its generator and arguments
 
 Generators: `grid` (experiments/self_distill/grid.py's held-out table of one task, from
 docs/results/grid/ or records=DIR), `grid-compare` (each arm minus a baseline, paired, with the noise floor),
-`end-push` (experiments/self_distill/end_push.py's record=PATH), `teachers` (a teachers run's
+`end-push` and `hint-content` (experiments/self_distill/'s end_push.py and hint_content.py, record=PATH),
+`teachers` (a teachers run's
 results.json, record=PATH: every arm against the best single teacher and the oracle), `router`,
 `router-sweep` and `router-families` (a route run's results.json, record=PATH: the methods at the default
 alpha, the alpha sweep, per task family), `scale-compile` and
-`scale-lora` (scripts/scale_table.py, from docs/scale/compile/). A table typed from a run whose
-directory is gone says so in the doc and carries no marker.
+`scale-lora` (scripts/scale_table.py, from docs/scale/compile/). Every other table says what it is in
+a comment just above it (or above its code block): `<!-- transcript, records lost: ... -->` (typed from
+a run whose directory is gone), `<!-- transcript, benchmark output: ... -->` (a benchmark's printout,
+command beside it; benchmarks keep no record) or `<!-- transcript, reference: ... -->` (no
+measurements). `--check` also fails on a table with none of these, so a new typed table cannot slip in.
 """
 
 from __future__ import annotations
@@ -56,6 +60,9 @@ def generate(spec: str) -> str:
     if name == "end-push":
         end_push = _module(ROOT / "experiments/self_distill/end_push.py")
         return end_push.table(json.loads((ROOT / args["record"]).read_text()))
+    if name == "hint-content":
+        hint_content = _module(ROOT / "experiments/self_distill/hint_content.py")
+        return hint_content.table(json.loads((ROOT / args["record"]).read_text()))
     if name == "teachers":
         from jaxdistill.teachers.evaluate import comparison_table
 
@@ -70,7 +77,21 @@ def generate(spec: str) -> str:
         scale_table = _module(ROOT / "scripts/scale_table.py")
         return scale_table.compile_block() if name == "scale-compile" else scale_table.lora_block()
     raise SystemExit(f"unknown table generator {name!r} in a docs marker; known: grid, grid-compare, "
-                     "end-push, teachers, router, router-sweep, router-families, scale-compile, scale-lora")
+                     "end-push, hint-content, teachers, router, router-sweep, router-families, scale-compile, "
+                     "scale-lora")
+
+
+def unmarked_tables(text: str) -> list[int]:
+    """Line numbers (1-based) of tables neither generated nor marked as a transcript within the
+    12 lines above them."""
+    lines, inside, found = text.splitlines(), False, []
+    for i, line in enumerate(lines):
+        inside = (inside or line.startswith("<!-- table:")) and not line.startswith("<!-- /table")
+        is_table = line.startswith("|") and i + 1 < len(lines) and re.match(r"\|\s*:?-{3}", lines[i + 1])
+        if is_table and not inside and not any(above.startswith(("<!-- transcript", "<!-- table:"))
+                                               for above in lines[max(0, i - 12):i]):
+            found.append(i + 1)
+    return found
 
 
 def regenerate(text: str) -> tuple[str, list[tuple[str, str, str]]]:
@@ -103,8 +124,13 @@ def main(argv: list[str] | None = None) -> int:
                                                        "records", n=0))
         if changed and not args.check:
             doc.write_text(new)
+        for line in unmarked_tables(text):
+            stale += 1
+            print(f"{doc.relative_to(ROOT) if doc.is_relative_to(ROOT) else doc}:{line}: a table neither generated "
+                  "from records (<!-- table: ... -->) nor marked as a transcript (<!-- transcript, ...: why -->)")
     if args.check and stale:
-        print(f"{stale} table(s) out of date: run `python scripts/docs_tables.py` and commit the docs.")
+        print(f"{stale} table(s) out of date or unmarked: run `python scripts/docs_tables.py` and commit the docs, "
+              "or mark a typed table as a transcript.")
         return 1
     print(f"{'checked' if args.check else 'rewrote'} the tables of {len(args.docs)} docs; "
           f"{stale} {'differ' if args.check else 'changed'}.")

@@ -65,6 +65,12 @@ def test_docs_tables_equal_their_records_and_a_changed_cell_is_caught(tmp_path, 
     assert docs_tables.main(["--check", str(doc)]) == 1
     assert "lora-base seeds=0,1,2` differs from its records" in capsys.readouterr().out
     assert docs_tables.main([str(doc)]) == 0 and doc.read_text() == text  # rewriting restores it
+    # a typed table that is neither generated nor marked as a transcript fails the check
+    doc.write_text(text + "\nNew numbers:\n\n| arm | accuracy |\n|---|---:|\n| blend | 0.9 |\n")
+    assert docs_tables.main(["--check", str(doc)]) == 1
+    assert f"results.md:{len(text.splitlines()) + 4}: a table neither generated" in capsys.readouterr().out
+    doc.write_text(text + "\n<!-- transcript, records lost: a test -->\n| arm | accuracy |\n|---|---:|\n")
+    assert docs_tables.main(["--check", str(doc)]) == 0
 
 
 def test_grid_records_pair_per_problem_outcomes_and_name_their_commit(tmp_path):

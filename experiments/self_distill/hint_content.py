@@ -53,6 +53,19 @@ def kl(p_log, q_log):
     return (np.exp(p_log) * (p_log - q_log)).sum(-1)
 
 
+def table(result: dict) -> str:
+    """The per-token table of docs/results.md from a --out record."""
+    p_end = result["p_end"]
+    cell = lambda x: f"{x:.3f}".replace("-", "−")  # noqa: E731  (the docs' minus sign)
+    return "\n".join([
+        "| per generated token | right hint | wrong hint |", "|---|---:|---:|",
+        f"| KL(teacher ‖ student) | {cell(result['kl_right_student'])} | {cell(result['kl_wrong_student'])} |",
+        f"| change in log p of the sampled token, mean | {cell(result['mean_shift_right'])} | "
+        f"{cell(result['mean_shift_wrong'])} |",
+        f"| p(end of turn) where the sample ends (student: {cell(p_end['student'])}) | {cell(p_end['right'])} | "
+        f"{cell(p_end['wrong'])} |"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--problems", type=int, default=64)
