@@ -106,6 +106,23 @@ def test_ppo_learns_to_expand_only_where_the_wrong_direction_pays():
     assert history["episode_return"][-1] > history["episode_return"][0]
 
 
+def test_best_of_n_replayed_at_exact_tokens_with_the_search_pruner():
+    from jaxdistill.teachers.traces import matched_best_of_n
+
+    row = {"gold_texts": ["x = 4\n#### 4", "x = 4 \n#### 4", "y\n#### 4"], "samples": [
+        {"tokens": 4, "correct": True, "top_p": [0.9, 0.9, 0.9, 0.9]},
+        {"tokens": 4, "correct": False, "top_p": [0.9, 0.1, 0.1, 0.1]},  # running mean 0.5 after 2 tokens
+        {"tokens": 3, "correct": True, "top_p": [0.9, 0.8, 0.9]},  # the same text as the first, spacing aside
+        {"tokens": 5, "correct": True, "top_p": [0.2, 0.9, 0.9, 0.9, 0.9]},  # below 0.6 at its first token
+    ]}
+    assert matched_best_of_n(row, 100) == {"gold": 3, "distinct": 2, "tokens": 16}  # samples ran out
+    assert matched_best_of_n(row, 12) == {"gold": 2, "distinct": 1, "tokens": 12}  # the 4th crosses: cut, not gold
+    assert matched_best_of_n(row, 14) == {"gold": 2, "distinct": 1, "tokens": 14}
+    # the pruner stops the 2nd sample after 2 tokens and the 4th after 1; they are not gold
+    assert matched_best_of_n(row, 100, min_confidence=0.6) == {"gold": 2, "distinct": 1, "tokens": 4 + 2 + 3 + 1}
+    assert matched_best_of_n(row, 8, min_confidence=0.6) == {"gold": 1, "distinct": 1, "tokens": 8}
+
+
 def test_prune_command_records_trees_trains_and_resumes_without_searching_again(tmp_path, tiny_chat_model):
     """On a tiny random model with SmolLM2's tokenizer: what the command records, trains and
     reuses, not what the model knows (docs/teachers.md has the measured runs)."""
@@ -133,6 +150,11 @@ def test_prune_command_records_trees_trains_and_resumes_without_searching_again(
     assert all(r["tokens"] >= full["tokens"] for r in result["best_of_n"]["seeds"])
     assert result["heuristic"][0]["tokens"] == full["tokens"] and result["heuristic"][0]["gold"] == full["gold"]
     assert "| PPO, alpha 5, seed 1 |" in (tmp_path / "summary.md").read_text()
+    for row in result["matched_best_of_n"]:  # best-of-N at exactly the pruned search's tokens, every seed
+        assert row["best_of_n"]["tokens"] == [row["tokens"]] * 2  # the pruned samples may run out before it
+        assert all(t <= row["tokens"] for t in row["best_of_n_filtered"]["tokens"])
+        assert all(d <= g for d, g in zip(row["best_of_n"]["distinct"], row["best_of_n"]["gold"], strict=True))
+    assert "Search vs best-of-N from" in (tmp_path / "summary.md").read_text()
     assert (tmp_path / "pruning.png").stat().st_size > 10_000
     board = read_board(tmp_path)  # PPO curves per (price, seed), the summary and the plot
     updates = 2048 // (8 * 8)

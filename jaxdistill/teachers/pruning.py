@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxdistill import runs, settings
+from jaxdistill import runs, settings, stats
 from jaxdistill.errors import ConfigError
 from jaxdistill.rl import ppo
 from jaxdistill.teachers import aggregate as agg_lib
@@ -123,7 +123,33 @@ def best_of_n_baseline(config, workdir: Path, problems, held_out: list[dict]) ->
             for s in range(c.seeds)]
     per_seed = [{"gold": sum(r["gold"] for r in seed_rows), "tokens": sum(r["tokens"] for r in seed_rows),
                  "solved": sum(r["gold"] > 0 for r in seed_rows)} for seed_rows in rows]
-    return {"teacher": teacher["name"], "temperature": config.search.baseline_temperature, "seeds": per_seed}
+    return {"teacher": teacher["name"], "temperature": config.search.baseline_temperature, "seeds": per_seed,
+            "rows": rows}
+
+
+def matched_comparison(test, tuned: list[dict], rows: list[list[dict]]) -> list[dict]:
+    """Per price: the confidence pruner at its threshold chosen on the training trees, replayed on
+    the held-out trees, against best-of-N given exactly the search's tokens on each problem, plain
+    and with the same confidence pruner on its samples (`traces.matched_best_of_n`). Problems
+    solved (a gold trace found) are compared problem by problem, paired over best-of-N's seeds."""
+    out = []
+    for h in tuned:
+        replayed = replay(test, confidence_pruner(h["threshold"]))
+        gold, tokens = np.asarray(replayed["gold"]), np.asarray(replayed["tokens"]).astype(int)
+        row = {"alpha": h["alpha"], "threshold": h["threshold"], "tokens": int(tokens.sum()), "problems": len(gold),
+               "search": {"gold": int(gold.sum()), "solved": int((gold > 0).sum())}}
+        solved = np.broadcast_to(gold > 0, (len(rows), len(gold))).astype(float)
+        for name, threshold in (("best_of_n", 0.0), ("best_of_n_filtered", h["threshold"])):
+            matched = [[traces.matched_best_of_n(r, int(t), threshold) for r, t in zip(seed_rows, tokens, strict=True)]
+                       for seed_rows in rows]
+            theirs = np.asarray([[m["gold"] > 0 for m in seed] for seed in matched], float)
+            row[name] = {"gold": [sum(m["gold"] for m in seed) for seed in matched],
+                         "distinct": [sum(m["distinct"] for m in seed) for seed in matched],
+                         "solved": theirs.sum(axis=1).astype(int).tolist(),
+                         "tokens": [sum(m["tokens"] for m in seed) for seed in matched],
+                         "search_minus_solved": stats.bootstrap(solved, minus=theirs)}
+        out.append(row)
+    return out
 
 
 def _run(config, workdir: Path) -> dict:
@@ -182,6 +208,7 @@ def _run(config, workdir: Path) -> dict:
     result["best_of_n"] = baseline
     result["equal_tokens"] = equal_token_comparison(learned, heuristic, c.seeds)
     result["tuned_heuristic"] = tuned
+    result["matched_best_of_n"] = matched_comparison(test, tuned, result["best_of_n"].pop("rows"))
     result["commit"] = runs.source_commit()
     plot(result, workdir / "pruning.png")
     summary = format_summary(result, config, time.perf_counter() - begin)
@@ -213,9 +240,9 @@ def equal_token_comparison(learned: list[dict], heuristic: list[dict], seeds: in
         gains = [r["gold"] - heuristic_gold_at(heuristic, r["tokens"]) for r in runs_]
         rows.append({"alpha": alpha, "tokens": float(np.mean([r["tokens"] for r in runs_])),
                      "gold": float(np.mean([r["gold"] for r in runs_])),
-                     "gold_std": float(np.std([r["gold"] for r in runs_])),
+                     "gold_std": stats.mean_sd([r["gold"] for r in runs_])[1],
                      "heuristic_gold": float(np.mean([heuristic_gold_at(heuristic, r["tokens"]) for r in runs_])),
-                     "gain": float(np.mean(gains)), "gain_std": float(np.std(gains)), "seeds": len(runs_)})
+                     "gain": float(np.mean(gains)), "gain_std": stats.mean_sd(gains)[1], "seeds": len(runs_)})
     return rows
 
 
@@ -234,7 +261,7 @@ def plot(result: dict, path: Path) -> None:
         ax.scatter([r["tokens"]], [r["gold"]], marker="s", label=name)
     b = result["best_of_n"]
     gold = [r["gold"] for r in b["seeds"]]
-    ax.errorbar([np.mean([r["tokens"] for r in b["seeds"]])], [np.mean(gold)], yerr=[np.std(gold)], fmt="D",
+    ax.errorbar([np.mean([r["tokens"] for r in b["seeds"]])], [np.mean(gold)], yerr=[stats.mean_sd(gold)[1]], fmt="D",
                 color="tab:red", label=f"best-of-N from {b['teacher']} (mean ± std over seeds)")
     ax.set_xlabel(f"generated tokens over {result['test_problems']} held-out problems")
     ax.set_ylabel("gold traces found")
@@ -243,6 +270,31 @@ def plot(result: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def matched_table(result: dict) -> str:
+    """The search against best-of-N at exactly its tokens per problem (`matched_comparison`)."""
+    b = result["best_of_n"]
+
+    def spread(values):
+        mean, sd = stats.mean_sd(values)
+        return f"{mean:.1f} ± {sd:.1f}" if len(values) > 1 else f"{mean:.1f}"
+
+    lines = [f"Search vs best-of-N from {b['teacher']} at exactly the search's tokens on each held-out problem, the "
+             "pruner's threshold chosen on the training trees (per price); best-of-N plain and with the same pruner "
+             f"on its samples (which may run out of samples below the tokens: then its tokens are in brackets); mean ± "
+             f"sd over {len(b['seeds'])} seeds; gold (distinct texts) / solved:", "",
+             "| price | threshold | tokens | search gold / solved | best-of-N | best-of-N, pruned | "
+             "search − pruned best-of-N, solved [95%] |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in result["matched_best_of_n"]:
+        cells = [f"{spread(r[n]['gold'])} ({spread(r[n]['distinct'])}) / {spread(r[n]['solved'])}"
+                 + (f" [{np.mean(r[n]['tokens']):.0f} tokens]" if min(r[n]["tokens"]) < r["tokens"] else "")
+                 for n in ("best_of_n", "best_of_n_filtered")]
+        d, problems = r["best_of_n_filtered"]["search_minus_solved"], r["problems"]  # per problem -> problems
+        lines.append(f"| {r['alpha']:g} | {r['threshold']:.2f} | {r['tokens']} | {r['search']['gold']} / "
+                     f"{r['search']['solved']} | {cells[0]} | {cells[1]} | "
+                     f"{problems * d['mean']:+.1f} [{problems * d['low']:+.1f}, {problems * d['high']:+.1f}] |")
+    return "\n".join(lines)
 
 
 def format_summary(result: dict, config, seconds: float) -> str:
@@ -273,9 +325,9 @@ def format_summary(result: dict, config, seconds: float) -> str:
     for h in result["tuned_heuristic"]:
         mine = [r for r in result["learned"] if r["alpha"] == h["alpha"]]
         returns = [r["gold"] - h["alpha"] * r["tokens"] / 1000 for r in mine]
-        lines.append(f"| {h['alpha']:g} | {np.mean(returns):.1f} ± {np.std(returns):.1f} | "
+        lines.append(f"| {h['alpha']:g} | {np.mean(returns):.1f} ± {stats.mean_sd(returns)[1]:.1f} | "
                      f"{np.mean([r['gold'] for r in mine]):.1f} / {np.mean([r['tokens'] for r in mine]):.0f} | "
                      f"{h['threshold']:.2f} | {h['gold'] - h['alpha'] * h['tokens'] / 1000:.1f} | "
                      f"{h['gold']:.0f} / {h['tokens']:.0f} |")
-    lines += ["", f"Total time {seconds:.0f} s. Plot: pruning.png."]
+    lines += ["", matched_table(result), "", f"Total time {seconds:.0f} s. Plot: pruning.png."]
     return "\n".join(lines) + "\n"

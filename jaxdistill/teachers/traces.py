@@ -67,27 +67,60 @@ def run_search(config, stack, problems, workdir: Path, teacher, fewshot) -> dict
 def best_of_n(teacher, problems, budgets: list[int], seed: int, temperature: float, max_new_tokens: int,
               path: Path) -> list[dict]:
     """Independent samples (4 per call) from one teacher until each problem has used its token budget;
-    per problem the gold traces (count and texts), tokens and draws. Saved to `path`; read back if it holds
+    per problem the gold traces (count and texts), tokens, draws and, per sample in draw order, its
+    tokens, whether it is right and the teacher's top probability at each token (what the search's
+    confidence pruner reads; `matched_best_of_n` replays them). Saved to `path`; read back if it holds
     these problems. `teacher()` returns the one-teacher stack; it is called only when sampling is needed,
     so a rerun with every file saved loads no model."""
     if not path.exists() or [r["uid"] for r in json.loads(path.read_text())] != [r.uid for r in problems]:
         alone = teacher()
         sample, rows = sampling.Sample(temperature=temperature), []
         for record, budget in zip(problems, budgets, strict=True):
-            gold, tokens, draws, k = [], 0, 0, 0
+            gold, samples, tokens, k = [], [], 0, 0
             while tokens < budget:
-                out = alone.run([record] * 4, rule=sample, max_new_tokens=max_new_tokens, seed=seed * 1000 + k)
+                out = alone.run([record] * 4, rule=sample, max_new_tokens=max_new_tokens, seed=seed * 1000 + k,
+                                record_top=1)
                 k += 1
-                for text, mask in zip(out.texts, out.mask, strict=True):
+                top = np.exp(out.top_logprobs[..., 0])
+                for text, mask, p in zip(out.texts, out.mask, top, strict=True):
                     if tokens >= budget:
                         break
                     tokens += int(mask.sum())
-                    draws += 1
-                    if answer_matches(text, record.answer):
+                    correct = answer_matches(text, record.answer)
+                    samples.append({"tokens": int(mask.sum()), "correct": correct,
+                                    "top_p": np.round(p[mask], 4).tolist()})
+                    if correct:
                         gold.append(text)
-            rows.append({"uid": record.uid, "gold": len(gold), "gold_texts": gold, "tokens": tokens, "draws": draws})
+            rows.append({"uid": record.uid, "gold": len(gold), "gold_texts": gold, "tokens": tokens,
+                         "draws": len(samples), "samples": samples})
         runs.atomic_write_text(path, json.dumps(rows))
     return json.loads(path.read_text())
+
+
+def matched_best_of_n(row: dict, budget: int, min_confidence: float = 0.0) -> dict:
+    """Best-of-N on one problem replayed at exactly `budget` generated tokens, with the search's
+    confidence pruner applied to its samples: a sample stops at the first token where its mean top
+    probability so far falls below `min_confidence` (and is not gold). The sample that crosses the
+    budget is cut there and is not gold either. Returns gold, distinct gold texts (among the gold
+    samples that finished, by their text) and tokens (= budget while samples last)."""
+    spent, gold, texts = 0, 0, set()
+    golds = iter(row["gold_texts"])
+    for s in row["samples"]:
+        if spent >= budget:
+            break
+        p = np.asarray(s["top_p"], np.float64)
+        running = np.cumsum(p) / np.arange(1, len(p) + 1)
+        below = np.flatnonzero(running < min_confidence)
+        length = int(below[0]) + 1 if below.size else s["tokens"]
+        text = next(golds) if s["correct"] else None
+        if spent + length > budget:
+            spent = budget
+            break
+        spent += length
+        if s["correct"] and not below.size:
+            gold += 1
+            texts.add(" ".join(text.split()))
+    return {"gold": gold, "distinct": len(texts), "tokens": spent}
 
 
 def search_saved(stack, record, sc: search_lib.SearchConfig, rule, top_k: int, path: Path) -> dict:
