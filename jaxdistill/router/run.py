@@ -157,6 +157,7 @@ def run(config) -> dict:
 
 def _route(config, workdir: Path) -> dict:
     start = time.perf_counter()
+    commit = runs.source_commit()  # the code this run loads, before anything can change it
     train_table, test_table = build_table(config, workdir)
     scale = env_lib.cost_scale(train_table, config.env.cost_scale)
     stats = env_lib.feature_stats(train_table)
@@ -184,7 +185,7 @@ def _route(config, workdir: Path) -> dict:
         "questions": {"uids": test_table.uids, "families": test_table.families, "expert_names": names,
                       "t_max": t_max, "node": {m: [x["node"].tolist() for x in o] for m, o in default.items()},
                       "quality": {m: [x["quality"].tolist() for x in o] for m, o in default.items()}},
-        "commit": runs.source_commit(),
+        "commit": commit,
     }
     families = sorted(set(test_table.families))
     summary = "\n".join([

@@ -154,6 +154,7 @@ def matched_comparison(test, tuned: list[dict], rows: list[list[dict]]) -> list[
 
 def _run(config, workdir: Path) -> dict:
     begin = time.perf_counter()
+    commit = runs.source_commit()  # the code this run loads, before anything can change it
     c = config.pruning
     problems, found = record(config, workdir)
     sc = complete_search_config(config)
@@ -209,7 +210,7 @@ def _run(config, workdir: Path) -> dict:
     result["equal_tokens"] = equal_token_comparison(learned, heuristic, c.seeds)
     result["tuned_heuristic"] = tuned
     result["matched_best_of_n"] = matched_comparison(test, tuned, result["best_of_n"].pop("rows"))
-    result["commit"] = runs.source_commit()
+    result["commit"] = commit
     plot(result, workdir / "pruning.png")
     summary = format_summary(result, config, time.perf_counter() - begin)
     runs.atomic_write_text(workdir / "results.json", json.dumps(result, indent=1))

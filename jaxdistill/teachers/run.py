@@ -131,6 +131,7 @@ def run(config) -> dict:
 
 def _run(config, workdir: Path) -> dict:
     start = time.perf_counter()
+    commit = runs.source_commit()  # the code this run loads, before anything can change it
     test, train, search_problems, fewshot = problems(config, search=config.search.problems)
     # Models load on first use: a rerun whose arms, search and diversity are all saved loads none.
     loaded_stack = functools.cache(lambda: load_stack(config, fewshot))
@@ -227,7 +228,7 @@ def _run(config, workdir: Path) -> dict:
            "teachers": names, "best_single": names[best], "excluded_pivot_tokens": excluded,
            "train_accuracy": {names[i]: train_accuracy[i].tolist() for i in range(len(teachers))},
            "diversity": {k: np.asarray(v).tolist() for k, v in diversity.items()},
-           "search": searched, "commit": runs.source_commit()}
+           "search": searched, "commit": commit}
     summary = format_summary(config, config.pivot or teachers[0].model, results, diversity, names, best, excluded,
                              time.perf_counter() - start)
     summary = summary.replace("\nTotal time", "\n" + comparison_table(out) + "\n\nTotal time")
