@@ -110,6 +110,7 @@ def main() -> None:
     parser.add_argument("--train", action="append", default=[], help="extra override for every SFT run")
     args = parser.parse_args()
     workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
     config = load_config(args.finetuned, args.max_new_tokens, args.branch_entropy)
     pruning.validate(config)
     d = config.data  # the self-distillation default's problems: one step, start <= 20, operand <= 12
