@@ -18,6 +18,7 @@ from jaxdistill.router import baselines
 from jaxdistill.router import env as env_lib
 
 FIELDS = ("quality", "calls", "flops", "return")
+ROUTER, KNN, ORACLE = "router (PPO)", "kNN router", "oracle path (reads test labels)"  # method rows
 
 
 def summarize(outcomes: list[dict[str, np.ndarray]]) -> dict:
@@ -71,15 +72,15 @@ def evaluate_all(config, train_env, test_env, train_table, test_table, rewards, 
     for a, alpha in enumerate(alphas):
         r = rewards.replace(alpha=float(alpha))
         rows: dict[str, list[dict]] = {}
-        rows["router (PPO)"] = [run(test_env, r, ppo.greedy_policy(graphdef, ppo.select(params, a, s)))
+        rows[ROUTER] = [run(test_env, r, ppo.greedy_policy(graphdef, ppo.select(params, a, s)))
                                 for s in range(seeds)]
         train_plans, test_plans = baselines.plan_outcomes(train_env, r), baselines.plan_outcomes(test_env, r)
         knn = baselines.knn_choice(train_table.question_emb, train_plans, test_table.question_emb, config.knn_k,
                                    float(alpha))
-        rows["kNN router"] = [run(test_env, r, baselines.plan_policy(all_plans, knn))]
-        rows["oracle path (reads test labels)"] = [run(test_env, r, baselines.plan_policy(
+        rows[KNN] = [run(test_env, r, baselines.plan_policy(all_plans, knn))]
+        rows[ORACLE] = [run(test_env, r, baselines.plan_policy(
             all_plans, baselines.oracle_choice(test_plans, float(alpha))))]
-        router_calls = float(np.mean([o["calls"].mean() for o in rows["router (PPO)"]]))
+        router_calls = float(np.mean([o["calls"].mean() for o in rows[ROUTER]]))
         stop = baselines.stop_probability_for(router_calls, t_max)
         rows["random (router's mean calls)"] = [run(test_env, r, baselines.random_policy(n, stop),
                                                     jax.random.fold_in(key, s)) for s in range(seeds)]
@@ -108,7 +109,7 @@ def point(outcomes) -> tuple[float, float]:
 def curves(per_alpha, t_max: int, names: list[str]) -> dict[str, list[tuple[float, float]]]:
     """Each method's (mean FLOPs, mean quality) points: over alphas for the router, kNN, the oracle
     and matched random; over budgets for round-robin and self-correction; single points for the rest."""
-    learned = ("router (PPO)", "kNN router", "oracle path (reads test labels)", "random (router's mean calls)")
+    learned = (ROUTER, KNN, ORACLE, "random (router's mean calls)")
     out = {m: [point(rows[m]) for rows in per_alpha] for m in learned}
     first = per_alpha[0]
     for name in names:
@@ -162,11 +163,11 @@ def format_table(summaries: dict[str, dict]) -> str:
 def compare(rows: dict[str, list[dict]], method_curves, names: list[str], t_max: int) -> str:
     """The router against the strongest baselines at the default alpha, paired over questions, and
     at equal cost on the frontier."""
-    router = np.mean([o["quality"] for o in rows["router (PPO)"]], axis=0)
-    router_cost = summarize(rows["router (PPO)"])["flops"]
+    router = np.mean([o["quality"] for o in rows[ROUTER]], axis=0)
+    router_cost = summarize(rows[ROUTER])["flops"]
     quality = lambda m: summarize(rows[m])["quality"]  # noqa: E731
     best_single = max((f"single: {n}" for n in names), key=quality)
-    candidates = [best_single, "kNN router"]
+    candidates = [best_single, KNN]
     if t_max >= 2:
         candidates.append(max((f"self-correction: {n} x{b}" for n in names for b in range(2, t_max + 1)),
                               key=quality))
@@ -179,7 +180,7 @@ def compare(rows: dict[str, list[dict]], method_curves, names: list[str], t_max:
         low, high = bootstrap_interval(router - other)
         word = "better" if low > 0 else ("worse" if high < 0 else "no significant difference")
         cost = summarize(rows[method])["flops"]
-        affordable = [q for c, q in method_curves["router (PPO)"] if c <= cost * 1.0001]
+        affordable = [q for c, q in method_curves[ROUTER] if c <= cost * 1.0001]
         frontier = (f"router's best at <= {cost / 1e9:.1f} GFLOPs: {max(affordable):.3f}" if affordable
                     else f"no router point at <= {cost / 1e9:.1f} GFLOPs")
         lines.append(f"- vs {method}: {router.mean() - other.mean():+.3f} [{low:+.3f}, {high:+.3f}] -> {word} "
@@ -187,8 +188,6 @@ def compare(rows: dict[str, list[dict]], method_curves, names: list[str], t_max:
                      f"{other.mean():.3f})")
     return "\n".join(lines)
 
-
-ROUTER, KNN, ORACLE = "router (PPO)", "kNN router", "oracle path (reads test labels)"
 
 
 def default_table(results: dict) -> str:
