@@ -15,7 +15,10 @@ docs/results/grid/ or records=DIR), `grid-compare` (each arm minus a baseline, p
 `teachers` (a teachers run's
 results.json, record=PATH: every arm against the best single teacher and the oracle), `router`,
 `router-sweep` and `router-families` (a route run's results.json, record=PATH: the methods at the default
-alpha, the alpha sweep, per task family), `scale-compile` and
+alpha, the alpha sweep, per task family), `pruning` (a prune run's results.json, record=PATH,
+part=held-out|return|matched: the methods on the held-out trees, return per price, the search against
+best-of-N at matched tokens), `traces-sft` (experiments/teachers/traces_sft.py's results.json,
+record=PATH), `scale-compile` and
 `scale-lora` (scripts/scale_table.py, from docs/scale/compile/). Every other table says what it is in
 a comment just above it (or above its code block): `<!-- transcript, records lost: ... -->` (typed from
 a run whose directory is gone), `<!-- transcript, benchmark output: ... -->` (a benchmark's printout,
@@ -73,11 +76,21 @@ def generate(spec: str) -> str:
         render = {"router": router_eval.default_table, "router-sweep": router_eval.sweep_table,
                   "router-families": router_eval.family_table}[name]
         return render(json.loads((ROOT / args["record"]).read_text()))
+    if name == "pruning":
+        from jaxdistill.teachers import pruning
+
+        render = {"held-out": pruning.held_out_table, "return": pruning.return_table,
+                  "matched": pruning.matched_table}[args["part"]]
+        return render(json.loads((ROOT / args["record"]).read_text()))
+    if name == "traces-sft":
+        traces_sft = _module(ROOT / "experiments/teachers/traces_sft.py")
+        return traces_sft.table(json.loads((ROOT / args["record"]).read_text()))
     if name in ("scale-compile", "scale-lora"):
         scale_table = _module(ROOT / "scripts/scale_table.py")
         return scale_table.compile_block() if name == "scale-compile" else scale_table.lora_block()
     raise SystemExit(f"unknown table generator {name!r} in a docs marker; known: grid, grid-compare, "
-                     "end-push, hint-content, teachers, router, router-sweep, router-families, scale-compile, "
+                     "end-push, hint-content, teachers, router, router-sweep, router-families, pruning, traces-sft, "
+                     "scale-compile, "
                      "scale-lora")
 
 

@@ -155,6 +155,19 @@ def test_prune_command_records_trees_trains_and_resumes_without_searching_again(
         assert all(t <= row["tokens"] for t in row["best_of_n_filtered"]["tokens"])
         assert all(d <= g for d, g in zip(row["best_of_n"]["distinct"], row["best_of_n"]["gold"], strict=True))
     assert "Search vs best-of-N from" in (tmp_path / "summary.md").read_text()
+    # docs/teachers.md's tables come from results.json alone (scripts/docs_tables.py pruning)
+    sys.path.insert(0, str(root / "scripts"))
+    import docs_tables
+
+    record = f"record={tmp_path / 'results.json'}"
+    held_out = docs_tables.generate(f"pruning part=held-out {record}")
+    ppo = [r["gold"] for r in result["learned"] if r["alpha"] == 5.0]
+    assert f"| PPO pruner, price 5 (2 seeds) | {np.mean(ppo):,.1f} ± {np.std(ppo, ddof=1):.1f} |" in held_out
+    tuned = result["tuned_heuristic"][1]
+    assert (f"| confidence pruner at {tuned['threshold']:.2f} (chosen on the training trees at price 5) | "
+            f"{tuned['gold']:,.1f} | {tuned['tokens']:,.0f} |") in held_out
+    for part in ("return", "matched"):
+        assert docs_tables.generate(f"pruning part={part} {record}") in (tmp_path / "summary.md").read_text()
     assert (tmp_path / "pruning.png").stat().st_size > 10_000
     board = read_board(tmp_path)  # PPO curves per (price, seed), the summary and the plot
     updates = 2048 // (8 * 8)

@@ -117,3 +117,22 @@ def test_mcnemar_and_the_teachers_table_compare_arms_problem_by_problem():
     rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in comparison_table(record).splitlines()
             if line.startswith("| ") and "---" not in line}
     assert rows["alone: b"][3].startswith(f"{right['b'].mean() - right['a'].mean():+.3f}") and rows["alone: b"][5] == ""
+
+
+def test_traces_sft_table_comes_from_its_record_with_seed_spreads_and_the_paired_gap(tmp_path):
+    """experiments/teachers/traces_sft.py's results.json alone gives its docs table (generator traces-sft)."""
+    rng = np.random.default_rng(2)
+    correct = {"search": rng.random((3, 64)) < 0.5, "best_of_n": rng.random((3, 64)) < 0.4}
+    record = {"sets": [{"seed": s, "examples": 42, "search_gold": 42, "problems_with_search_gold": 19,
+                        "best_of_n_gold": 44, "problems_with_best_of_n_gold": 21} for s in range(3)],
+              "runs": {name: [{"seed": s, "commit": "abc", "per_problem": {"correct": c[s].tolist()},
+                               "eval": {"accuracy": float(c[s].mean()), "accuracy_teacher": 0.9, "length": 20.0}}
+                              for s in range(3)] for name, c in correct.items()}}
+    (tmp_path / "results.json").write_text(json.dumps(record))
+    table = docs_tables.generate(f"traces-sft record={tmp_path / 'results.json'}")
+    accuracy = correct["search"].mean(axis=1)
+    mean, sd = accuracy.mean(), accuracy.std(ddof=1)
+    seeds = ", ".join(f"{a:.3f}" for a in accuracy)
+    assert f"| search | 3 | {mean:.3f} ± {sd:.3f} ({seeds}) | 0.900 ± 0.000 (" in table
+    gap = (correct["search"].astype(float) - correct["best_of_n"]).mean()
+    assert f"search minus best-of-N, pCoT accuracy: {gap:+.3f} [" in table and "3 seed(s) and 64 problems" in table

@@ -139,31 +139,38 @@ def main() -> None:
                     raise SystemExit(f"the SFT run in {out} failed (its error is above); fix it and rerun: finished "
                                      "runs are kept.")
             results.setdefault(name, []).append(json.loads((out / "summary.json").read_text()))
-    runs.atomic_write_text(workdir / "results.json", json.dumps({"sets": sets, "runs": {
-        name: [{"eval": r["eval"]["after"], "per_problem": r["per_problem"]["after"], "commit": r.get("commit")}
-               for r in rows] for name, rows in results.items()}}, indent=1))
-    summary = table(sets, results)
+    record = {"sets": sets, "runs": {
+        name: [{"seed": s["seed"], "eval": r["eval"]["after"], "per_problem": r["per_problem"]["after"],
+                "commit": r.get("commit")} for s, r in zip(sets, rows, strict=True)]
+        for name, rows in results.items()}}
+    runs.atomic_write_text(workdir / "results.json", json.dumps(record, indent=1))
+    summary = table(record)
     runs.atomic_write_text(workdir / "summary.md", summary)
     print(summary)
 
 
-def table(sets: list[dict], results: dict[str, list[dict]]) -> str:
-    """Each training set's held-out accuracy over seeds (mean ± sample sd) and the paired difference
-    search minus best-of-N (bootstrap over seeds and the 64 problems)."""
+def table(record: dict) -> str:
+    """Each training set's held-out accuracy over seeds (mean ± sample sd, seed values in brackets) and
+    the paired difference search minus best-of-N (bootstrap over seeds and the held-out problems), from
+    results.json alone: the summary and docs/teachers.md's table (`scripts/docs_tables.py traces-sft`)."""
+    sets, results = record["sets"], record["runs"]
     examples = ", ".join(f"seed {s['seed']}: {s['examples']}" for s in sets)
-    lines = [f"# SFT on search traces vs best-of-N samples (examples per set: {examples})", "",
+    found = ", ".join(f"seed {s['seed']}: {s['search_gold']} on {s['problems_with_search_gold']} / "
+                      f"{s['best_of_n_gold']} on {s['problems_with_best_of_n_gold']}" for s in sets)
+    lines = [f"Examples per set: {examples}. Gold found (search / best-of-N, examples on problems): {found}.", "",
              "| training set | seeds | pCoT accuracy | pTeacher accuracy | length |", "|---|---:|---:|---:|---:|"]
     for name, rows in results.items():
-        def cell(key, rows=rows):
-            mean, sd = stats.mean_sd([r["eval"]["after"][key] for r in rows])
-            return f"{mean:.3f} ± {sd:.3f}"
-        lines.append(f"| {name} | {len(rows)} | {cell('accuracy')} | {cell('accuracy_teacher')} | {cell('length')} |")
-    correct = {name: np.asarray([r["per_problem"]["after"]["correct"] for r in rows], float)
-               for name, rows in results.items()}
+        def cell(key, rows=rows, digits=3):
+            values = [r["eval"][key] for r in rows]
+            mean, sd = stats.mean_sd(values)
+            return f"{mean:.{digits}f} ± {sd:.{digits}f} ({', '.join(f'{v:.{digits}f}' for v in values)})"
+        lines.append(f"| {name} | {len(rows)} | {cell('accuracy')} | {cell('accuracy_teacher')} | "
+                     f"{cell('length', digits=1)} |")
+    correct = {name: np.asarray([r["per_problem"]["correct"] for r in rows], float) for name, rows in results.items()}
     d = stats.bootstrap(correct["search"], minus=correct["best_of_n"])
     lines += ["", f"search minus best-of-N, pCoT accuracy: {d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] "
-              f"(paired 95% bootstrap over seeds and problems; smallest detectable difference "
-              f"{stats.detectable_difference(d['se']):.3f})"]
+              f"(paired 95% bootstrap over {correct['search'].shape[0]} seed(s) and {correct['search'].shape[1]} "
+              f"problems; smallest detectable difference {stats.detectable_difference(d['se']):.3f})"]
     return "\n".join(lines) + "\n"
 
 

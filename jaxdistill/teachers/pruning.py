@@ -298,6 +298,48 @@ def matched_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def held_out_table(result: dict) -> str:
+    """docs/teachers.md's table: every method on the held-out trees, the pruner at the threshold chosen on
+    the training trees per price, PPO and best-of-N as mean ± sd over seeds."""
+    def row(name, rs):
+        gold, tokens = [r["gold"] for r in rs], [r["tokens"] for r in rs]
+        per_1k = [1000 * g / max(t, 1) for g, t in zip(gold, tokens, strict=True)]
+        cells = [stats.mean_sd(v) for v in (gold, tokens, per_1k, [r["solved"] for r in rs])]
+        return (f"| {name} | " + " | ".join(f"{m:,.{d}f}" + (f" ± {sd:.{d}f}" if len(rs) > 1 else "")
+                                            for (m, sd), d in zip(cells, (1, 0, 1, 1), strict=True)) + " |")
+
+    b = result["best_of_n"]
+    lines = [f"{result['test_problems']} held-out trees ({result['train_problems']} training trees fit the PPO "
+             "weights and the pruner's threshold, per price); mean ± sd over seeds:", "",
+             "| policy | gold traces | tokens | gold per 1k tokens | problems solved |", "|---|---:|---:|---:|---:|"]
+    lines += [row(name, [r]) for name, r in result["fixed"].items()]
+    for h in result["tuned_heuristic"]:
+        lines.append(row(f"confidence pruner at {h['threshold']:.2f} (chosen on the training trees at price "
+                         f"{h['alpha']:g})", [h]))
+    for alpha in sorted({r["alpha"] for r in result["learned"]}):
+        mine = [r for r in result["learned"] if r["alpha"] == alpha]
+        lines.append(row(f"PPO pruner, price {alpha:g} ({len(mine)} seeds)", mine))
+    lines.append(row(f"best-of-N from {b['teacher']}, T = {b['temperature']}, the complete tree's tokens per "
+                     f"problem ({len(b['seeds'])} seeds)", b["seeds"]))
+    return "\n".join(lines)
+
+
+def return_table(result: dict) -> str:
+    """Return on the held-out trees per price, each method fitted on the training trees."""
+    lines = ["Return on the held-out trees (gold - alpha * tokens / 1000), each method fitted on the training "
+             "trees: PPO's weights, the heuristic's threshold (the best one there); mean ± sd over seeds:", "",
+             "| price alpha | PPO return | PPO gold / tokens | heuristic threshold | heuristic return | "
+             "heuristic gold / tokens |", "|---:|---:|---:|---:|---:|---:|"]
+    for h in result["tuned_heuristic"]:
+        mine = [r for r in result["learned"] if r["alpha"] == h["alpha"]]
+        returns = [r["gold"] - h["alpha"] * r["tokens"] / 1000 for r in mine]
+        lines.append(f"| {h['alpha']:g} | {np.mean(returns):.1f} ± {stats.mean_sd(returns)[1]:.1f} | "
+                     f"{np.mean([r['gold'] for r in mine]):.1f} / {np.mean([r['tokens'] for r in mine]):.0f} | "
+                     f"{h['threshold']:.2f} | {h['gold'] - h['alpha'] * h['tokens'] / 1000:.1f} | "
+                     f"{h['gold']:.0f} / {h['tokens']:.0f} |")
+    return "\n".join(lines)
+
+
 def format_summary(result: dict, config, seconds: float) -> str:
     lines = [f"# Learned pruning: {result['train_problems']} training problems, {result['test_problems']} held out",
              "", f"Left out, the search never paused: {sum(map(len, result['never_paused']))} problems.",
@@ -319,16 +361,6 @@ def format_summary(result: dict, config, seconds: float) -> str:
     for r in result["equal_tokens"]:
         lines.append(f"| {r['alpha']:g} | {r['tokens']:.0f} | {r['gold']:.1f} ± {r['gold_std']:.1f} | "
                      f"{r['heuristic_gold']:.1f} | {r['gain']:+.1f} ± {r['gain_std']:.1f} |")
-    lines += ["", "Return on the held-out trees (gold - alpha * tokens / 1000), each method fitted on the training "
-              "trees: PPO's weights, the heuristic's threshold (the best one there); mean ± std over seeds:", "",
-              "| price alpha | PPO return | PPO gold / tokens | heuristic threshold | heuristic return | "
-              "heuristic gold / tokens |", "|---:|---:|---:|---:|---:|---:|"]
-    for h in result["tuned_heuristic"]:
-        mine = [r for r in result["learned"] if r["alpha"] == h["alpha"]]
-        returns = [r["gold"] - h["alpha"] * r["tokens"] / 1000 for r in mine]
-        lines.append(f"| {h['alpha']:g} | {np.mean(returns):.1f} ± {stats.mean_sd(returns)[1]:.1f} | "
-                     f"{np.mean([r['gold'] for r in mine]):.1f} / {np.mean([r['tokens'] for r in mine]):.0f} | "
-                     f"{h['threshold']:.2f} | {h['gold'] - h['alpha'] * h['tokens'] / 1000:.1f} | "
-                     f"{h['gold']:.0f} / {h['tokens']:.0f} |")
+    lines += ["", return_table(result)]
     lines += ["", matched_table(result), "", f"Total time {seconds:.0f} s. Plot: pruning.png."]
     return "\n".join(lines) + "\n"
