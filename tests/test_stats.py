@@ -124,7 +124,8 @@ def test_traces_sft_table_comes_from_its_record_with_seed_spreads_and_the_paired
     rng = np.random.default_rng(2)
     correct = {"search": rng.random((3, 64)) < 0.5, "best_of_n": rng.random((3, 64)) < 0.4}
     record = {"sets": [{"seed": s, "examples": 42, "search_gold": 42, "problems_with_search_gold": 19,
-                        "best_of_n_gold": 44, "problems_with_best_of_n_gold": 21} for s in range(3)],
+                        "best_of_n_gold": 44, "problems_with_best_of_n_gold": 21,
+                        "search_tokens": 3271, "best_of_n_tokens": 3500} for s in range(3)],
               "runs": {name: [{"seed": s, "commit": "abc", "per_problem": {"correct": c[s].tolist()},
                                "eval": {"accuracy": float(c[s].mean()), "accuracy_teacher": 0.9, "length": 20.0}}
                               for s in range(3)] for name, c in correct.items()}}

@@ -109,6 +109,7 @@ def main() -> None:
     parser.add_argument("--branch-entropy", type=float, default=1.0, help="where the search branches (nats)")
     parser.add_argument("--train", action="append", default=[], help="extra override for every SFT run")
     args = parser.parse_args()
+    commit = runs.source_commit()  # the code this run loads (each SFT run records its own too)
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     config = load_config(args.finetuned, args.max_new_tokens, args.branch_entropy)
@@ -139,7 +140,7 @@ def main() -> None:
                     raise SystemExit(f"the SFT run in {out} failed (its error is above); fix it and rerun: finished "
                                      "runs are kept.")
             results.setdefault(name, []).append(json.loads((out / "summary.json").read_text()))
-    record = {"sets": sets, "runs": {
+    record = {"commit": commit, "sets": sets, "runs": {
         name: [{"seed": s["seed"], "eval": r["eval"]["after"], "per_problem": r["per_problem"]["after"],
                 "commit": r.get("commit")} for s, r in zip(sets, rows, strict=True)]
         for name, rows in results.items()}}
@@ -155,9 +156,11 @@ def table(record: dict) -> str:
     results.json alone: the summary and docs/teachers.md's table (`scripts/docs_tables.py traces-sft`)."""
     sets, results = record["sets"], record["runs"]
     examples = ", ".join(f"seed {s['seed']}: {s['examples']}" for s in sets)
-    found = ", ".join(f"seed {s['seed']}: {s['search_gold']} on {s['problems_with_search_gold']} / "
-                      f"{s['best_of_n_gold']} on {s['problems_with_best_of_n_gold']}" for s in sets)
-    lines = [f"Examples per set: {examples}. Gold found (search / best-of-N, examples on problems): {found}.", "",
+    found = "; ".join(f"seed {s['seed']}: {s['search_gold']} on {s['problems_with_search_gold']} in "
+                      f"{s['search_tokens']:,} tokens / {s['best_of_n_gold']} on {s['problems_with_best_of_n_gold']} "
+                      f"in {s['best_of_n_tokens']:,}" for s in sets)
+    lines = [f"Examples per set: {examples}. Gold found (search / best-of-N: gold answers on problems, generated "
+             f"tokens): {found}.", "",
              "| training set | seeds | pCoT accuracy | pTeacher accuracy | length |", "|---|---:|---:|---:|---:|"]
     for name, rows in results.items():
         def cell(key, rows=rows, digits=3):
