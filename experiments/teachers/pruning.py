@@ -3,12 +3,14 @@
     python -m jaxdistill prune --config=experiments/teachers/pruning.py
     python -m jaxdistill prune --config=experiments/teachers/pruning.py:runs/grid/sft-s0   # + the fine-tuned teacher
 
-The stack searches each of the first `pruning.problems` held-out problems once, with no
+The stack searches each of the first `pruning.problems` training problems (never the held-out
+ones the teachers are evaluated on: the command refuses an overlap) once, with no
 pruning (right 2, wrong 1, two branching levels: up to 9 leaves), and keeps the complete
 tree (saved per problem; a rerun reads them back). PPO policies, one per token price alpha
 and seed, learn on the first `train_problems` trees to expand, continue or prune at each
-pause; they and the heuristic (prune below a mean top probability, swept) are replayed on
-the held-out trees. The teachers are the two SmolLM2 styles (one vmapped forward), plus the
+pause; they and the heuristic (prune below a mean top probability, swept; its threshold
+chosen on the same training trees, per price) are replayed on the remaining trees, which no
+setting has seen. The teachers are the two SmolLM2 styles (one vmapped forward), plus the
 SmolLM2 copy fine-tuned by the SFT arm when its work directory is given: see
 jaxdistill/teachers/pruning.py and docs/teachers.md.
 """
