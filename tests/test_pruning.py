@@ -60,6 +60,11 @@ def test_replaying_a_recorded_tree_is_the_live_search(tiny_smollm2):
     assert 0 < live.pruned and live.tokens < full.tokens
     assert replayed["tokens"][0] == live.tokens
     assert replayed["gold"][0] == sum(leaf["correct"] for leaf in live.leaves)
+    # and the replay knows which leaves it decoded: exactly the live search's (distinct gold texts come from them)
+    reached = pruning_env.leaves_reached(trees, replayed)[0]
+    assert sorted(leaf["tokens"] for leaf in full.leaves if reached[leaf["branch"]]) == sorted(
+        leaf["tokens"] for leaf in live.leaves)
+    assert pruning_env.leaves_reached(trees, everything)[0].sum() == len(full.leaves)
 
 
 def _toy_tree(uid: str, pays: bool, rng) -> dict:
@@ -154,6 +159,7 @@ def test_prune_command_records_trees_trains_and_resumes_without_searching_again(
         assert row["best_of_n"]["tokens"] == [row["tokens"]] * 2  # the pruned samples may run out before it
         assert all(t <= row["tokens"] for t in row["best_of_n_filtered"]["tokens"])
         assert all(d <= g for d, g in zip(row["best_of_n"]["distinct"], row["best_of_n"]["gold"], strict=True))
+        assert row["search"]["distinct"] <= row["search"]["gold"]
     assert "Search vs best-of-N from" in (tmp_path / "summary.md").read_text()
     # docs/teachers.md's tables come from results.json alone (scripts/docs_tables.py pruning)
     sys.path.insert(0, str(root / "scripts"))

@@ -48,6 +48,7 @@ from jaxdistill.teachers.pruning_env import (
     Price,
     confidence_pruner,
     constant,
+    leaves_reached,
     replay,
     trees_from_searches,
 )
@@ -127,7 +128,7 @@ def best_of_n_baseline(config, workdir: Path, problems, held_out: list[dict]) ->
             "rows": rows}
 
 
-def matched_comparison(test, tuned: list[dict], rows: list[list[dict]]) -> list[dict]:
+def matched_comparison(test, searches: list[dict], tuned: list[dict], rows: list[list[dict]]) -> list[dict]:
     """Per price: the confidence pruner at its threshold chosen on the training trees, replayed on
     the held-out trees, against best-of-N given exactly the search's tokens on each problem, plain
     and with the same confidence pruner on its samples (`traces.matched_best_of_n`). Problems
@@ -136,8 +137,11 @@ def matched_comparison(test, tuned: list[dict], rows: list[list[dict]]) -> list[
     for h in tuned:
         replayed = replay(test, confidence_pruner(h["threshold"]))
         gold, tokens = np.asarray(replayed["gold"]), np.asarray(replayed["tokens"]).astype(int)
+        reached = leaves_reached(test, replayed)
+        distinct = sum(len({" ".join(leaf["text"].split()) for leaf in found["leaves"]
+                            if leaf["correct"] and reached[p, leaf["branch"]]}) for p, found in enumerate(searches))
         row = {"alpha": h["alpha"], "threshold": h["threshold"], "tokens": int(tokens.sum()), "problems": len(gold),
-               "search": {"gold": int(gold.sum()), "solved": int((gold > 0).sum())}}
+               "search": {"gold": int(gold.sum()), "distinct": distinct, "solved": int((gold > 0).sum())}}
         solved = np.broadcast_to(gold > 0, (len(rows), len(gold))).astype(float)
         for name, threshold in (("best_of_n", 0.0), ("best_of_n_filtered", h["threshold"])):
             matched = [[traces.matched_best_of_n(r, int(t), threshold) for r, t in zip(seed_rows, tokens, strict=True)]
@@ -209,7 +213,7 @@ def _run(config, workdir: Path) -> dict:
     result["best_of_n"] = baseline
     result["equal_tokens"] = equal_token_comparison(learned, heuristic, c.seeds)
     result["tuned_heuristic"] = tuned
-    result["matched_best_of_n"] = matched_comparison(test, tuned, result["best_of_n"].pop("rows"))
+    result["matched_best_of_n"] = matched_comparison(test, parts[1], tuned, result["best_of_n"].pop("rows"))
     result["commit"] = commit
     plot(result, workdir / "pruning.png")
     summary = format_summary(result, config, time.perf_counter() - begin)
@@ -292,8 +296,9 @@ def matched_table(result: dict) -> str:
                  + (f" [{np.mean(r[n]['tokens']):.0f} tokens]" if min(r[n]["tokens"]) < r["tokens"] else "")
                  for n in ("best_of_n", "best_of_n_filtered")]
         d, problems = r["best_of_n_filtered"]["search_minus_solved"], r["problems"]  # per problem -> problems
-        lines.append(f"| {r['alpha']:g} | {r['threshold']:.2f} | {r['tokens']} | {r['search']['gold']} / "
-                     f"{r['search']['solved']} | {cells[0]} | {cells[1]} | "
+        search = r["search"]
+        lines.append(f"| {r['alpha']:g} | {r['threshold']:.2f} | {r['tokens']} | {search['gold']} "
+                     f"({search['distinct']}) / {search['solved']} | {cells[0]} | {cells[1]} | "
                      f"{problems * d['mean']:+.1f} [{problems * d['low']:+.1f}, {problems * d['high']:+.1f}] |")
     return "\n".join(lines)
 

@@ -165,10 +165,21 @@ def replay(trees: Trees, policy) -> dict[str, np.ndarray]:
             return jax.tree.map(lambda a, b: jnp.where(over, a, b), state, nxt), jnp.where(over, -1, action)
 
         state, actions = jax.lax.scan(body, start(trees, problem), None, trees.n_branches)
-        return {"gold": state.gold, "tokens": state.tokens, "actions": actions}
+        return {"gold": state.gold, "tokens": state.tokens, "actions": actions, "alive": state.alive}
 
     out = jax.jit(jax.vmap(episode))(jnp.arange(trees.n_problems))
     return {k: np.asarray(v) for k, v in out.items()}
+
+
+def leaves_reached(trees: Trees, replayed: dict) -> np.ndarray:
+    """[P, M] bool: the leaves a replay decoded to their end: live branches without children, unless their
+    own pause was pruned (decisions come in branch order over the live pausing branches)."""
+    alive, decision = replayed["alive"], np.asarray(trees.decision)
+    reached = alive & (np.asarray(trees.children)[..., 0] < 0)
+    for p in range(alive.shape[0]):
+        deciding = np.flatnonzero(alive[p] & decision[p])
+        reached[p, deciding] &= replayed["actions"][p, : len(deciding)] != PRUNE
+    return reached
 
 
 def confidence_pruner(threshold: float):
