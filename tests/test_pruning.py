@@ -160,6 +160,9 @@ def test_prune_command_records_trees_trains_and_resumes_without_searching_again(
         assert all(t <= row["tokens"] for t in row["best_of_n_filtered"]["tokens"])
         assert all(d <= g for d, g in zip(row["best_of_n"]["distinct"], row["best_of_n"]["gold"], strict=True))
         assert row["search"]["distinct"] <= row["search"]["gold"]
+        theirs = np.asarray(row["best_of_n_filtered"]["solved_per_problem"])  # per-problem outcomes kept
+        assert theirs.shape == (2, result["test_problems"]) and theirs.sum(axis=1).tolist() == row[
+            "best_of_n_filtered"]["solved"] and sum(row["search"]["solved_per_problem"]) == row["search"]["solved"]
     assert "Search vs best-of-N from" in (tmp_path / "summary.md").read_text()
     # docs/teachers.md's tables come from results.json alone (scripts/docs_tables.py pruning)
     sys.path.insert(0, str(root / "scripts"))

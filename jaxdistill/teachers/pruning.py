@@ -141,7 +141,8 @@ def matched_comparison(test, searches: list[dict], tuned: list[dict], rows: list
         distinct = sum(len({" ".join(leaf["text"].split()) for leaf in found["leaves"]
                             if leaf["correct"] and reached[p, leaf["branch"]]}) for p, found in enumerate(searches))
         row = {"alpha": h["alpha"], "threshold": h["threshold"], "tokens": int(tokens.sum()), "problems": len(gold),
-               "search": {"gold": int(gold.sum()), "distinct": distinct, "solved": int((gold > 0).sum())}}
+               "search": {"gold": int(gold.sum()), "distinct": distinct, "solved": int((gold > 0).sum()),
+                          "solved_per_problem": (gold > 0).astype(int).tolist()}}
         solved = np.broadcast_to(gold > 0, (len(rows), len(gold))).astype(float)
         for name, threshold in (("best_of_n", 0.0), ("best_of_n_filtered", h["threshold"])):
             matched = [[traces.matched_best_of_n(r, int(t), threshold) for r, t in zip(seed_rows, tokens, strict=True)]
@@ -150,6 +151,7 @@ def matched_comparison(test, searches: list[dict], tuned: list[dict], rows: list
             row[name] = {"gold": [sum(m["gold"] for m in seed) for seed in matched],
                          "distinct": [sum(m["distinct"] for m in seed) for seed in matched],
                          "solved": theirs.sum(axis=1).astype(int).tolist(),
+                         "solved_per_problem": theirs.astype(int).tolist(),  # [seeds, problems]
                          "tokens": [sum(m["tokens"] for m in seed) for seed in matched],
                          "search_minus_solved": stats.bootstrap(solved, minus=theirs)}
         out.append(row)
@@ -206,6 +208,7 @@ def _run(config, workdir: Path) -> dict:
     fixed = {name: scored(test, constant(a)) for name, a in (("expand everything", EXPAND),
                                                              ("consensus only (greedy)", CONTINUE))}
     result = {"problems": len(problems), "train_problems": train.n_problems, "test_problems": test.n_problems,
+              "test_uids": [f["uid"] for f in parts[1]],
               "never_paused": unpaused,
               "learned": learned, "heuristic": heuristic, "fixed": fixed, "ppo_seconds": ppo_seconds,
               "record_seconds": sum(f["seconds"] for f in found), "features": list(FEATURES),
