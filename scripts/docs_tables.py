@@ -90,8 +90,7 @@ def generate(spec: str) -> str:
         return scale_table.compile_block() if name == "scale-compile" else scale_table.lora_block()
     raise SystemExit(f"unknown table generator {name!r} in a docs marker; known: grid, grid-compare, "
                      "end-push, hint-content, teachers, router, router-sweep, router-families, pruning, traces-sft, "
-                     "scale-compile, "
-                     "scale-lora")
+                     "scale-compile, scale-lora")
 
 
 def unmarked_tables(text: str) -> list[int]:

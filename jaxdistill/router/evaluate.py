@@ -73,7 +73,7 @@ def evaluate_all(config, train_env, test_env, train_table, test_table, rewards, 
         r = rewards.replace(alpha=float(alpha))
         rows: dict[str, list[dict]] = {}
         rows[ROUTER] = [run(test_env, r, ppo.greedy_policy(graphdef, ppo.select(params, a, s)))
-                                for s in range(seeds)]
+                        for s in range(seeds)]
         train_plans, test_plans = baselines.plan_outcomes(train_env, r), baselines.plan_outcomes(test_env, r)
         knn = baselines.knn_choice(train_table.question_emb, train_plans, test_table.question_emb, config.knn_k,
                                    float(alpha))
@@ -187,7 +187,6 @@ def compare(rows: dict[str, list[dict]], method_curves, names: list[str], t_max:
                      f"(router {router_cost / 1e9:.1f} vs {cost / 1e9:.1f} GFLOPs; {frontier} vs "
                      f"{other.mean():.3f})")
     return "\n".join(lines)
-
 
 
 def default_table(results: dict) -> str:

@@ -138,7 +138,7 @@ def matched_comparison(test, searches: list[dict], tuned: list[dict], rows: list
         replayed = replay(test, confidence_pruner(h["threshold"]))
         gold, tokens = np.asarray(replayed["gold"]), np.asarray(replayed["tokens"]).astype(int)
         reached = leaves_reached(test, replayed)
-        distinct = sum(len({" ".join(leaf["text"].split()) for leaf in found["leaves"]
+        distinct = sum(len({traces.same_text(leaf["text"]) for leaf in found["leaves"]
                             if leaf["correct"] and reached[p, leaf["branch"]]}) for p, found in enumerate(searches))
         row = {"alpha": h["alpha"], "threshold": h["threshold"], "tokens": int(tokens.sum()), "problems": len(gold),
                "search": {"gold": int(gold.sum()), "distinct": distinct, "solved": int((gold > 0).sum()),

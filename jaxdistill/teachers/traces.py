@@ -97,6 +97,11 @@ def best_of_n(teacher, problems, budgets: list[int], seed: int, temperature: flo
     return json.loads(path.read_text())
 
 
+def same_text(text: str) -> str:
+    """A gold text's identity when counting distinct ones: its words, whitespace ignored."""
+    return " ".join(text.split())
+
+
 def matched_best_of_n(row: dict, budget: int, min_confidence: float = 0.0) -> dict:
     """Best-of-N on one problem replayed at exactly `budget` generated tokens, with the search's
     confidence pruner applied to its samples: a sample stops at the first token where its mean top
@@ -119,7 +124,7 @@ def matched_best_of_n(row: dict, budget: int, min_confidence: float = 0.0) -> di
         spent += length
         if s["correct"] and not below.size:
             gold += 1
-            texts.add(" ".join(text.split()))
+            texts.add(same_text(text))
     return {"gold": gold, "distinct": len(texts), "tokens": spent}
 
 
