@@ -19,6 +19,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import printout
 from flax import nnx
 
 from jaxdistill.distill.losses import LossConfig, TargetConfig
@@ -75,4 +76,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    printout.run(main)

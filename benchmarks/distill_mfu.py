@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 
+import printout
 from distill_step import time_train_step  # benchmarks/ is on sys.path when a script here runs
 
 PRESETS = {  # Llama-3.2-1B's and Qwen3-8B's shapes, and a tiny one for CPU smoke runs
@@ -96,4 +97,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    printout.run(main)

@@ -32,6 +32,8 @@ import sys
 import threading
 import time
 
+import printout
+
 
 class PeakMemory:
     """Samples this process's resident memory in a thread; reports the peak above the start."""
@@ -239,4 +241,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    printout.run(main)

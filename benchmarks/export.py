@@ -20,6 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import printout
 from loading import MEMORY_PROBE, shape_arguments, write_checkpoint
 
 WORKER = MEMORY_PROBE + r"""
@@ -79,4 +80,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    printout.run(main)

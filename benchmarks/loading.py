@@ -24,6 +24,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import printout
+
 # Prepended to each benchmark's worker script: the process's memory, from /proc.
 MEMORY_PROBE = r"""
 def rss(field):
@@ -119,4 +121,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    printout.run(main)

@@ -9,6 +9,7 @@ vocabulary, divided by max |reference| (the logit scale). The tests require <= 1
 import jax
 import jax.numpy as jnp
 import numpy as np
+import printout
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -42,4 +43,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    printout.run(main)

@@ -20,6 +20,7 @@ import gymnasium as gym
 import jax
 import jax.numpy as jnp
 import numpy as np
+import printout
 
 from jaxdistill.rl import ppo
 from jaxdistill.router import env as env_lib
@@ -140,4 +141,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    printout.run(main)

@@ -23,6 +23,7 @@ import platform
 import time
 
 import numpy as np
+import printout
 
 
 def best_of(fn, repeats):
@@ -116,4 +117,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    printout.run(main)

@@ -15,6 +15,7 @@ import platform
 import time
 
 import numpy as np
+import printout
 
 
 def best_of(fn, repeats):
@@ -79,4 +80,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    printout.run(main)

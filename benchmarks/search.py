@@ -20,6 +20,7 @@ import platform
 import time
 
 import numpy as np
+import printout
 
 
 def main():
@@ -80,4 +81,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    printout.run(main)

@@ -16,6 +16,7 @@ import sys
 import time
 import types
 
+import printout
 from distill_step import make_batch, torch_entropy_matched_target
 
 ARGS = types.SimpleNamespace(model="smollm2-135m-instruct", problems=4, generated=64)
@@ -155,4 +156,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    printout.run(main)

@@ -19,6 +19,7 @@ import platform
 import time
 
 import numpy as np
+import printout
 
 
 def best_of(fn, repeats):
@@ -74,4 +75,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    printout.run(main)

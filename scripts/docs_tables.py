@@ -18,11 +18,12 @@ results.json, record=PATH: every arm against the best single teacher and the ora
 alpha, the alpha sweep, per task family), `pruning` (a prune run's results.json, record=PATH,
 part=held-out|return|matched: the methods on the held-out trees, return per price, the search against
 best-of-N at matched tokens), `traces-sft` (experiments/teachers/traces_sft.py's results.json,
-record=PATH), `scale-compile` and
+record=PATH), `benchmark` (a benchmark's printout kept with --record=PATH, docs/benchmarks/*.json;
+table=N picks its N-th table, table=all shows it whole), `scale-compile` and
 `scale-lora` (scripts/scale_table.py, from docs/scale/compile/). Every other table says what it is in
 a comment just above it (or above its code block): `<!-- transcript, records lost: ... -->` (typed from
-a run whose directory is gone), `<!-- transcript, benchmark output: ... -->` (a benchmark's printout,
-command beside it; benchmarks keep no record) or `<!-- transcript, reference: ... -->` (no
+a run whose directory is gone), `<!-- transcript, benchmark output: ... -->` (a benchmark's printout
+from before benchmarks kept records, command beside it) or `<!-- transcript, reference: ... -->` (no
 measurements). `--check` also fails on a table with none of these, so a new typed table cannot slip in.
 """
 
@@ -85,12 +86,15 @@ def generate(spec: str) -> str:
     if name == "traces-sft":
         traces_sft = _module(ROOT / "experiments/teachers/traces_sft.py")
         return traces_sft.table(json.loads((ROOT / args["record"]).read_text()))
+    if name == "benchmark":
+        printout = _module(ROOT / "benchmarks/printout.py")
+        return printout.table(json.loads((ROOT / args["record"]).read_text()), args.get("table", "1"))
     if name in ("scale-compile", "scale-lora"):
         scale_table = _module(ROOT / "scripts/scale_table.py")
         return scale_table.compile_block() if name == "scale-compile" else scale_table.lora_block()
     raise SystemExit(f"unknown table generator {name!r} in a docs marker; known: grid, grid-compare, "
                      "end-push, hint-content, teachers, router, router-sweep, router-families, pruning, traces-sft, "
-                     "scale-compile, scale-lora")
+                     "benchmark, scale-compile, scale-lora")
 
 
 def unmarked_tables(text: str) -> list[int]:
