@@ -1,7 +1,7 @@
 """Ahead-of-time compiled memory of the self-distillation step at Qwen3-8B width, per attention kernel.
 
     .venv/bin/python benchmarks/attention_memory.py                       # T = 2k, 4k, 8k, 2 layers
-    .venv/bin/python benchmarks/attention_memory.py --lengths=8192 --attention=flash --layers=36
+    .venv/bin/python benchmarks/attention_memory.py --lengths=8192 --kernels=flash:full --layers=36
 
 The real loss and gradient (`distill.step.distill_loss`, blend target, forward KL): one
 student/teacher pair of rows of T tokens each, the second half of each row generated,
@@ -56,23 +56,30 @@ def step_memory(config: ModelConfig, length: int, attention: str, remat: str) ->
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", default="2048,4096,8192")
-    parser.add_argument("--attention", default="xla,flash", help="comma-separated: xla, flash, cudnn, splash")
-    parser.add_argument("--remat", default="full", help="a name in transformer.REMAT_POLICIES")
+    parser.add_argument("--kernels", default="xla:full,flash:full,flash:dots,flash:none",
+                        help="comma-separated ATTENTION:REMAT, attention one of xla, flash, cudnn, splash and "
+                             "remat a name in transformer.REMAT_POLICIES (xla: its hand-written backward)")
     parser.add_argument("--layers", type=int, default=2)
     args = parser.parse_args()
     config = qwen3_8b(args.layers)
     lengths = [int(x) for x in args.lengths.split(",")]
-    print(f"Qwen3-8B width, {args.layers} layers, bfloat16, remat={args.remat}, backend {jax.default_backend()}, "
-          f"jax {jax.__version__}; one student/teacher pair, half of each row generated")
-    print("| attention | " + " | ".join(f"T = {t}" for t in lengths) + " |")
-    print("|---|" + "---:|" * len(lengths))
-    for attention in args.attention.split(","):
+    kernels = [kernel.split(":") for kernel in args.kernels.split(",")]
+    if any(len(kernel) != 2 for kernel in kernels):
+        raise SystemExit(f"--kernels={args.kernels}: give ATTENTION:REMAT pairs, e.g. xla:full,flash:dots")
+    print(f"Qwen3-8B width, {args.layers} layers, bfloat16, backend {jax.default_backend()}, jax {jax.__version__}; "
+          "one student/teacher pair, half of each row generated")
+    rows = []
+    for attention, remat in kernels:
         cells = []
         for length in lengths:
-            gib, seconds = step_memory(config, length, attention, args.remat)
+            gib, seconds = step_memory(config, length, attention, remat)
             cells.append(f"{gib:.2f} GiB")
-            print(f"  {attention} T={length}: {gib:.2f} GiB temporaries (compiled in {seconds:.0f} s)", flush=True)
-        print(f"| {attention} | " + " | ".join(cells) + " |", flush=True)
+            print(f"  {attention}, {remat}, T={length}: {gib:.2f} GiB temporaries (compiled in {seconds:.0f} s)",
+                  flush=True)
+        rows.append(f"| {attention}, {remat} | " + " | ".join(cells) + " |")
+    print("| attention, remat | " + " | ".join(f"T = {t}" for t in lengths) + " |")
+    print("|---|" + "---:|" * len(lengths))
+    print("\n".join(rows))
 
 
 if __name__ == "__main__":
