@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,20 +23,30 @@ def _port():
         return s.getsockname()[1]
 
 
-def _train(model, workdir, processes, *extra):
+def _start(model, workdir, processes, *extra) -> list[tuple[subprocess.Popen, Path]]:
+    """The run's processes, started, each with the file its output goes to (not a pipe: with
+    several processes running, an unread pipe would fill and stall one of them)."""
     devices = 8 // processes
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
     command = [sys.executable, "-m", "jaxdistill", "train", "--config=experiments/self_distill/default.py",
                f"--config.model={model}", f"--config.workdir={workdir}", *ARGS, *extra]
     port = _port()
-    procs = [subprocess.Popen(command + ([f"--config.distributed.coordinator_address=localhost:{port}",
-                                          f"--config.distributed.num_processes={processes}",
-                                          f"--config.distributed.process_id={i}"] if processes > 1 else []),
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(processes)]
-    for p in procs:
-        output, _ = p.communicate(timeout=900)
-        assert p.returncode == 0, output[-4000:]
+    started = []
+    for i in range(processes):
+        log = Path(f"{workdir}-process{i}.log")
+        with log.open("w") as out:
+            started.append((subprocess.Popen(command + ([f"--config.distributed.coordinator_address=localhost:{port}",
+                                                         f"--config.distributed.num_processes={processes}",
+                                                         f"--config.distributed.process_id={i}"]
+                                                        if processes > 1 else []),
+                                             env=env, stdout=out, stderr=subprocess.STDOUT), log))
+    return started
+
+
+def _wait(started):
+    for process, log in started:
+        process.wait(timeout=900)
+        assert process.returncode == 0, log.read_text()[-4000:]
 
 
 def _final_params(workdir):
@@ -58,8 +69,9 @@ def test_two_processes_train_exactly_like_one(tiny_chat_model, tmp_path):
     """The method with cross-entropy on the references mixed in (sft_weight): each process samples
     and scores its own rows, and builds its own rows of the reference (SFT) batch."""
     one, two = tmp_path / "one", tmp_path / "two"
-    _train(tiny_chat_model, one, 1, "--config.sft_weight=0.5")
-    _train(tiny_chat_model, two, 2, "--config.sft_weight=0.5")
+    # both runs at once: each process spends most of its time importing and compiling on one core
+    _wait(_start(tiny_chat_model, one, 1, "--config.sft_weight=0.5")
+          + _start(tiny_chat_model, two, 2, "--config.sft_weight=0.5"))
     rows = [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (one, two)]
     assert [r["step"] for r in rows[1]] == [1, 2]  # one metrics file, one line per step: process 0 writes
     board = read_board(two)
