@@ -46,7 +46,7 @@ def run(main) -> None:
     if not paths:
         main()
         return
-    from jaxdistill.runs import source_commit
+    from jaxdistill.runs import atomic_write_text, source_commit
 
     commit = source_commit()
     tee = _Tee(sys.stdout)
@@ -63,9 +63,7 @@ def run(main) -> None:
               "output": "".join(tee.text).splitlines()}
     path = Path(paths[0])
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(partial, path)
+    atomic_write_text(path, json.dumps(record, indent=1) + "\n")
 
 
 def tables(output: list[str]) -> list[list[str]]:
