@@ -19,12 +19,14 @@ state)`, `step(env, rewards, state, action)` and `outcome(env, state, action, ne
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Hashable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
+from flax import nnx, struct
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,6 +251,23 @@ def select(params, *index):
     return jax.tree.map(lambda x: x[index], params)
 
 
-def greedy_policy(graphdef, params):
-    """The trained router: the most likely action (STOP included)."""
-    return lambda obs, state, key: jnp.argmax(apply(graphdef, params, obs)[0], axis=-1)
+@struct.dataclass
+class Policy:
+    """`act(static, args, *inputs) -> action`, with the policy's arrays (`args`) apart from its
+    function and hashable settings (`static`), so that one compiled evaluation serves every
+    policy of a kind: a fresh closure per policy would compile the evaluation again."""
+    args: Any
+    act: Callable = struct.field(pytree_node=False)
+    static: Hashable = struct.field(pytree_node=False, default=None)
+
+    def __call__(self, *inputs) -> jax.Array:
+        return self.act(self.static, self.args, *inputs)
+
+
+def greedy_policy(graphdef, params) -> Policy:
+    """The trained policy: the most likely action, `policy(obs, ...)`."""
+    return Policy(args=params, act=_most_likely_action, static=graphdef)
+
+
+def _most_likely_action(graphdef, params, obs, *_):
+    return jnp.argmax(apply(graphdef, params, obs)[0], axis=-1)

@@ -1,8 +1,8 @@
 """Baseline routing policies, evaluated through the same environment as the router.
 
-A policy is `policy(obs, state, key) -> action` (see env.episode). The fixed ones: each
-single expert (one call), round-robin (the experts in a given order, cycling, up to a
-budget), self-correction (one expert refining its own answer up to a budget) and random
+A policy is `policy(obs, state, key) -> action` (see env.episode), built as a ppo.Policy so
+that policies of one kind share a compiled evaluation. The fixed ones: each single expert
+(one call), round-robin (the experts in a given order, cycling, up to a budget), self-correction (one expert refining its own answer up to a budget) and random
 (STOP with a set probability, otherwise a uniformly drawn expert). The plan-based ones
 choose, per question, a whole path from the start node ("call these experts, then STOP"),
 by quality at a price per unit of cost (quality - price * cost), not by the shaped return:
@@ -16,34 +16,44 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdistill.rl.ppo import Policy
 from jaxdistill.router import env as env_lib
 from jaxdistill.router.precompute import num_nodes, path_of
 
 
-def single_expert(expert: int, n_experts: int):
-    return lambda obs, state, key: jnp.where(state.t == 0, expert, n_experts)
+def single_expert(expert: int, n_experts: int) -> Policy:
+    return fixed_calls([expert], n_experts)
 
 
-def round_robin(order, n_experts: int, budget: int):
+def round_robin(order, n_experts: int, budget: int) -> Policy:
     """Call order[0], order[1], ... (cycling) for `budget` calls, then STOP."""
-    order = jnp.asarray(order, jnp.int32)
-    return lambda obs, state, key: jnp.where(state.t < budget, order[state.t % order.shape[0]], n_experts)
+    order = [int(e) for e in order]
+    return fixed_calls([order[t % len(order)] for t in range(budget)], n_experts)
 
 
-def self_correction(expert: int, n_experts: int, budget: int):
-    return lambda obs, state, key: jnp.where(state.t < budget, expert, n_experts)
+def self_correction(expert: int, n_experts: int, budget: int) -> Policy:
+    return fixed_calls([expert] * budget, n_experts)
 
 
-def random_policy(n_experts: int, stop_probability: float | None = None):
+def fixed_calls(calls, n_experts: int) -> Policy:
+    """Call these experts in this order, then STOP."""
+    return Policy(args=jnp.asarray([*calls, n_experts], jnp.int32), act=_follow_plan)
+
+
+def _follow_plan(_, plan, obs, state, key):
+    return plan[jnp.minimum(state.t, plan.shape[0] - 1)]
+
+
+def random_policy(n_experts: int, stop_probability: float | None = None) -> Policy:
     """STOP with `stop_probability` (None: 1/(N+1), uniform over all actions), else a uniform expert."""
     p = 1.0 / (n_experts + 1) if stop_probability is None else stop_probability
+    return Policy(args=jnp.float32(p), act=_stop_or_random_expert, static=n_experts)
 
-    def policy(obs, state, key):
-        stop_key, expert_key = jax.random.split(key)
-        expert = jax.random.randint(expert_key, (), 0, n_experts)
-        return jnp.where(jax.random.uniform(stop_key) < p, n_experts, expert)
 
-    return policy
+def _stop_or_random_expert(n_experts, stop_probability, obs, state, key):
+    stop_key, expert_key = jax.random.split(key)
+    expert = jax.random.randint(expert_key, (), 0, n_experts)
+    return jnp.where(jax.random.uniform(stop_key) < stop_probability, n_experts, expert)
 
 
 def stop_probability_for(mean_calls: float, t_max: int) -> float:
@@ -68,24 +78,27 @@ def all_plans(n_experts: int, t_max: int) -> np.ndarray:
     return plans
 
 
-def plan_policy(plans: np.ndarray, choice: np.ndarray):
+def plan_policy(plans: np.ndarray, choice: np.ndarray) -> Policy:
     """Follow plans[choice[question]] (choice: one plan index per question)."""
-    table = jnp.asarray(plans)[jnp.asarray(choice)]
-    return lambda obs, state, key: table[state.question, jnp.minimum(state.t, table.shape[1] - 1)]
+    return Policy(args=jnp.asarray(plans)[jnp.asarray(choice)], act=_follow_question_plan)
+
+
+def _follow_question_plan(_, table, obs, state, key):
+    return table[state.question, jnp.minimum(state.t, table.shape[1] - 1)]
 
 
 def plan_outcomes(env: env_lib.Env, rewards: env_lib.Rewards) -> dict[str, np.ndarray]:
     """Outcome of every plan on every question: dict of [Q, M] arrays."""
-    plans = jnp.asarray(all_plans(env.n_experts, env.t_max))
-    key = jax.random.key(0)  # plans are deterministic
-
-    def one(question, plan):
-        policy = lambda obs, state, k: plan[jnp.minimum(state.t, plan.shape[0] - 1)]  # noqa: E731
-        return env_lib.episode(env, rewards, question, policy, key)
-
-    per_plan = jax.vmap(one, in_axes=(None, 0))
-    out = jax.jit(jax.vmap(per_plan, in_axes=(0, None)))(jnp.arange(env.n_questions), plans)
+    out = _plan_outcomes(env, rewards, jnp.asarray(all_plans(env.n_experts, env.t_max)))
     return {k: np.asarray(v) for k, v in out.items()}
+
+
+@jax.jit
+def _plan_outcomes(env: env_lib.Env, rewards: env_lib.Rewards, plans) -> dict[str, jax.Array]:
+    key = jax.random.key(0)  # plans are deterministic
+    one = lambda question, plan: env_lib.episode(env, rewards, question, Policy(plan, _follow_plan), key)  # noqa: E731
+    per_plan = jax.vmap(one, in_axes=(None, 0))
+    return jax.vmap(per_plan, in_axes=(0, None))(jnp.arange(env.n_questions), plans)
 
 
 def best_plan(quality: np.ndarray, cost: np.ndarray, price: float) -> np.ndarray:

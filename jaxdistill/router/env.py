@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jaxdistill.rl.ppo import Policy
 from jaxdistill.router.precompute import Table
 
 
@@ -138,7 +139,8 @@ def outcome(env: Env, state: State, action, next_state: State) -> dict[str, jax.
 
 
 def episode(env: Env, rewards: Rewards, question, policy, key) -> dict[str, jax.Array]:
-    """Run one episode on a question with `policy(obs, state, key) -> action`; what it delivered."""
+    """Run one episode on a question with `policy(obs, state, key) -> action` (a Policy or any
+    function); what it delivered."""
 
     def body(carry, key):
         state, done, total, spent = carry
@@ -155,10 +157,13 @@ def episode(env: Env, rewards: Rewards, question, policy, key) -> dict[str, jax.
             "cost": state.spent, "return": total, "node": state.node}
 
 
-def evaluate(env: Env, rewards: Rewards, policy, key) -> dict[str, np.ndarray]:
+def evaluate(env: Env, rewards: Rewards, policy: Policy, key) -> dict[str, np.ndarray]:
     """Every question once, in parallel: per-question quality, calls, FLOPs, normalised cost, return and
     final node (which names the path: precompute.path_of)."""
-    questions = jnp.arange(env.n_questions)
-    keys = jax.random.split(key, env.n_questions)
-    out = jax.jit(jax.vmap(lambda q, k: episode(env, rewards, q, policy, k)))(questions, keys)
+    out = _evaluate(env, rewards, policy, jax.random.split(key, env.n_questions))
     return {k: np.asarray(v) for k, v in out.items()}
+
+
+@jax.jit
+def _evaluate(env: Env, rewards: Rewards, policy: Policy, keys) -> dict[str, jax.Array]:
+    return jax.vmap(lambda q, k: episode(env, rewards, q, policy, k))(jnp.arange(env.n_questions), keys)
