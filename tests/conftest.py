@@ -27,9 +27,10 @@ import pytest  # noqa: E402
 
 # With pytest-xdist (`-n 2 --dist loadgroup`): each test file is one unit of work, so its module
 # fixtures load once; files that share an expensive session fixture share a worker (the router
-# notebook reads the `route_run` the router tests make); the heaviest files start first, so the
+# notebook reads the `route_run` the router tests make; the tokenizer tests reuse the GGUF files
+# the parity tests parsed: gguf_parsed_once); the heaviest files start first, so the
 # two workers finish together.
-SHARES_A_WORKER_WITH = {"test_colabs": "test_router"}
+SHARES_A_WORKER_WITH = {"test_colabs": "test_router", "test_tokenizer": "test_parity"}
 HEAVIEST_FIRST = ("test_teachers", "test_distill", "test_router", "test_hostile_input", "test_lora", "test_parity",
                   "test_pruning", "test_compile", "test_tokenizer", "test_multihost")
 
@@ -95,7 +96,29 @@ def gemma3():
 
 
 @pytest.fixture(scope="session")
-def hf_reference():
+def gguf_parsed_once():
+    """transformers parses a GGUF file's metadata once for the config, again for the weights and
+    again for a tokenizer; for Gemma 3's 262k-token vocabulary each parse takes 15-20 s in the gguf
+    package's Python reader. With this fixture a file is parsed once per test process (keyed by
+    path, size and mtime, so a rewritten file is parsed again)."""
+    import gguf
+
+    readers, parse = {}, gguf.GGUFReader
+
+    def reader(path, mode="r"):
+        stat = os.stat(path)
+        key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns, mode)
+        if key not in readers:
+            readers[key] = parse(path, mode)
+        return readers[key]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gguf, "GGUFReader", reader)
+        yield
+
+
+@pytest.fixture(scope="session")
+def hf_reference(gguf_parsed_once):
     """name -> transformers PyTorch model on the same weights (built once per session)."""
     from jaxdistill.models.loading import resolve
 

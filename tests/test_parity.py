@@ -43,19 +43,28 @@ def reference_greedy(ref, ids, n, eos_ids):
     return out[0, len(ids):].tolist()
 
 
-forward = jax.jit(lambda model, ids: model(ids))
+forward = jax.jit(lambda model, ids, mask=None: model(ids, mask=mask))
 
 
 @pytest.mark.parametrize("name", ["smollm2-135m-instruct", "gemma3-270m"])
 def test_gguf_logits_match_transformers(name, request, hf_reference):
     model, tok = request.getfixturevalue(name.split("-")[0])
     ref = hf_reference(name)
-    prompts = PROMPTS + [tok.chat_text([{"role": "user", "content": "Name three primes."}]), LONG_PROMPT]
-    for text in prompts:
-        ids = tok.encode(text, add_special_tokens="<" not in text[:2])
-        if text is LONG_PROMPT and name.startswith("gemma"):
-            assert len(ids) > 512 + 64, "the long prompt must reach well past the sliding window"
-        assert_logits_match(forward(model, jnp.asarray([ids]))[0], reference_logits(ref, ids))
+    short = [tok.encode(text, add_special_tokens="<" not in text[:2])
+             for text in PROMPTS + [tok.chat_text([{"role": "user", "content": "Name three primes."}])]]
+    # the short prompts in one right-padded batch (one compiled forward): the padding comes after
+    # every real token, so a causal model's logits at the real positions cannot see it
+    tokens = np.full((len(short), max(map(len, short))), tok.pad_id, np.int32)
+    mask = np.zeros(tokens.shape, bool)
+    for row, ids in enumerate(short):
+        tokens[row, : len(ids)], mask[row, : len(ids)] = ids, True
+    logits = forward(model, jnp.asarray(tokens), jnp.asarray(mask))
+    for row, ids in enumerate(short):
+        assert_logits_match(logits[row, : len(ids)], reference_logits(ref, ids))
+    ids = tok.encode(LONG_PROMPT)
+    if name.startswith("gemma"):
+        assert len(ids) > 512 + 64, "the long prompt must reach well past the sliding window"
+    assert_logits_match(forward(model, jnp.asarray([ids]))[0], reference_logits(ref, ids))
 
 
 @pytest.mark.parametrize("name", ["smollm2-135m-instruct", "gemma3-270m"])

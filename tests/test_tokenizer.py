@@ -28,7 +28,7 @@ CONVERSATION = [
 
 
 @pytest.mark.parametrize("name,arch", [("smollm2-135m-instruct", "llama"), ("gemma3-270m", "gemma3")])
-def test_tokenizer_from_gguf_metadata_equals_transformers(name, arch, tmp_path, monkeypatch):
+def test_tokenizer_from_gguf_metadata_equals_transformers(name, arch, tmp_path, monkeypatch, gguf_parsed_once):
     path = loading.resolve(name)
     reference = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)  # transformers' path (needs torch)
     if not reference.chat_template:
