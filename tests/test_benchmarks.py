@@ -10,7 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_mfu_benchmark_runs_on_a_tiny_model_and_reports_a_plausible_mfu(tmp_path):
+def test_mfu_benchmark_runs_on_a_tiny_model_and_reports_a_plausible_mfu(tmp_path, monkeypatch):
     """With --record, its printout is kept as a record that docs_tables renders (the flag itself
     never reaches the benchmark's parser)."""
     kept = tmp_path / "mfu.json"
@@ -24,7 +24,7 @@ def test_mfu_benchmark_runs_on_a_tiny_model_and_reports_a_plausible_mfu(tmp_path
     record = json.loads(kept.read_text())
     assert record["output"] == out.splitlines() and "--record" not in record["command"]
     assert record["command"].startswith("python ") and record["command"].endswith("--generated=16 --steps=1")
-    sys.path.insert(0, str(ROOT / "scripts"))
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
     import docs_tables
 
     shown = docs_tables.generate(f"benchmark record={kept} table=all")
@@ -35,7 +35,7 @@ def test_mfu_benchmark_runs_on_a_tiny_model_and_reports_a_plausible_mfu(tmp_path
 
 
 def test_a_printout_s_tables_are_its_markdown_lines_and_a_failed_run_keeps_no_record(tmp_path, monkeypatch):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import printout
 
     def bench():
@@ -59,7 +59,7 @@ def test_a_printout_s_tables_are_its_markdown_lines_and_a_failed_run_keeps_no_re
     assert not (tmp_path / "failed.json").exists() and sys.stdout is stdout
 
 
-def test_the_pytorch_side_of_the_step_benchmark_forms_our_target():
+def test_the_pytorch_side_of_the_step_benchmark_forms_our_target(monkeypatch):
     """benchmarks/distill_step.py compares the steps, not the solvers: its PyTorch target is ours."""
     import importlib.util
 
@@ -69,6 +69,7 @@ def test_the_pytorch_side_of_the_step_benchmark_forms_our_target():
 
     from jaxdistill.distill.targets import blend_logits
 
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # the benchmark imports its neighbour printout
     spec = importlib.util.spec_from_file_location("distill_step", ROOT / "benchmarks" / "distill_step.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
