@@ -35,6 +35,7 @@ HEAVIEST_FIRST = ("test_teachers", "test_distill", "test_router", "test_hostile_
                   "test_pruning", "test_compile", "test_tokenizer", "test_multihost")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into the test ids
 def pytest_collection_modifyitems(config, items):
     def group(item):
         module = item.module.__name__.rsplit(".", 1)[-1]
