@@ -2,12 +2,13 @@
 
 A policy is `policy(obs, state, key) -> action` (see env.episode), built as a ppo.Policy so
 that policies of one kind share a compiled evaluation. The fixed ones: each single expert
-(one call), round-robin (the experts in a given order, cycling, up to a budget), self-correction (one expert refining its own answer up to a budget) and random
-(STOP with a set probability, otherwise a uniformly drawn expert). The plan-based ones
-choose, per question, a whole path from the start node ("call these experts, then STOP"),
-by quality at a price per unit of cost (quality - price * cost), not by the shaped return:
-the kNN router from the k most similar training questions, the oracle from the question's
-own outcomes (an upper bound that reads the test references; no router can do better).
+(one call), round-robin (the experts in a given order, cycling, up to a budget),
+self-correction (one expert refining its own answer up to a budget) and random (STOP with a
+set probability, otherwise a uniformly drawn expert). The plan-based ones choose, per
+question, a whole path from the start node ("call these experts, then STOP"), by quality at a
+price per unit of cost (quality - price * cost), not by the shaped return: the kNN router
+from the k most similar training questions, the oracle from the question's own outcomes (an
+upper bound that reads the test references; no router can do better).
 """
 
 from __future__ import annotations
