@@ -9,6 +9,8 @@ environments (auto-reset), computing GAE, and running `update_epochs` epochs of
 The environment is an argument (the one given to make_train fixes only its shapes), so the
 same program runs on other data, or compiles ahead of time from abstract arrays.
 `train_grid` runs it for every (alpha, seed) in one call, the seeds split over a mesh's devices.
+`Policy` holds a policy's arrays apart from its function, so that evaluating many policies of
+one kind (trained ones, baselines) compiles once.
 
 `dynamics` is the environment's module of pure functions: `reset(env, key)`, `observe(env,
 state)`, `step(env, rewards, state, action)` and `outcome(env, state, action, next_state)`
