@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/distill_step.py                  # SmolLM2-135M, 4 problems, 64 generated tokens
     .venv/bin/python benchmarks/distill_step.py --problems=8 --generated=96
     .venv/bin/python benchmarks/distill_step.py --impl=jax --attention=flash   # ours only, another kernel
+    .venv/bin/python benchmarks/distill_step.py --impl=jax --attention=xla,flash   # ours, kernel against kernel
     .venv/bin/python benchmarks/distill_step.py --lora=16          # LoRA rank 16 on both sides (PyTorch: PEFT)
 
 Both implementations load the same GGUF weights, build the same aligned batch (pCoT and
@@ -201,6 +202,33 @@ def run_torch(args):
     return {"seconds": min(times), "compile_s": 0.0, "peak_mb": memory.stop_mb(), "loss": first_loss}
 
 
+def run_in_own_process(impl: str, attention: str) -> dict:
+    """One side's RESULT, from a fresh process with this command's other flags."""
+    flags = [a for a in sys.argv[1:] if not a.startswith(("--impl", "--attention"))]
+    cmd = [sys.executable, __file__, f"--impl={impl}", f"--attention={attention}", *flags]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.split("RESULT ", 1)[1])
+
+
+def compare_kernels(args, kernels: list[str]) -> None:
+    """Our step once per attention kernel, each in its own process, as one table."""
+    results = {kernel: run_in_own_process("jax", kernel) for kernel in kernels}
+    tokens = args.problems * args.generated
+    print(f"# {args.model}: {args.problems} problems x {args.generated} generated tokens, float32, AdamW, "
+          "jaxdistill's step per attention kernel (xla: hand-written backward; the others: autodiff)\n")
+    print("| attention | step s | generated tok/s | peak step memory MB | first-step loss | compile s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for kernel, r in results.items():
+        print(f"| {kernel} | {r['seconds']:.2f} | {tokens / r['seconds']:.1f} | {r['peak_mb']:.0f} | "
+              f"{r['loss']:.8f} | {r['compile_s']:.1f} |")
+    first = kernels[0]
+    for kernel in kernels[1:]:
+        a, b = results[first], results[kernel]
+        print(f"\n{kernel} / {first}: step time {b['seconds'] / a['seconds']:.2f}x, "
+              f"peak memory {b['peak_mb'] / max(a['peak_mb'], 1):.2f}x, "
+              f"first-step loss difference {abs(b['loss'] - a['loss']):.1e}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct")
@@ -215,15 +243,17 @@ def main():
     parser.add_argument("--separate-teacher", action="store_true",
                         help="ours with the teacher in a second, gradient-free forward (combined_forward=False)")
     args = parser.parse_args()
+    kernels = args.attention.split(",")
+    if len(kernels) > 1:
+        if args.impl != "jax":
+            raise SystemExit("several kernels (--attention=xla,flash) compare our step only: add --impl=jax")
+        compare_kernels(args, kernels)
+        return
     if args.impl != "both":
         result = (run_jax if args.impl == "jax" else run_torch)(args)
         print("RESULT " + json.dumps(result))
         return
-    results = {}
-    for impl in ("jax", "torch"):
-        cmd = [sys.executable, __file__, f"--impl={impl}"] + [a for a in sys.argv[1:] if not a.startswith("--impl")]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-        results[impl] = json.loads(out.split("RESULT ", 1)[1])
+    results = {impl: run_in_own_process(impl, args.attention) for impl in ("jax", "torch")}
     tokens = args.problems * args.generated
     j, t = results["jax"], results["torch"]
     trains = f"LoRA rank {args.lora} (PyTorch: PEFT)" if args.lora else "every weight"
