@@ -33,7 +33,7 @@ from flax import nnx
 
 from jaxdistill import runs, sampling
 from jaxdistill.data import load_records
-from jaxdistill.data.metrics import answer_matches
+from jaxdistill.data.records import answer_matches
 from jaxdistill.distill.config import prompts_for
 from jaxdistill.models import load
 from jaxdistill.prompts import prompt_pair, stop_ids
