@@ -11,7 +11,8 @@ A generated table sits between two markers that name its generator and arguments
 
 Generators: `grid` (experiments/self_distill/grid.py's held-out table of one task, from
 docs/results/grid/ or records=DIR), `grid-compare` (each arm minus a baseline, paired, with the noise floor),
-`end-push` and `hint-content` (experiments/self_distill/'s end_push.py and hint_content.py, record=PATH),
+`end-push`, `hint-content` and `decode-noise` (experiments/self_distill/'s end_push.py, hint_content.py and
+decode_noise.py, record=PATH),
 `teachers` (a teachers run's
 results.json, record=PATH: every arm against the best single teacher and the oracle), `router`,
 `router-sweep` and `router-families` (a route run's results.json, record=PATH: the methods at the default
@@ -64,6 +65,9 @@ def generate(spec: str) -> str:
     if name == "end-push":
         end_push = _module(ROOT / "experiments/self_distill/end_push.py")
         return end_push.table(json.loads((ROOT / args["record"]).read_text()))
+    if name == "decode-noise":
+        decode_noise = _module(ROOT / "experiments/self_distill/decode_noise.py")
+        return decode_noise.table(json.loads((ROOT / args["record"]).read_text()))
     if name == "hint-content":
         hint_content = _module(ROOT / "experiments/self_distill/hint_content.py")
         return hint_content.table(json.loads((ROOT / args["record"]).read_text()))
@@ -93,8 +97,8 @@ def generate(spec: str) -> str:
         scale_table = _module(ROOT / "scripts/scale_table.py")
         return scale_table.compile_block() if name == "scale-compile" else scale_table.lora_block()
     raise SystemExit(f"unknown table generator {name!r} in a docs marker; known: grid, grid-compare, "
-                     "end-push, hint-content, teachers, router, router-sweep, router-families, pruning, traces-sft, "
-                     "benchmark, scale-compile, scale-lora")
+                     "end-push, hint-content, decode-noise, teachers, router, router-sweep, router-families, "
+                     "pruning, traces-sft, benchmark, scale-compile, scale-lora")
 
 
 def unmarked_tables(text: str) -> list[int]:
