@@ -1,6 +1,7 @@
 """Why does the no-hint control, which must change nothing, move held-out accuracy a little?
 
-    python experiments/self_distill/decode_noise.py --out=docs/results/decode_noise.json   # ~15 min on 2 cores
+    python experiments/self_distill/decode_noise.py --out=docs/results/decode_noise.json   # ~10 min on 2 cores
+    python experiments/self_distill/decode_noise.py --runs=runs/grid256/no-hint-s2,runs/grid256/blend-s2 ...
 
 The no-hint control's loss is ~1e-9 (the residual of the entropy match when teacher and student
 see the same context), so its weights move about 1e-6 of their norm in 24 updates, yet on the
@@ -13,7 +14,9 @@ problems per seed. This separates the candidates:
   is not reproducible);
 - any small change of the weights: the untrained weights plus Gaussian noise of a given size
   relative to each tensor's norm (the control's measured drift, and ten times it), several noise
-  seeds; the answers that change are compared with those the control changed.
+  seeds; the answers that change are compared with those the control changed;
+- where the control's change sits: with --runs (finished training runs' directories), how far
+  each kind of tensor moved from the loaded weights.
 
 Only pCoT answers are decoded. The references are read to score answers, as the evaluation does;
 nothing here decides anything at test time.
@@ -95,6 +98,39 @@ def changes(reference: list[float], other: list[float]) -> dict:
             "lost": np.flatnonzero(ref & ~new).tolist()}
 
 
+def drift(run: str, base) -> dict[str, dict]:
+    """How far a finished run's parameters moved from `base`'s, per kind of tensor (layers stacked)."""
+    def flat(model):
+        return {jax.tree_util.keystr(k): np.asarray(v, np.float64)
+                for k, v in jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]}
+
+    trained, _ = load(run)
+    before, after = flat(base), flat(trained)
+    kinds, total, moved, changed, count = {}, 0.0, 0, 0.0, 0
+    for name, w in before.items():
+        d = after[name] - w
+        kind = name.replace(".value", "").replace("']['", ".").strip("[']")  # e.g. layers.wv
+        kinds[kind] = {"relative": float(np.linalg.norm(d) / np.linalg.norm(w)), "max": float(np.abs(d).max()),
+                       "moved": float((np.abs(d) > 1e-6).mean())}
+        total, changed = total + float((w * w).sum()), changed + float((d * d).sum())
+        moved, count = moved + int((np.abs(d) > 1e-6).sum()), count + d.size
+    kinds["all"] = {"relative": (changed / total) ** 0.5, "max": max(k["max"] for k in kinds.values()),
+                    "moved": moved / count}
+    return kinds
+
+
+def drift_table(result: dict) -> str:
+    runs_ = list(result["drift"])
+    kinds = list(result["drift"][runs_[0]])
+    lines = ["| tensors | " + " | ".join(f"{Path(r).name}: relative change, max abs, share moved > 1e-6"
+                                          for r in runs_) + " |", "|---|" + "---:|" * len(runs_)]
+    for kind in ["all"] + [k for k in kinds if k != "all"]:
+        cells = [result["drift"][r][kind] for r in runs_]
+        lines.append(f"| {kind} | " + " | ".join(f"{c['relative']:.1e}, {c['max']:.1e}, {c['moved']:.3f}"
+                                                  for c in cells) + " |")
+    return "\n".join(lines)
+
+
 def table(result: dict) -> str:
     """The record as markdown (scripts/docs_tables.py writes it into docs/results.md)."""
     before = result["recorded_before"]
@@ -111,7 +147,9 @@ def table(result: dict) -> str:
         lines.append(f"| {name} | {c['accuracy']:.3f} | {len(c['gained']) + len(c['lost'])} | "
                      f"{len(c['gained'])}: {show(c['gained'])} | {len(c['lost'])}: {show(c['lost'])} |")
     lines.append(f"\nProblems are numbered 0-255 in evaluation order; noise is Gaussian, its norm a fraction of each "
-                 f"tensor's norm; {result['noise_seeds']} noise seeds per size.")
+                 f"tensor's norm; {result['noise_seeds']} noise seed(s) per size.")
+    if result.get("drift"):
+        lines += ["", "Where the weights moved (from the loaded model; layers stacked):", "", drift_table(result)]
     return "\n".join(lines)
 
 
@@ -119,6 +157,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--relative", default="2.3e-6,2.3e-5", help="noise sizes, relative to each tensor's norm")
     parser.add_argument("--noise-seeds", type=int, default=1)
+    parser.add_argument("--runs", default="", help="finished training runs whose weight change to measure")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
 
@@ -141,6 +180,7 @@ def main() -> None:
             print(f"untrained + noise, {name}:", flush=True)
             result["noise"][name] = greedy_correct(perturbed(model, relative, seed), tokenizer, eval_records,
                                                    prompt_config, batch)
+    result["drift"] = {run: drift(run, model) for run in filter(None, args.runs.split(","))}
     for seed in range(3):
         correct = recorded("no-hint", seed, "after")
         if correct is not None:
