@@ -13,8 +13,8 @@ problems per seed. This separates the candidates:
   untrained evaluation recorded in docs/results/grid256/ (a rerun that differs means the decoding
   is not reproducible);
 - any small change of the weights: the untrained weights plus Gaussian noise of a given size
-  relative to each tensor's norm (the control's measured drift, and ten times it), several noise
-  seeds; the answers that change are compared with those the control changed;
+  relative to each tensor's norm (the control's measured drift, and ten times it; --noise-seeds
+  draws per size); the answers that change are compared with those the control changed;
 - where the control's change sits: with --runs (finished training runs' directories), how far
   each kind of tensor moved from the loaded weights.
 
@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxdistill import runs, sampling
+from jaxdistill import runs, sampling, settings
 from jaxdistill.data import load_records
 from jaxdistill.data.records import answer_matches
 from jaxdistill.distill.config import prompts_for
@@ -46,12 +46,8 @@ RECORDS = ROOT / "docs/results/grid256"
 
 
 def config_256():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("default", ROOT / "experiments/self_distill/default.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    """The self-distillation default with the grid256 runs' 256 held-out problems."""
+    config = settings.config_module(ROOT / "experiments/self_distill/default.py").get_config()
     config.data.eval_size = 256
     return config
 
