@@ -14,7 +14,8 @@ docs/results/grid/ or records=DIR), `grid-compare` (each arm minus a baseline, p
 `end-push`, `hint-content` and `decode-noise` (experiments/self_distill/'s end_push.py, hint_content.py and
 decode_noise.py, record=PATH),
 `teachers` (a teachers run's
-results.json, record=PATH: every arm against the best single teacher and the oracle), `router`,
+results.json, record=PATH: every arm against the best single teacher and the oracle; part=diversity: the
+teachers' agreement on the reference solutions), `router`,
 `router-sweep` and `router-families` (a route run's results.json, record=PATH: the methods at the default
 alpha, the alpha sweep, per task family), `pruning` (a prune run's results.json, record=PATH,
 part=held-out|return|matched: the methods on the held-out trees, return per price, the search against
@@ -72,9 +73,10 @@ def generate(spec: str) -> str:
         hint_content = _module(ROOT / "experiments/self_distill/hint_content.py")
         return hint_content.table(json.loads((ROOT / args["record"]).read_text()))
     if name == "teachers":
-        from jaxdistill.teachers.evaluate import comparison_table
+        from jaxdistill.teachers import evaluate
 
-        return comparison_table(json.loads((ROOT / args["record"]).read_text()))
+        render = evaluate.diversity_table if args.get("part") == "diversity" else evaluate.comparison_table
+        return render(json.loads((ROOT / args["record"]).read_text()))
     if name in ("router", "router-sweep", "router-families"):
         from jaxdistill.router import evaluate as router_eval
 

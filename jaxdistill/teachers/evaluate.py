@@ -140,3 +140,19 @@ def comparison_table(record: dict) -> str:
                       f"{stats.mcnemar_exact(x, arms[baseline]):.3f}"]
         lines.append(f"| {arm} | {x.mean():.3f} | {int(x.sum())}/{x.size} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def diversity_table(record: dict) -> str:
+    """Every pair of teachers on the reference solutions of a `teachers` run's results.json:
+    Jensen-Shannon divergence and top-1 agreement, then the mixture's entropy gain and how often
+    its top token differs from the chosen single teacher's."""
+    names, diversity = record["teachers"], record["diversity"]
+    js, agree = np.asarray(diversity["js"]), np.asarray(diversity["agree"])
+    lines = [f"{int(diversity['positions'])} positions of the reference solutions, pivot vocabulary.", "",
+             "| pair | Jensen-Shannon (nats) | top-1 agreement |", "|---|---:|---:|"]
+    lines += [f"| {names[i]} vs {names[j]} | {js[i, j]:.3f} | {agree[i, j]:.2f} |"
+              for i in range(len(names)) for j in range(i + 1, len(names))]
+    lines += ["", f"Mixture entropy minus the members' mean entropy: {diversity['entropy_gain']:.3f} nats. "
+                  f"Positions where the mixture's top token differs from the chosen single teacher's "
+                  f"({record['best_single']}): {diversity['consensus_differs_from_best']:.2f}."]
+    return "\n".join(lines)
