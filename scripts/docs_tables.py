@@ -11,6 +11,7 @@ A generated table sits between two markers that name its generator and arguments
 
 Generators: `grid` (experiments/self_distill/grid.py's held-out table of one task, from
 docs/results/grid/ or records=DIR), `grid-compare` (each arm minus a baseline, paired, with the noise floor),
+`grid-end-gap` (the target's p(end) against the student's where training samples end, per arm),
 `end-push`, `hint-content` and `decode-noise` (experiments/self_distill/'s end_push.py, hint_content.py and
 decode_noise.py, record=PATH),
 `teachers` (a teachers run's
@@ -56,12 +57,14 @@ def generate(spec: str) -> str:
     """The table a marker's spec (`GENERATOR key=value ...`) gives from today's records."""
     name, *pairs = spec.split()
     args = dict(pair.split("=", 1) for pair in pairs)
-    if name in ("grid", "grid-compare"):
+    if name in ("grid", "grid-compare", "grid-end-gap"):
         grid = _module(ROOT / "experiments/self_distill/grid.py")
         records = ROOT / args.get("records", "docs/results/grid")
         seeds = [int(s) for s in args["seeds"].split(",")]
         if name == "grid":
             return grid.task_table(records, args["task"], args["arms"].split(","), seeds)
+        if name == "grid-end-gap":
+            return grid.end_gap_table(records, args["arms"].split(","), seeds)
         return grid.compare_table(records, args["baseline"], args["arms"].split(","), seeds)
     if name == "end-push":
         end_push = _module(ROOT / "experiments/self_distill/end_push.py")
@@ -98,7 +101,7 @@ def generate(spec: str) -> str:
     if name in ("scale-compile", "scale-lora"):
         scale_table = _module(ROOT / "scripts/scale_table.py")
         return scale_table.compile_block() if name == "scale-compile" else scale_table.lora_block()
-    raise SystemExit(f"unknown table generator {name!r} in a docs marker; known: grid, grid-compare, "
+    raise SystemExit(f"unknown table generator {name!r} in a docs marker; known: grid, grid-compare, grid-end-gap, "
                      "end-push, hint-content, decode-noise, teachers, router, router-sweep, router-families, "
                      "pruning, traces-sft, benchmark, scale-compile, scale-lora")
 

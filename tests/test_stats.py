@@ -92,6 +92,23 @@ def test_grid_records_pair_per_problem_outcomes_and_name_their_commit(tmp_path):
     assert "] b |" in grid.task_table(tmp_path, "math", ["blend", "sft"], [0, 1, 2])
 
 
+def test_end_gap_table_counts_steps_where_the_target_is_below_the_student(tmp_path):
+    grid = docs_tables._module(ROOT / "experiments/self_distill/grid.py")
+    nan = float("nan")
+    steps = [  # (target, student) where samples end, then the answered / not-yet split
+        dict(end_p_target=0.30, end_p_student=0.40, end_p_target_answered=0.5, end_p_student_answered=0.6,
+             end_p_target_unanswered=nan, end_p_student_unanswered=nan),
+        dict(end_p_target=0.50, end_p_student=0.45, end_p_target_answered=nan, end_p_student_answered=nan,
+             end_p_target_unanswered=0.5, end_p_student_unanswered=0.45),
+        dict(end_p_target=nan, end_p_student=nan),  # no sample ended at this step
+        dict(end_p_target=0.2, end_p_student=0.2 + 1e-9),  # numerically equal: not "below"
+    ]
+    record = {"arm": "blend", "seed": 0, "commit": "abc", "summary": {}, "metrics": steps}
+    grid.record_path(tmp_path, "blend", 0).write_text(json.dumps(record))
+    row = grid.end_gap_table(tmp_path, ["blend", "sft"], [0, 1]).splitlines()[2:]
+    assert row == ["| blend | 1 | 3 | 1 | -0.017 | -0.100 | +0.050 |"]
+
+
 def test_mcnemar_and_the_teachers_table_compare_arms_problem_by_problem():
     from jaxdistill.teachers.evaluate import ORACLE, comparison_table, oracle_correct
 

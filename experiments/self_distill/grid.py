@@ -264,6 +264,30 @@ def compare_table(records: Path, baseline: str, arms: list[str], seeds: list[int
     return "\n".join(lines)
 
 
+def end_gap_table(records: Path, arms: list[str], seeds: list[int]) -> str:
+    """Per arm, over every training step of every recorded seed that has an ended sample: how
+    often the target's p(end) sits below the student's where the sample ends, and the mean gap
+    (target − student), overall and split by whether the sample had written its answer line."""
+    lines = ["| arm | seeds | steps with an ended sample | target below student (by > 1e-6) | mean gap | "
+             "gap, answer line written | gap, not yet |", "|---|---:|---:|---:|---:|---:|---:|"]
+
+    def gaps(rows, suffix=""):
+        pairs = [(r.get(f"end_p_target{suffix}"), r.get(f"end_p_student{suffix}")) for r in rows]
+        return np.asarray([t - s for t, s in pairs if isinstance(t, float) and isinstance(s, float)
+                           and not (math.isnan(t) or math.isnan(s))])
+
+    for arm in arms:
+        found = load(records, arm, seeds)
+        if not found:
+            continue
+        rows = [m for r in found for m in r["metrics"]]
+        every, answered, unanswered = gaps(rows), gaps(rows, "_answered"), gaps(rows, "_unanswered")
+        mean = (lambda g: f"{g.mean():+.3f}" if g.size else "–")
+        lines.append(f"| {arm} | {len(found)} | {every.size} | {int((every < -1e-6).sum())} | {mean(every)} | "
+                     f"{mean(answered)} | {mean(unanswered)} |")
+    return "\n".join(lines)
+
+
 def report(records: Path, arms: list[str], seeds: list[int], figures: Path) -> str:
     tables, curves = [], {}
     for name in HELD_OUT:
