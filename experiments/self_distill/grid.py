@@ -366,7 +366,8 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--root", default="runs/grid")
     parser.add_argument("--records", default="docs/results/grid", help="one JSON per finished run (committed)")
-    parser.add_argument("--figures", default="docs/results")
+    parser.add_argument("--figures", help="where the plots go (default ROOT/figures; the docs' figures are redrawn "
+                        "only when asked, with --figures=docs/results, so a run never edits committed files)")
     parser.add_argument("--report", action="store_true", help="no runs: only the table and the plots")
     parser.add_argument("--override", action="append", default=[], help="extra key=value for every run")
     args = parser.parse_args()
@@ -379,7 +380,7 @@ def main() -> None:
         for seed in seeds:  # every arm's seed 0 first, so a partial grid already compares every arm
             for arm in arms:
                 run(root, records, arm, seed, args.override)
-    print(report(records, arms, seeds, Path(args.figures)))
+    print(report(records, arms, seeds, Path(args.figures) if args.figures else root / "figures"))
 
 
 if __name__ == "__main__":
