@@ -282,7 +282,7 @@ def end_gap_table(records: Path, arms: list[str], seeds: list[int]) -> str:
             continue
         rows = [m for r in found for m in r["metrics"]]
         every, answered, unanswered = gaps(rows), gaps(rows, "_answered"), gaps(rows, "_unanswered")
-        mean = (lambda g: f"{g.mean():+.3f}" if g.size else "–")
+        mean = (lambda g: f"{round(g.mean(), 3) + 0.0:+.3f}" if g.size else "–")  # + 0.0: no "-0.000"
         lines.append(f"| {arm} | {len(found)} | {every.size} | {int((every < -1e-6).sum())} | {mean(every)} | "
                      f"{mean(answered)} | {mean(unanswered)} |")
     return "\n".join(lines)
