@@ -92,15 +92,9 @@ def format_summary(config, pivot, results, diversity, names, best, excluded, sec
         gap = np.mean([r["accuracy"] for r in results[stack_best]]) - best_acc
         lines += ["", f"Best single teacher: {names[best]} ({best_acc:.3f}). Best rule: {stack_best} "
                       f"({gap:+.3f} against it)."]
-    js = np.asarray(diversity["js"])
-    agree = np.asarray(diversity["agree"])
-    pairs = [(i, j) for i in range(len(names)) for j in range(i + 1, len(names))]
-    lines += ["", f"Diversity on the reference solutions ({int(diversity['positions'])} positions):", ""]
-    lines += [f"- {names[i]} vs {names[j]}: JS {js[i, j]:.3f} nats, top-1 agreement {agree[i, j]:.2f}"
-              for i, j in pairs]
-    lines += [f"- mixture entropy minus mean member entropy: {diversity['entropy_gain']:.3f} nats",
-              f"- positions where the mixture's top token differs from the best single teacher's: "
-              f"{diversity['consensus_differs_from_best']:.2f}", "", f"Total time {seconds:.0f}s."]
+    lines += ["", "Diversity:", "", diversity_table({"teachers": names, "diversity": diversity,
+                                                     "best_single": names[best]}),
+              "", f"Total time {seconds:.0f}s."]
     return "\n".join(lines)
 
 
